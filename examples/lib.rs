@@ -1,0 +1,1 @@
+//! Examples only: see the `[[example]]` targets of this package and `README.md` beside it.
