@@ -1,3 +1,21 @@
-//! ESC/VP.net and ESC/VP21: the protocol Epson projectors speak on TCP 3629.
+//! ESC/VP.net and ESC/VP21: the protocol Epson projectors speak on TCP/UDP 3629.
+//!
+//! - [`net`]: the binary ESC/VP.net messages (HELLO, CONNECT, PASSWORD and their replies).
+//! - [`vp21`]: the ESC/VP21 text that follows CONNECT: commands, replies, framing.
+//! - [`event`]: `IMEVENT` notifications and `PWSTATUS?` replies.
+//! - [`value`]: typed values (power, source, lamp hours…) and the properties carrying them.
+//! - [`session`]: a sans-IO client session: handshake, one command in flight, replies paired
+//!   with IMEVENT interleaving, timeouts from the ESC/VP21 timing rules.
+//!
+//! The core has no async runtime dependency. Feature `tokio` adds an async client, UDP HELLO
+//! discovery and tokio-util codecs; feature `emulator` adds a projector emulator.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod error;
+pub mod event;
+pub mod net;
+pub mod value;
+pub mod vp21;
+
+pub use error::{DecodeError, InvalidKind, ValueError};
