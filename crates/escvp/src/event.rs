@@ -255,7 +255,11 @@ impl<'a> StatusEvent<'a> {
     /// The decoded report, or why it could not be decoded.
     pub fn report(&self) -> Result<StatusReport<'a>, ValueError> {
         self.parsed.ok_or_else(|| {
-            ValueError::parse("IMEVENT", self.raw, "hex fields: code status warnings alarms")
+            ValueError::parse(
+                "IMEVENT",
+                self.raw,
+                "hex fields: code status warnings alarms",
+            )
         })
     }
 }
@@ -292,8 +296,14 @@ mod tests {
         let r = StatusReport::parse_pwstatus("01 00000000 00000028 T1 F1").unwrap();
         assert_eq!(r.event_code, None);
         assert_eq!(r.status, ImStatus::STANDBY);
-        assert!(r.alarms.contains(Alarms::FAN.union(Alarms::HIGH_TEMPERATURE)));
-        assert_eq!(r.alarms.names().collect::<Vec<_>>(), ["FAN", "HIGH_TEMPERATURE"]);
+        assert!(
+            r.alarms
+                .contains(Alarms::FAN.union(Alarms::HIGH_TEMPERATURE))
+        );
+        assert_eq!(
+            r.alarms.names().collect::<Vec<_>>(),
+            ["FAN", "HIGH_TEMPERATURE"]
+        );
         assert!(StatusReport::parse_imevent("0001 03 0000000G 00000000").is_err());
         assert!(StatusReport::parse_imevent("0001 03").is_err());
         assert!(StatusReport::parse_imevent("").is_err());

@@ -15,6 +15,7 @@
 pub mod error;
 pub mod event;
 pub mod net;
+pub mod session;
 pub mod value;
 pub mod vp21;
 

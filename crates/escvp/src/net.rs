@@ -240,7 +240,10 @@ impl Password {
                 max: INFO_LEN,
             });
         }
-        if let Some(ch) = password.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ')) {
+        if let Some(ch) = password
+            .chars()
+            .find(|c| !(c.is_ascii_graphic() || *c == ' '))
+        {
             return Err(ValueError::BadChar {
                 what: "password",
                 ch,
@@ -599,7 +602,11 @@ mod tests {
         assert!(bytes[19..].iter().all(|&b| b == 0));
         assert!(matches!(
             Password::new("0123456789abcdefX"),
-            Err(ValueError::TooLong { len: 17, max: 16, .. })
+            Err(ValueError::TooLong {
+                len: 17,
+                max: 16,
+                ..
+            })
         ));
         assert!(Password::new("").is_err());
         assert!(Password::new("pw\r").is_err());

@@ -502,7 +502,10 @@ impl Text {
                 max: Self::MAX_LEN,
             });
         }
-        if let Some(ch) = text.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ') || *c == ':') {
+        if let Some(ch) = text
+            .chars()
+            .find(|c| !(c.is_ascii_graphic() || *c == ' ') || *c == ':')
+        {
             return Err(ValueError::BadChar {
                 what: "text value",
                 ch,
@@ -546,7 +549,11 @@ impl SourceList {
         }
         for (_, name) in &entries {
             if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
-                return Err(ValueError::parse("SOURCELIST", name, "a one-word source name"));
+                return Err(ValueError::parse(
+                    "SOURCELIST",
+                    name,
+                    "a one-word source name",
+                ));
             }
         }
         Ok(SourceList(entries))
@@ -564,14 +571,17 @@ impl SourceList {
 
     /// The name of `code`, if listed.
     pub fn name_of(&self, code: SourceCode) -> Option<&str> {
-        self.0.iter().find(|(c, _)| *c == code).map(|(_, n)| n.as_str())
+        self.0
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map(|(_, n)| n.as_str())
     }
 }
 
 impl WireValue for SourceList {
     fn parse_value(text: &str) -> Result<Self, ValueError> {
         let fields: Vec<&str> = text.split_ascii_whitespace().collect();
-        if fields.len() % 2 != 0 {
+        if !fields.len().is_multiple_of(2) {
             return Err(ValueError::parse("SOURCELIST", text, "code/name pairs"));
         }
         let mut entries = Vec::with_capacity(fields.len() / 2);
@@ -795,8 +805,14 @@ mod tests {
         assert_eq!(Mute::set(&OnOff::On).unwrap().to_bytes(), b"MUTE ON\r");
         assert_eq!(PowerCommand::On.command().to_bytes(), b"PWR ON\r");
         assert_eq!(PowerCommand::On.command().timing(), Timing::POWER_ON);
-        assert_eq!(PowerCommand::Off.command().timing().quiet_after, Duration::from_secs(10));
-        assert_eq!(Source::set(&SourceCode::LAN).unwrap().timing(), Timing::SOURCE);
+        assert_eq!(
+            PowerCommand::Off.command().timing().quiet_after,
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            Source::set(&SourceCode::LAN).unwrap().timing(),
+            Timing::SOURCE
+        );
         assert_eq!(Power::query().timing(), Timing::OTHER);
     }
 }

@@ -271,8 +271,13 @@ fn parse_block(block: &[u8]) -> Result<Reply<'_>, DecodeError> {
         .rposition(|&b| b != CR && b != LF)
         .unwrap_or(first);
     let body = &block[first..=last];
-    if let Some(i) = body.iter().position(|&b| !(b == CR || b == LF || (0x20..0x7F).contains(&b) || b >= 0x80 || b == b'\t')) {
-        return Err(DecodeError::invalid(first + i, InvalidKind::UnexpectedByte(body[i])));
+    if let Some(i) = body.iter().position(|&b| {
+        !(b == CR || b == LF || (0x20..0x7F).contains(&b) || b >= 0x80 || b == b'\t')
+    }) {
+        return Err(DecodeError::invalid(
+            first + i,
+            InvalidKind::UnexpectedByte(body[i]),
+        ));
     }
     let text = core::str::from_utf8(body)
         .map_err(|e| DecodeError::invalid(first + e.valid_up_to(), InvalidKind::NotUtf8))?;
@@ -630,7 +635,13 @@ mod tests {
     fn reply_shapes() {
         assert_eq!(
             all(b":\r:PWR=01\r:ERR\r:SNO=X8JK0000001\r:"),
-            vec!["Ack", "Ack", "Value(PWR=\"01\")", "Err", "Value(SNO=\"X8JK0000001\")"]
+            vec![
+                "Ack",
+                "Ack",
+                "Value(PWR=\"01\")",
+                "Err",
+                "Value(SNO=\"X8JK0000001\")"
+            ]
         );
         assert_eq!(all(b"PWR=01\r\n:"), vec!["Value(PWR=\"01\")"]);
         assert_eq!(
@@ -647,7 +658,13 @@ mod tests {
         };
         let v: Vec<_> = lines.iter().collect();
         assert_eq!(v.len(), 2);
-        assert_eq!(v[1], Line { key: "G", value: "1 2 3" });
+        assert_eq!(
+            v[1],
+            Line {
+                key: "G",
+                value: "1 2 3"
+            }
+        );
         assert_eq!(r.to_bytes(), b"R=126 126 126\rG=1 2 3\r:");
     }
 
