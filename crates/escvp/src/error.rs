@@ -51,6 +51,11 @@ pub enum InvalidKind {
         /// The maximum, in bytes.
         max: usize,
     },
+    /// A line is longer than the configured maximum line length.
+    LineTooLong {
+        /// The maximum, in bytes (line break excluded).
+        max: usize,
+    },
     /// A byte that may not appear here (control character, non-ASCII, NUL).
     UnexpectedByte(u8),
     /// A line that should be `KEY=VALUE` has no key, or a malformed command name.
@@ -64,6 +69,9 @@ impl fmt::Display for InvalidKind {
         match self {
             InvalidKind::ProtocolId => f.write_str("protocol identifier is not \"ESC/VP.net\""),
             InvalidKind::TooLong { max } => write!(f, "longer than the maximum of {max} bytes"),
+            InvalidKind::LineTooLong { max } => {
+                write!(f, "line longer than the maximum of {max} bytes")
+            }
             InvalidKind::UnexpectedByte(b) => write!(f, "unexpected byte 0x{b:02X}"),
             InvalidKind::MalformedLine => f.write_str("malformed line"),
             InvalidKind::NotUtf8 => f.write_str("not valid UTF-8"),

@@ -240,6 +240,16 @@ pub struct StatusEvent<'a> {
 }
 
 impl<'a> StatusEvent<'a> {
+    /// An event with this text after `IMEVENT=`, for a projector (or an emulator) to send.
+    ///
+    /// The text must stay on one line (no line break or control character). It need not be a
+    /// well-formed report, so that an emulator can inject malformed events; see
+    /// [`report`](Self::report). Build well-formed text with [`StatusReport::write_value`].
+    pub fn new(raw: &'a str) -> Result<Self, ValueError> {
+        crate::vp21::check_line_text("IMEVENT value", raw)?;
+        Ok(StatusEvent::parse_lenient(raw))
+    }
+
     pub(crate) fn parse_lenient(raw: &'a str) -> Self {
         StatusEvent {
             raw,

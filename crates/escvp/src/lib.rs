@@ -19,4 +19,7 @@ pub mod session;
 pub mod value;
 pub mod vp21;
 
+#[cfg(feature = "tokio")]
+pub mod codec;
+
 pub use error::{DecodeError, InvalidKind, ValueError};

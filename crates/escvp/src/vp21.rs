@@ -29,6 +29,8 @@ use crate::event::StatusEvent;
 
 /// Default maximum length of one reply (all its lines and the colon), in bytes.
 pub const DEFAULT_MAX_REPLY_LEN: usize = 4096;
+/// Default maximum length of one line of a reply (line break excluded), in bytes.
+pub const DEFAULT_MAX_LINE_LEN: usize = 1024;
 /// Default maximum length of one request line, in bytes.
 pub const DEFAULT_MAX_REQUEST_LEN: usize = 256;
 /// Longest command name accepted.
@@ -71,14 +73,49 @@ impl<'a> Reply<'a> {
         }
     }
 
-    /// Appends the reply as a projector sends it. `Ack` is written as `:` alone.
+    /// A `KEY=VALUE` reply, checked so that it encodes to bytes that decode back to it: the
+    /// key is a command name other than `IMEVENT`, the value has no line break or control
+    /// character.
+    pub fn value(key: &'a str, value: &'a str) -> Result<Reply<'a>, ValueError> {
+        let reply = Reply::Value { key, value };
+        reply.check()?;
+        Ok(reply)
+    }
+
+    /// Checks a reply built by hand (the variants' fields are public): `Ok` when
+    /// [`encode`](Self::encode) writes bytes that [`decode`](Self::decode) turns back into an
+    /// equal reply. Decoded replies always pass.
+    pub fn check(&self) -> Result<(), ValueError> {
+        match self {
+            Reply::Ack | Reply::Err | Reply::Lines(_) => Ok(()),
+            Reply::Value { key, value } => {
+                validate_name(key)?;
+                if *key == "IMEVENT" {
+                    return Err(ValueError::parse(
+                        "reply key",
+                        key,
+                        "a key other than IMEVENT (use Reply::Event)",
+                    ));
+                }
+                check_line_text("reply value", value)
+            }
+            Reply::Event(ev) => check_line_text("IMEVENT value", ev.raw()),
+        }
+    }
+
+    /// Appends the reply as a projector sends it. `Ack` is written as `:` alone (write `\r`
+    /// first for the `\r:` form some emulators use).
+    ///
+    /// Encoding cannot fail and cannot inject a second reply: in a hand-built reply that does
+    /// not pass [`check`](Self::check), line breaks inside the key or value are written as
+    /// spaces.
     pub fn encode(&self, out: &mut impl BufMut) {
         match self {
             Reply::Ack => out.put_u8(COLON),
             Reply::Value { key, value } => {
-                out.put_slice(key.as_bytes());
+                put_line_text(out, key);
                 out.put_u8(b'=');
-                out.put_slice(value.as_bytes());
+                put_line_text(out, value);
                 out.put_slice(b"\r:");
             }
             Reply::Lines(lines) => {
@@ -88,10 +125,15 @@ impl<'a> Reply<'a> {
             Reply::Err => out.put_slice(b"ERR\r:"),
             Reply::Event(ev) => {
                 out.put_slice(b"IMEVENT=");
-                out.put_slice(ev.raw().as_bytes());
+                put_line_text(out, ev.raw());
                 out.put_slice(b"\r:");
             }
         }
+    }
+
+    /// Whether this is an unsolicited `IMEVENT` rather than the answer to a command.
+    pub fn is_event(&self) -> bool {
+        matches!(self, Reply::Event(_))
     }
 
     /// The reply as bytes.
@@ -123,6 +165,54 @@ impl fmt::Debug for Reply<'_> {
     }
 }
 
+/// An owned reply, for channels and codecs that cannot borrow from the read buffer.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum OwnedReply {
+    /// See [`Reply::Ack`].
+    Ack,
+    /// See [`Reply::Value`].
+    Value {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// See [`Reply::Lines`]: the raw lines, each ending with a line break.
+    Lines(String),
+    /// See [`Reply::Err`].
+    Err,
+    /// See [`Reply::Event`]: the text after `IMEVENT=`.
+    Event(String),
+}
+
+impl OwnedReply {
+    /// Borrows it as a [`Reply`].
+    pub fn as_reply(&self) -> Reply<'_> {
+        match self {
+            OwnedReply::Ack => Reply::Ack,
+            OwnedReply::Value { key, value } => Reply::Value { key, value },
+            OwnedReply::Lines(raw) => Reply::Lines(Lines { raw }),
+            OwnedReply::Err => Reply::Err,
+            OwnedReply::Event(raw) => Reply::Event(StatusEvent::parse_lenient(raw)),
+        }
+    }
+}
+
+impl From<Reply<'_>> for OwnedReply {
+    fn from(r: Reply<'_>) -> Self {
+        match r {
+            Reply::Ack => OwnedReply::Ack,
+            Reply::Value { key, value } => OwnedReply::Value {
+                key: key.to_owned(),
+                value: value.to_owned(),
+            },
+            Reply::Lines(l) => OwnedReply::Lines(l.raw.to_owned()),
+            Reply::Err => OwnedReply::Err,
+            Reply::Event(e) => OwnedReply::Event(e.raw().to_owned()),
+        }
+    }
+}
+
 /// The lines of a multi-line reply, without the final colon.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Lines<'a> {
@@ -130,6 +220,36 @@ pub struct Lines<'a> {
 }
 
 impl<'a> Lines<'a> {
+    /// A multi-line reply body for a projector to send: at least two non-empty lines,
+    /// separated by `\r` (or `\r\n`), starting with text and ending with a line break,
+    /// no line starting with `:` and no control character. For example
+    /// `"R=126 126 126\rG=126 126 126\r"`.
+    pub fn new(raw: &'a str) -> Result<Lines<'a>, ValueError> {
+        const WHAT: &str = "multi-line reply";
+        let bytes = raw.as_bytes();
+        if let Some(b) = bytes.iter().copied().find(|&b| is_forbidden(b)) {
+            return Err(ValueError::BadChar {
+                what: WHAT,
+                ch: char::from(b),
+            });
+        }
+        let starts_ok = bytes
+            .first()
+            .is_some_and(|&b| !is_line_break(b) && b != COLON);
+        let ends_ok = bytes.last().is_some_and(|&b| is_line_break(b));
+        let colon_at_line_start = bytes
+            .windows(2)
+            .any(|w| is_line_break(w[0]) && w[1] == COLON);
+        if !starts_ok || !ends_ok || colon_at_line_start || split_lines(bytes).count() < 2 {
+            return Err(ValueError::parse(
+                WHAT,
+                raw,
+                "two or more lines, each ended by a line break, none starting with ':'",
+            ));
+        }
+        Ok(Lines { raw })
+    }
+
     /// The raw text (lines separated by `\r` or `\r\n`, ending with a line break).
     pub fn raw(&self) -> &'a str {
         self.raw
@@ -172,15 +292,69 @@ fn split_lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
     raw.split(|&b| b == CR || b == LF).filter(|l| !l.is_empty())
 }
 
+/// Writes text that must stay on one line, turning any line break into a space.
+fn put_line_text(out: &mut impl BufMut, text: &str) {
+    let bytes = text.as_bytes();
+    if memchr::memchr2(CR, LF, bytes).is_none() {
+        out.put_slice(bytes);
+    } else {
+        for &b in bytes {
+            out.put_u8(if is_line_break(b) { b' ' } else { b });
+        }
+    }
+}
+
+/// Checks text that must stay on one line of a reply.
+pub(crate) fn check_line_text(what: &'static str, text: &str) -> Result<(), ValueError> {
+    match text.bytes().find(|&b| is_line_break(b) || is_forbidden(b)) {
+        Some(b) => Err(ValueError::BadChar {
+            what,
+            ch: char::from(b),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Incremental reply framer: finds where each reply ends, resuming where it stopped.
 ///
-/// Keeps a scan offset so that feeding a long reply a few bytes at a time costs linear, not
-/// quadratic, time. Use one decoder per byte stream and always pass the stream's unconsumed
-/// bytes from their start.
+/// - A reply ends at a colon that starts the reply or follows a line break (`\r` or `\n`).
+/// - Every reply is at most [`max_len`](Self::max_len) bytes long (colon included) and every
+///   line in it at most [`max_line`](Self::max_line) bytes (line break excluded); longer input
+///   is an [`InvalidKind::TooLong`] / [`InvalidKind::LineTooLong`] error as soon as the limit
+///   is crossed, so memory stays bounded whatever the peer sends.
+/// - Scanning resumes where it stopped: feeding a long reply one byte at a time costs linear,
+///   not quadratic, time. Use one decoder per byte stream and always pass the stream's
+///   unconsumed bytes from their start.
+/// - Decoding never allocates; the [`Reply`] borrows from the input.
+/// - After an error, [`recover`](Self::recover) says how many bytes to drop to get back in
+///   step; the decoder then resumes at the next reply.
 #[derive(Clone, Debug)]
 pub struct ReplyDecoder {
     max_len: usize,
+    max_line: usize,
+    /// Bytes at the start of the input that belong to a bad reply already skipped.
+    skip: usize,
+    /// Bytes after `skip` known to hold no terminating colon.
     scanned: usize,
+    /// Start of the current line, for the line-length limit of incomplete replies.
+    line_start: usize,
+    /// How far line breaks have been looked for.
+    line_scanned: usize,
+    recovery: Recovery,
+}
+
+/// What [`ReplyDecoder::recover`] / [`RequestDecoder::recover`] do after an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Recovery {
+    /// No error pending.
+    None,
+    /// The bad frame ends after this many bytes of the input given to the failing call.
+    Known(usize),
+    /// The bad frame's end has not arrived yet.
+    Unknown,
+    /// The caller dropped the start of a bad frame; skip up to and including the next
+    /// terminator. `at_line_start`: whether the dropped bytes ended with a line break.
+    Skipping { at_line_start: bool },
 }
 
 impl Default for ReplyDecoder {
@@ -189,17 +363,47 @@ impl Default for ReplyDecoder {
     }
 }
 
+#[inline]
+fn is_line_break(b: u8) -> bool {
+    b == CR || b == LF
+}
+
+/// Bytes a reply or request line may not contain: control characters other than tab (line
+/// breaks are handled by the framers) and DEL.
+#[inline]
+fn is_forbidden(b: u8) -> bool {
+    (b < 0x20 && b != b'\t' && b != CR && b != LF) || b == 0x7F
+}
+
 impl ReplyDecoder {
-    /// A decoder with [`DEFAULT_MAX_REPLY_LEN`].
+    /// A decoder with [`DEFAULT_MAX_REPLY_LEN`] and [`DEFAULT_MAX_LINE_LEN`].
     pub const fn new() -> Self {
-        ReplyDecoder::with_max_len(DEFAULT_MAX_REPLY_LEN)
+        ReplyDecoder::with_limits(DEFAULT_MAX_LINE_LEN, DEFAULT_MAX_REPLY_LEN)
     }
 
-    /// A decoder that refuses replies longer than `max_len` bytes (at least 2).
+    /// A decoder that refuses replies longer than `max_len` bytes (at least 2); lines are
+    /// limited to the smaller of `max_len` and [`DEFAULT_MAX_LINE_LEN`].
     pub const fn with_max_len(max_len: usize) -> Self {
+        ReplyDecoder::with_limits(DEFAULT_MAX_LINE_LEN, max_len)
+    }
+
+    /// A decoder that refuses lines longer than `max_line` bytes (at least 1, line break
+    /// excluded) and replies longer than `max_len` bytes (at least 2, colon included).
+    pub const fn with_limits(max_line: usize, max_len: usize) -> Self {
+        let max_len = if max_len < 2 { 2 } else { max_len };
+        let max_line = if max_line < 1 { 1 } else { max_line };
         ReplyDecoder {
-            max_len: if max_len < 2 { 2 } else { max_len },
+            max_len,
+            max_line: if max_line > max_len {
+                max_len
+            } else {
+                max_line
+            },
+            skip: 0,
             scanned: 0,
+            line_start: 0,
+            line_scanned: 0,
+            recovery: Recovery::None,
         }
     }
 
@@ -208,86 +412,245 @@ impl ReplyDecoder {
         self.max_len
     }
 
-    /// Forgets the scan position (call after discarding buffered bytes).
+    /// The maximum line length.
+    pub const fn max_line(&self) -> usize {
+        self.max_line
+    }
+
+    /// Forgets all state (call after discarding buffered bytes yourself).
     pub fn reset(&mut self) {
+        self.skip = 0;
+        self.reset_scan();
+        self.recovery = Recovery::None;
+    }
+
+    fn reset_scan(&mut self) {
         self.scanned = 0;
+        self.line_start = 0;
+        self.line_scanned = 0;
+    }
+
+    /// After [`decode`](Self::decode) returned an error: the number of bytes to drop from the
+    /// front of `input` (the same unconsumed bytes) to get back in step.
+    ///
+    /// If the end of the bad reply is already in `input`, that is everything up to and
+    /// including its colon. Otherwise it is all of `input`, and the decoder skips whatever
+    /// follows up to the next reply terminator. Returns 0 when no error is pending.
+    pub fn recover(&mut self, input: &[u8]) -> usize {
+        let n = match self.recovery {
+            Recovery::None => return 0,
+            Recovery::Known(end) => {
+                self.recovery = Recovery::None;
+                end.min(input.len())
+            }
+            Recovery::Unknown | Recovery::Skipping { .. } => {
+                let at_line_start = match input.last() {
+                    Some(&b) => is_line_break(b),
+                    None => matches!(
+                        self.recovery,
+                        Recovery::Skipping {
+                            at_line_start: true
+                        }
+                    ),
+                };
+                self.recovery = Recovery::Skipping { at_line_start };
+                input.len()
+            }
+        };
+        self.skip = 0;
+        self.reset_scan();
+        n
     }
 
     /// Decodes the next reply from `input` (the unconsumed bytes, from their start).
     ///
     /// Returns `Ok(None)` when more bytes are needed, `Ok(Some((consumed, reply)))` for a
-    /// complete reply, and an error for bytes that can never form a reply. After an error the
-    /// caller should drop the connection (or skip past a colon with [`resync`]).
+    /// complete reply, and an error for bytes that can never form a reply: a reply or line
+    /// over the limits, a control character, text that is not UTF-8, a line that is not
+    /// `KEY=VALUE`. After an error call [`recover`](Self::recover) and drop that many bytes;
+    /// a session may also choose to drop the connection instead.
     pub fn decode<'a>(
         &mut self,
         input: &'a [u8],
     ) -> Result<Option<(usize, Reply<'a>)>, DecodeError> {
-        let start = self.scanned.min(input.len());
-        let limit = input.len().min(self.max_len);
-        let mut pos = start;
-        while pos < limit {
-            let Some(off) = memchr::memchr(COLON, &input[pos..limit]) else {
-                pos = limit;
-                break;
-            };
+        if let Recovery::Skipping { at_line_start } = self.recovery {
+            match self.find_end(input, at_line_start) {
+                Some(end) => {
+                    self.recovery = Recovery::None;
+                    self.skip = end + 1;
+                    self.reset_scan();
+                }
+                None => {
+                    if input.len() >= self.max_len {
+                        self.scanned = 0;
+                        return Err(DecodeError::invalid(
+                            self.max_len,
+                            InvalidKind::TooLong { max: self.max_len },
+                        ));
+                    }
+                    return Ok(None);
+                }
+            }
+        }
+        let skip = self.skip.min(input.len());
+        match self.decode_frame(&input[skip..]) {
+            Ok(Some((n, reply))) => {
+                self.skip = 0;
+                Ok(Some((skip + n, reply)))
+            }
+            Ok(None) => Ok(None),
+            Err(DecodeError::Invalid { offset, kind }) => {
+                if let Recovery::Known(end) = self.recovery {
+                    self.recovery = Recovery::Known(skip + end);
+                }
+                self.skip = 0;
+                Err(DecodeError::invalid(skip + offset, kind))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// While skipping: the index of the next terminating colon.
+    fn find_end(&mut self, input: &[u8], at_line_start: bool) -> Option<usize> {
+        let mut pos = self.scanned.min(input.len());
+        while let Some(off) = memchr::memchr(COLON, &input[pos..]) {
             let at = pos + off;
-            if at == 0 || matches!(input[at - 1], CR | LF) || only_line_breaks(&input[..at]) {
-                self.scanned = 0;
-                let reply = parse_block(&input[..at])?;
-                return Ok(Some((at + 1, reply)));
+            let line_start = if at == 0 {
+                at_line_start
+            } else {
+                is_line_break(input[at - 1])
+            };
+            if line_start {
+                return Some(at);
             }
             pos = at + 1;
         }
-        self.scanned = pos;
-        if input.len() >= self.max_len {
-            self.scanned = 0;
+        self.scanned = input.len();
+        None
+    }
+
+    fn decode_frame<'a>(
+        &mut self,
+        buf: &'a [u8],
+    ) -> Result<Option<(usize, Reply<'a>)>, DecodeError> {
+        // A colon at index `max_len` or later would make the reply too long.
+        let limit = buf.len().min(self.max_len);
+        let mut pos = self.scanned.min(limit);
+        while let Some(off) = memchr::memchr(COLON, &buf[pos..limit]) {
+            let at = pos + off;
+            if at == 0 || is_line_break(buf[at - 1]) {
+                self.reset_scan();
+                let block = &buf[..at];
+                if let Some(offset) = long_line(block, self.max_line) {
+                    self.recovery = Recovery::Known(at + 1);
+                    return Err(DecodeError::invalid(
+                        offset,
+                        InvalidKind::LineTooLong { max: self.max_line },
+                    ));
+                }
+                return match parse_block(block) {
+                    Ok(reply) => Ok(Some((at + 1, reply))),
+                    Err(e) => {
+                        self.recovery = Recovery::Known(at + 1);
+                        Err(e)
+                    }
+                };
+            }
+            pos = at + 1;
+        }
+        self.scanned = limit;
+        if limit == self.max_len {
+            self.reset_scan();
+            self.recovery = Recovery::Unknown;
             return Err(DecodeError::invalid(
                 self.max_len,
                 InvalidKind::TooLong { max: self.max_len },
             ));
         }
+        if buf.len() > self.max_line {
+            // Resumable line-length check: only the bytes not looked at yet are scanned.
+            let from = self.line_scanned.max(self.line_start);
+            for off in memchr::memchr2_iter(CR, LF, &buf[from..]) {
+                let at = from + off;
+                if at - self.line_start > self.max_line {
+                    break;
+                }
+                self.line_start = at + 1;
+            }
+            self.line_scanned = buf.len();
+            let end = memchr::memchr2(CR, LF, &buf[self.line_start..])
+                .map_or(buf.len(), |i| self.line_start + i);
+            if end - self.line_start > self.max_line {
+                let offset = self.line_start + self.max_line;
+                self.reset_scan();
+                self.recovery = Recovery::Unknown;
+                return Err(DecodeError::invalid(
+                    offset,
+                    InvalidKind::LineTooLong { max: self.max_line },
+                ));
+            }
+        }
         Ok(None)
     }
 }
 
-fn only_line_breaks(b: &[u8]) -> bool {
-    b.iter().all(|&c| c == CR || c == LF)
+/// The offset of the first byte past `max` in a line of `block` that is too long.
+fn long_line(block: &[u8], max: usize) -> Option<usize> {
+    if block.len() <= max {
+        return None;
+    }
+    let mut start = 0;
+    for at in memchr::memchr2_iter(CR, LF, block).chain(core::iter::once(block.len())) {
+        if at - start > max {
+            return Some(start + max);
+        }
+        start = at + 1;
+    }
+    None
 }
 
 /// Skips past the next colon that ends a reply, for recovery after garbage. Returns how many
-/// bytes to drop, or `None` if no colon is in `input` yet (drop all of it but keep reading).
+/// bytes to drop, or `None` if no such colon is in `input` yet (drop all of it but keep
+/// reading). [`ReplyDecoder::recover`] does the same with the decoder's state.
 pub fn resync(input: &[u8]) -> Option<usize> {
-    memchr::memchr(COLON, input).map(|i| i + 1)
+    let mut pos = 0;
+    while let Some(off) = memchr::memchr(COLON, &input[pos..]) {
+        let at = pos + off;
+        if at == 0 || is_line_break(input[at - 1]) {
+            return Some(at + 1);
+        }
+        pos = at + 1;
+    }
+    None
 }
 
 fn parse_block(block: &[u8]) -> Result<Reply<'_>, DecodeError> {
-    // Trim leading and trailing line breaks.
-    let first = block.iter().position(|&b| b != CR && b != LF);
-    let Some(first) = first else {
+    // Leading line breaks (`\r:` ack, a `\n` left over from `\r\n`) carry nothing.
+    let mut first = 0;
+    while first < block.len() && is_line_break(block[first]) {
+        first += 1;
+    }
+    if first == block.len() {
         return Ok(Reply::Ack);
-    };
-    let last = block
-        .iter()
-        .rposition(|&b| b != CR && b != LF)
-        .unwrap_or(first);
-    let body = &block[first..=last];
-    if let Some(i) = body.iter().position(|&b| {
-        !(b == CR || b == LF || (0x20..0x7F).contains(&b) || b >= 0x80 || b == b'\t')
-    }) {
+    }
+    let body = &block[first..];
+    if let Some(i) = body.iter().position(|&b| is_forbidden(b)) {
         return Err(DecodeError::invalid(
             first + i,
             InvalidKind::UnexpectedByte(body[i]),
         ));
     }
-    let text = core::str::from_utf8(body)
-        .map_err(|e| DecodeError::invalid(first + e.valid_up_to(), InvalidKind::NotUtf8))?;
-    if memchr::memchr2(CR, LF, body).is_some() {
+    // `block` ends with a line break (the colon follows one), so one is found.
+    let end = memchr::memchr2(CR, LF, body).unwrap_or(body.len());
+    let utf8 = |bytes| {
+        core::str::from_utf8(bytes)
+            .map_err(|e| DecodeError::invalid(first + e.valid_up_to(), InvalidKind::NotUtf8))
+    };
+    if !body[end..].iter().all(|&b| is_line_break(b)) {
         // Several lines: keep the raw block including its trailing line break.
-        let raw_end = block.len();
-        let raw = core::str::from_utf8(&block[first..raw_end])
-            .map_err(|e| DecodeError::invalid(first + e.valid_up_to(), InvalidKind::NotUtf8))?;
-        return Ok(Reply::Lines(Lines { raw }));
+        return Ok(Reply::Lines(Lines { raw: utf8(body)? }));
     }
+    let text = utf8(&body[..end])?;
     if text == "ERR" {
         return Ok(Reply::Err);
     }
@@ -381,27 +744,7 @@ pub struct Param(String);
 impl Param {
     /// Validates a parameter.
     pub fn new(param: &str) -> Result<Param, ValueError> {
-        if param.is_empty() {
-            return Err(ValueError::Empty {
-                what: "command parameter",
-            });
-        }
-        if param.len() > MAX_PARAM_LEN {
-            return Err(ValueError::TooLong {
-                what: "command parameter",
-                len: param.len(),
-                max: MAX_PARAM_LEN,
-            });
-        }
-        if let Some(ch) = param
-            .chars()
-            .find(|c| !(c.is_ascii_graphic() || *c == ' ') || *c == ':')
-        {
-            return Err(ValueError::BadChar {
-                what: "command parameter",
-                ch,
-            });
-        }
+        validate_param(param)?;
         Ok(Param(param.to_owned()))
     }
 
@@ -413,6 +756,31 @@ impl Param {
     pub(crate) fn from_static(param: &'static str) -> Param {
         Param(param.to_owned())
     }
+}
+
+fn validate_param(param: &str) -> Result<(), ValueError> {
+    if param.is_empty() {
+        return Err(ValueError::Empty {
+            what: "command parameter",
+        });
+    }
+    if param.len() > MAX_PARAM_LEN {
+        return Err(ValueError::TooLong {
+            what: "command parameter",
+            len: param.len(),
+            max: MAX_PARAM_LEN,
+        });
+    }
+    if let Some(ch) = param
+        .chars()
+        .find(|c| !(c.is_ascii_graphic() || *c == ' ') || *c == ':')
+    {
+        return Err(ValueError::BadChar {
+            what: "command parameter",
+            ch,
+        });
+    }
+    Ok(())
 }
 
 impl fmt::Debug for Param {
@@ -517,12 +885,48 @@ impl<'a> Request<'a> {
     }
 }
 
+/// An owned request line (see [`RequestLine`]).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum OwnedRequest {
+    /// An empty line.
+    Null,
+    /// `NAME?`.
+    Query(String),
+    /// `NAME PARAM`.
+    Set(String, String),
+    /// A line that is not a command.
+    Malformed(Vec<u8>),
+}
+
+impl From<RequestLine<'_>> for OwnedRequest {
+    fn from(r: RequestLine<'_>) -> Self {
+        match r {
+            RequestLine::Ok(Request::Null) => OwnedRequest::Null,
+            RequestLine::Ok(Request::Query(n)) => OwnedRequest::Query(n.to_owned()),
+            RequestLine::Ok(Request::Set(n, p)) => OwnedRequest::Set(n.to_owned(), p.to_owned()),
+            RequestLine::Malformed(b) => OwnedRequest::Malformed(b.to_vec()),
+        }
+    }
+}
+
 /// Incremental request framer for the projector side: one line per request, terminated by
 /// `\r`, `\n` or `\r\n`.
+///
+/// A `\r\n` split across two reads is still one terminator: the decoder remembers a line that
+/// ended with `\r` and drops a `\n` that starts the next input, so no phantom null command
+/// (and no stray `:` that would desynchronise the client) is produced. Lines are limited to
+/// [`max_len`](Self::max_len) bytes; command names keep their case (see [`Request::name`]).
 #[derive(Clone, Debug)]
 pub struct RequestDecoder {
     max_len: usize,
+    /// Bytes at the start of the input already known to be dropped (a `\n` finishing a `\r\n`
+    /// or the end of a too-long line).
+    skip: usize,
+    /// Bytes after `skip` known to hold no line break.
     scanned: usize,
+    /// The last line returned ended with a `\r` that was the last byte of its input.
+    after_cr: bool,
+    recovery: Recovery,
 }
 
 impl Default for RequestDecoder {
@@ -547,38 +951,121 @@ impl RequestDecoder {
         RequestDecoder::with_max_len(DEFAULT_MAX_REQUEST_LEN)
     }
 
-    /// A decoder refusing lines longer than `max_len` bytes.
+    /// A decoder refusing lines longer than `max_len` bytes (line break included, at least 2).
     pub const fn with_max_len(max_len: usize) -> Self {
         RequestDecoder {
             max_len: if max_len < 2 { 2 } else { max_len },
+            skip: 0,
             scanned: 0,
+            after_cr: false,
+            recovery: Recovery::None,
         }
     }
 
-    /// Decodes the next request line. `Ok(None)`: need more bytes. `Err`: the line exceeds the
-    /// maximum (the caller should answer `ERR` and drop the connection or discard input up to
-    /// the next line break).
+    /// The maximum line length.
+    pub const fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Forgets all state (call after discarding buffered bytes yourself).
+    pub fn reset(&mut self) {
+        *self = RequestDecoder::with_max_len(self.max_len);
+    }
+
+    /// After [`decode`](Self::decode) returned an error (a line over the limit): the number
+    /// of bytes to drop from the front of `input`. The decoder then skips the rest of the
+    /// over-long line, up to and including its line break, and resumes with the next line.
+    /// Returns 0 when no error is pending.
+    pub fn recover(&mut self, input: &[u8]) -> usize {
+        match self.recovery {
+            Recovery::None => 0,
+            _ => {
+                self.recovery = Recovery::Skipping {
+                    at_line_start: false,
+                };
+                self.skip = 0;
+                self.scanned = 0;
+                self.after_cr = false;
+                input.len()
+            }
+        }
+    }
+
+    /// Decodes the next request line from `input` (the unconsumed bytes, from their start).
+    ///
+    /// `Ok(None)`: need more bytes. `Ok(Some((consumed, line)))`: a complete line, well-formed
+    /// or not. `Err`: the line exceeds the maximum; the caller answers `ERR`, calls
+    /// [`recover`](Self::recover) and drops that many bytes (or drops the connection).
     pub fn decode<'a>(
         &mut self,
         input: &'a [u8],
     ) -> Result<Option<(usize, RequestLine<'a>)>, DecodeError> {
-        let start = self.scanned.min(input.len());
-        let limit = input.len().min(self.max_len);
-        if let Some(off) = memchr::memchr2(CR, LF, &input[start..limit]) {
+        if let Recovery::Skipping { .. } = self.recovery {
+            let from = self.skip + self.scanned.min(input.len().saturating_sub(self.skip));
+            match memchr::memchr2(CR, LF, input.get(from..).unwrap_or(&[])) {
+                Some(off) => {
+                    let at = from + off;
+                    self.recovery = Recovery::None;
+                    self.scanned = 0;
+                    self.skip = at + 1;
+                    if input[at] == CR {
+                        match input.get(at + 1) {
+                            Some(&LF) => self.skip += 1,
+                            Some(_) => {}
+                            None => self.after_cr = true,
+                        }
+                    }
+                }
+                None => {
+                    self.scanned = input.len().saturating_sub(self.skip);
+                    if input.len() >= self.max_len {
+                        return Err(DecodeError::invalid(
+                            input.len(),
+                            InvalidKind::TooLong { max: self.max_len },
+                        ));
+                    }
+                    return Ok(None);
+                }
+            }
+        }
+        if self.after_cr {
+            // The previous line ended with a `\r` at the end of its input: a `\n` now is the
+            // second half of `\r\n`, not an empty line.
+            let Some(&next) = input.get(self.skip) else {
+                return Ok(None);
+            };
+            self.after_cr = false;
+            if next == LF {
+                self.skip += 1;
+            }
+        }
+        let skip = self.skip.min(input.len());
+        let buf = &input[skip..];
+        let limit = buf.len().min(self.max_len);
+        let start = self.scanned.min(limit);
+        if let Some(off) = memchr::memchr2(CR, LF, &buf[start..limit]) {
             let at = start + off;
             self.scanned = 0;
+            self.skip = 0;
             let mut consumed = at + 1;
-            // `\r\n`: swallow the `\n` when it is already here.
-            if input[at] == CR && input.get(at + 1) == Some(&LF) {
-                consumed += 1;
+            if buf[at] == CR {
+                match buf.get(at + 1) {
+                    // `\r\n`: swallow the `\n` when it is already here...
+                    Some(&LF) => consumed += 1,
+                    Some(_) => {}
+                    // ...or drop it when it starts the next input.
+                    None => self.after_cr = true,
+                }
             }
-            return Ok(Some((consumed, parse_request(&input[..at]))));
+            return Ok(Some((skip + consumed, parse_request(&buf[..at]))));
         }
         self.scanned = limit;
-        if input.len() >= self.max_len {
+        if limit == self.max_len {
             self.scanned = 0;
+            self.skip = 0;
+            self.recovery = Recovery::Unknown;
             return Err(DecodeError::invalid(
-                self.max_len,
+                skip + self.max_len,
                 InvalidKind::TooLong { max: self.max_len },
             ));
         }
@@ -586,9 +1073,19 @@ impl RequestDecoder {
     }
 }
 
+/// Decodes one request line from the start of `input` (stateless form of
+/// [`RequestDecoder::decode`] with the default limit): the bytes after it and the line.
+/// A line ending with a `\r` that is the last byte of `input` is returned as is; use a
+/// [`RequestDecoder`] on a stream so that a `\n` arriving later is recognised.
+pub fn decode_request(input: &[u8]) -> Result<(&[u8], RequestLine<'_>), DecodeError> {
+    let mut dec = RequestDecoder::new();
+    match dec.decode(input)? {
+        Some((n, line)) => Ok((&input[n..], line)),
+        None => Err(DecodeError::Incomplete { needed: 1 }),
+    }
+}
+
 fn parse_request(line: &[u8]) -> RequestLine<'_> {
-    // A `\n` left over from a `\r\n` split across reads shows up as an empty line first; it
-    // is a null command only if nothing else is on the line, which is harmless.
     let Ok(text) = core::str::from_utf8(line) else {
         return RequestLine::Malformed(line);
     };
@@ -606,7 +1103,7 @@ fn parse_request(line: &[u8]) -> RequestLine<'_> {
     match text.split_once(' ') {
         Some((name, param)) => {
             let param = param.trim_matches(' ');
-            if is_name(name) && Param::new(param).is_ok() {
+            if is_name(name) && validate_param(param).is_ok() {
                 RequestLine::Ok(Request::Set(name, param))
             } else {
                 RequestLine::Malformed(line)
@@ -715,5 +1212,156 @@ mod tests {
         assert!(Command::set("PWR", "ON\rPWR OFF").is_err());
         assert!(Command::set("PWR", "ON:").is_err());
         assert!(Command::query("P W R").is_err());
+    }
+
+    #[test]
+    fn recovery_after_a_malformed_reply_resumes_at_the_next_one() {
+        let mut dec = ReplyDecoder::new();
+        let input = b"NOT A VALUE\r:PWR=01\r:";
+        let err = dec.decode(input).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::Invalid {
+                offset: 0,
+                kind: InvalidKind::MalformedLine
+            }
+        );
+        let n = dec.recover(input);
+        assert_eq!(n, 13);
+        assert_eq!(
+            dec.decode(&input[n..]).unwrap(),
+            Some((
+                8,
+                Reply::Value {
+                    key: "PWR",
+                    value: "01"
+                }
+            ))
+        );
+        assert_eq!(dec.recover(&input[n..]), 0);
+    }
+
+    #[test]
+    fn line_limit_and_recovery_across_reads() {
+        let mut dec = ReplyDecoder::with_limits(8, 64);
+        assert_eq!(dec.max_line(), 8);
+        assert_eq!(dec.decode(b"A=123456").unwrap(), None);
+        let err = dec.decode(b"A=1234567").unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::Invalid {
+                offset: 8,
+                kind: InvalidKind::LineTooLong { max: 8 }
+            }
+        );
+        // The end of the bad reply has not arrived: everything is dropped...
+        assert_eq!(dec.recover(b"A=1234567"), 9);
+        // ...and the rest of it is skipped when it comes, even a colon inside the line.
+        assert_eq!(dec.decode(b"89:0").unwrap(), None);
+        let input = b"89:0\r:ERR\r:";
+        assert_eq!(dec.decode(input).unwrap(), Some((11, Reply::Err)));
+        // A complete reply with a too-long second line.
+        let mut dec = ReplyDecoder::with_limits(4, 64);
+        let input = b"A=1\rB=12345\r::";
+        assert!(matches!(
+            dec.decode(input),
+            Err(DecodeError::Invalid {
+                offset: 8,
+                kind: InvalidKind::LineTooLong { max: 4 }
+            })
+        ));
+        let n = dec.recover(input);
+        assert_eq!(dec.decode(&input[n..]).unwrap(), Some((1, Reply::Ack)));
+    }
+
+    #[test]
+    fn reply_limit_counts_the_colon() {
+        let mut dec = ReplyDecoder::with_limits(16, 8);
+        assert_eq!(
+            dec.decode(b"PWR=01\r:").unwrap(),
+            Some((
+                8,
+                Reply::Value {
+                    key: "PWR",
+                    value: "01"
+                }
+            ))
+        );
+        assert!(matches!(
+            dec.decode(b"PWR=012\r:"),
+            Err(DecodeError::Invalid {
+                kind: InvalidKind::TooLong { max: 8 },
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn crlf_split_across_reads_is_one_terminator() {
+        let mut dec = RequestDecoder::new();
+        assert_eq!(
+            dec.decode(b"PWR?\r").unwrap(),
+            Some((5, RequestLine::Ok(Request::Query("PWR"))))
+        );
+        // The `\n` of `\r\n` arrives alone: no phantom null command.
+        assert_eq!(dec.decode(b"\n").unwrap(), None);
+        assert_eq!(
+            dec.decode(b"\nSNO?\r\n").unwrap(),
+            Some((7, RequestLine::Ok(Request::Query("SNO"))))
+        );
+        // A bare `\n` that does not follow a `\r` is a null command.
+        assert_eq!(
+            dec.decode(b"\n").unwrap(),
+            Some((1, RequestLine::Ok(Request::Null)))
+        );
+    }
+
+    #[test]
+    fn request_too_long_then_recover() {
+        let mut dec = RequestDecoder::with_max_len(8);
+        let err = dec.decode(b"PWR ONONON").unwrap_err();
+        assert!(matches!(
+            err,
+            DecodeError::Invalid {
+                kind: InvalidKind::TooLong { max: 8 },
+                ..
+            }
+        ));
+        assert_eq!(dec.recover(b"PWR ONONON"), 10);
+        assert_eq!(dec.decode(b"ON").unwrap(), None);
+        assert_eq!(
+            dec.decode(b"ON\r\nPWR?\r").unwrap(),
+            Some((9, RequestLine::Ok(Request::Query("PWR"))))
+        );
+    }
+
+    #[test]
+    fn checked_reply_constructors() {
+        assert_eq!(
+            Reply::value("PWR", "01").unwrap().to_bytes(),
+            b"PWR=01\r:".to_vec()
+        );
+        assert!(Reply::value("PWR", "01\r:PWR=04").is_err());
+        assert!(Reply::value("IMEVENT", "0001 03 00000000 00000000").is_err());
+        assert!(Reply::value("P W", "1").is_err());
+        // A hand-built reply cannot inject a second one.
+        let bad = Reply::Value {
+            key: "PWR",
+            value: "01\r:PWR=04",
+        };
+        assert!(bad.check().is_err());
+        assert_eq!(bad.to_bytes(), b"PWR=01 :PWR=04\r:".to_vec());
+        let lines = Lines::new("R=1 2 3\rG=4 5 6\r").unwrap();
+        let bytes = Reply::Lines(lines).to_bytes();
+        assert_eq!(Reply::decode(&bytes).unwrap().1, Reply::Lines(lines));
+        assert!(Lines::new("R=1\r:G=2\r").is_err());
+        assert!(Lines::new("R=1\r").is_err());
+        assert!(Lines::new("R=1\rG=2").is_err());
+        let ev = StatusEvent::new("0001 03 00000000 00000000 T1 F1").unwrap();
+        assert_eq!(
+            Reply::Event(ev).to_bytes(),
+            b"IMEVENT=0001 03 00000000 00000000 T1 F1\r:".to_vec()
+        );
+        assert!(StatusEvent::new("0001\r:").is_err());
     }
 }
