@@ -229,14 +229,15 @@ fn hex_field(s: &str, max_digits: usize) -> Option<u32> {
     u32::from_str_radix(s, 16).ok()
 }
 
-/// An `IMEVENT` line as received: the raw value and its parse.
+/// An `IMEVENT` line as received: the raw value, parsed on demand by
+/// [`report`](Self::report).
 ///
 /// A malformed IMEVENT from a device is still surfaced (as an event whose
-/// [`report`](Self::report) is an error) instead of killing the session.
+/// [`report`](Self::report) is an error) instead of killing the session. Parsing is lazy so
+/// that framing a reply stream stays cheap.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct StatusEvent<'a> {
     raw: &'a str,
-    parsed: Option<StatusReport<'a>>,
 }
 
 impl<'a> StatusEvent<'a> {
@@ -251,10 +252,7 @@ impl<'a> StatusEvent<'a> {
     }
 
     pub(crate) fn parse_lenient(raw: &'a str) -> Self {
-        StatusEvent {
-            raw,
-            parsed: StatusReport::parse_imevent(raw).ok(),
-        }
+        StatusEvent { raw }
     }
 
     /// The text after `IMEVENT=`.
@@ -264,21 +262,15 @@ impl<'a> StatusEvent<'a> {
 
     /// The decoded report, or why it could not be decoded.
     pub fn report(&self) -> Result<StatusReport<'a>, ValueError> {
-        self.parsed.ok_or_else(|| {
-            ValueError::parse(
-                "IMEVENT",
-                self.raw,
-                "hex fields: code status warnings alarms",
-            )
-        })
+        StatusReport::parse_imevent(self.raw)
     }
 }
 
 impl fmt::Debug for StatusEvent<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.parsed {
-            Some(r) => r.fmt(f),
-            None => write!(f, "Malformed({:?})", self.raw),
+        match self.report() {
+            Ok(r) => r.fmt(f),
+            Err(_) => write!(f, "Malformed({:?})", self.raw),
         }
     }
 }

@@ -84,7 +84,8 @@ impl<'a> Reply<'a> {
 
     /// Checks a reply built by hand (the variants' fields are public): `Ok` when
     /// [`encode`](Self::encode) writes bytes that [`decode`](Self::decode) turns back into an
-    /// equal reply. Decoded replies always pass.
+    /// equal reply and the text has no control character. (A decoded reply fails only if
+    /// the projector sent control characters, which the decoder passes through.)
     pub fn check(&self) -> Result<(), ValueError> {
         match self {
             Reply::Ack | Reply::Err | Reply::Lines(_) => Ok(()),
@@ -368,8 +369,8 @@ fn is_line_break(b: u8) -> bool {
     b == CR || b == LF
 }
 
-/// Bytes a reply or request line may not contain: control characters other than tab (line
-/// breaks are handled by the framers) and DEL.
+/// Control characters other than tab, line breaks and DEL: the decoder passes them through in
+/// values (so that no data is lost), but the checked constructors refuse them.
 #[inline]
 fn is_forbidden(b: u8) -> bool {
     (b < 0x20 && b != b'\t' && b != CR && b != LF) || b == 0x7F
@@ -466,8 +467,9 @@ impl ReplyDecoder {
     ///
     /// Returns `Ok(None)` when more bytes are needed, `Ok(Some((consumed, reply)))` for a
     /// complete reply, and an error for bytes that can never form a reply: a reply or line
-    /// over the limits, a control character, text that is not UTF-8, a line that is not
-    /// `KEY=VALUE`. After an error call [`recover`](Self::recover) and drop that many bytes;
+    /// over the limits, text that is not UTF-8, a single line that is neither `ERR` nor
+    /// `KEY=VALUE` with a command-name key. Control characters inside values are passed
+    /// through, not refused, so that no data is lost. After an error call [`recover`](Self::recover) and drop that many bytes;
     /// a session may also choose to drop the connection instead.
     pub fn decode<'a>(
         &mut self,
@@ -533,6 +535,11 @@ impl ReplyDecoder {
         &mut self,
         buf: &'a [u8],
     ) -> Result<Option<(usize, Reply<'a>)>, DecodeError> {
+        if self.scanned == 0
+            && let Some((n, reply)) = fast_single_line(buf, self.max_line, self.max_len)
+        {
+            return Ok(Some((n, reply)));
+        }
         // A colon at index `max_len` or later would make the reply too long.
         let limit = buf.len().min(self.max_len);
         let mut pos = self.scanned.min(limit);
@@ -594,6 +601,87 @@ impl ReplyDecoder {
     }
 }
 
+/// `NAME_BYTES[b]`: whether `b` may appear in a command name or reply key.
+const NAME_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || c == b'_';
+        b += 1;
+    }
+    t
+};
+
+/// The common case in one pass over the bytes: an ack (`:`, `\r:`) or one well-formed
+/// line followed by its colon. Returns `None` for anything else (incomplete input, several
+/// lines, a limit crossed, a malformed line), which the general path then handles; it never
+/// decides anything the general path would decide differently.
+#[inline]
+fn fast_single_line(buf: &[u8], max_line: usize, max_len: usize) -> Option<(usize, Reply<'_>)> {
+    let mut i = 0;
+    while i < buf.len() && is_line_break(buf[i]) {
+        i += 1;
+    }
+    if *buf.get(i)? == COLON {
+        return (i < max_len).then_some((i + 1, Reply::Ack));
+    }
+    let start = i;
+    let key_stop = buf.len().min(start + MAX_NAME_LEN + 1);
+    while i < key_stop && NAME_BYTES[usize::from(buf[i])] {
+        i += 1;
+    }
+    let key_end = i;
+    let line_end = match *buf.get(i)? {
+        b'=' if key_end > start && key_end - start <= MAX_NAME_LEN => {
+            let limit = buf
+                .len()
+                .min(start.saturating_add(max_line).saturating_add(1));
+            find_line_break(buf.get(i + 1..limit)?).map(|off| i + 1 + off)?
+        }
+        CR | LF if &buf[start..key_end] == b"ERR" => key_end,
+        _ => return None,
+    };
+    if line_end - start > max_line {
+        return None;
+    }
+    i = line_end;
+    while i < buf.len() && is_line_break(buf[i]) {
+        i += 1;
+    }
+    if *buf.get(i)? != COLON || i >= max_len {
+        return None;
+    }
+    if line_end == key_end {
+        return Some((i + 1, Reply::Err));
+    }
+    // One UTF-8 check for the line; `=` is ASCII, so both halves are on char boundaries.
+    let line = core::str::from_utf8(&buf[start..line_end]).ok()?;
+    let (key, value) = (
+        line.get(..key_end - start)?,
+        line.get(key_end - start + 1..)?,
+    );
+    let reply = if key == "IMEVENT" {
+        Reply::Event(StatusEvent::parse_lenient(value))
+    } else {
+        Reply::Value { key, value }
+    };
+    Some((i + 1, reply))
+}
+
+/// The first line break in `hay`: a plain loop for the first bytes (most values are short,
+/// where it beats the vectorised search's set-up), `memchr2` for the rest.
+#[inline]
+fn find_line_break(hay: &[u8]) -> Option<usize> {
+    const SHORT: usize = 16;
+    let head = &hay[..hay.len().min(SHORT)];
+    if let Some(i) = head.iter().position(|&b| is_line_break(b)) {
+        return Some(i);
+    }
+    let tail = hay.get(SHORT..)?;
+    memchr::memchr2(CR, LF, tail).map(|i| SHORT + i)
+}
+
 /// The offset of the first byte past `max` in a line of `block` that is too long.
 fn long_line(block: &[u8], max: usize) -> Option<usize> {
     if block.len() <= max {
@@ -634,12 +722,6 @@ fn parse_block(block: &[u8]) -> Result<Reply<'_>, DecodeError> {
         return Ok(Reply::Ack);
     }
     let body = &block[first..];
-    if let Some(i) = body.iter().position(|&b| is_forbidden(b)) {
-        return Err(DecodeError::invalid(
-            first + i,
-            InvalidKind::UnexpectedByte(body[i]),
-        ));
-    }
     // `block` ends with a line break (the colon follows one), so one is found.
     let end = memchr::memchr2(CR, LF, body).unwrap_or(body.len());
     let utf8 = |bytes| {
