@@ -434,33 +434,40 @@ impl ReplyDecoder {
     /// After [`decode`](Self::decode) returned an error: the number of bytes to drop from the
     /// front of `input` (the same unconsumed bytes) to get back in step.
     ///
-    /// If the end of the bad reply is already in `input`, that is everything up to and
-    /// including its colon. Otherwise it is all of `input`, and the decoder skips whatever
-    /// follows up to the next reply terminator. Returns 0 when no error is pending.
+    /// If the end of the bad reply is already in `input` (even beyond the length limit), that
+    /// is everything up to and including its colon. Otherwise it is all of `input`, and the
+    /// decoder skips whatever follows up to the next reply terminator. Returns 0 when no error
+    /// is pending.
     pub fn recover(&mut self, input: &[u8]) -> usize {
-        let n = match self.recovery {
+        let at_line_start = match self.recovery {
             Recovery::None => return 0,
             Recovery::Known(end) => {
                 self.recovery = Recovery::None;
-                end.min(input.len())
+                self.skip = 0;
+                self.reset_scan();
+                return end.min(input.len());
             }
-            Recovery::Unknown | Recovery::Skipping { .. } => {
-                let at_line_start = match input.last() {
-                    Some(&b) => is_line_break(b),
-                    None => matches!(
-                        self.recovery,
-                        Recovery::Skipping {
-                            at_line_start: true
-                        }
-                    ),
-                };
-                self.recovery = Recovery::Skipping { at_line_start };
-                input.len()
-            }
+            // The bad reply started at `input[0]`, where no colon can be (it would have ended
+            // the reply there).
+            Recovery::Unknown => false,
+            Recovery::Skipping { at_line_start } => at_line_start,
         };
         self.skip = 0;
         self.reset_scan();
-        n
+        match self.find_end(input, at_line_start) {
+            Some(end) => {
+                self.recovery = Recovery::None;
+                self.reset_scan();
+                end + 1
+            }
+            None => {
+                self.recovery = Recovery::Skipping {
+                    at_line_start: input.last().map_or(at_line_start, |&b| is_line_break(b)),
+                };
+                self.reset_scan();
+                input.len()
+            }
+        }
     }
 
     /// Decodes the next reply from `input` (the unconsumed bytes, from their start).
@@ -469,8 +476,9 @@ impl ReplyDecoder {
     /// complete reply, and an error for bytes that can never form a reply: a reply or line
     /// over the limits, text that is not UTF-8, a single line that is neither `ERR` nor
     /// `KEY=VALUE` with a command-name key. Control characters inside values are passed
-    /// through, not refused, so that no data is lost. After an error call [`recover`](Self::recover) and drop that many bytes;
-    /// a session may also choose to drop the connection instead.
+    /// through, not refused, so that no data is lost. After an error call
+    /// [`recover`](Self::recover) and drop that many bytes; a session may also choose to drop
+    /// the connection instead.
     pub fn decode<'a>(
         &mut self,
         input: &'a [u8],
@@ -1055,19 +1063,33 @@ impl RequestDecoder {
     }
 
     /// After [`decode`](Self::decode) returned an error (a line over the limit): the number
-    /// of bytes to drop from the front of `input`. The decoder then skips the rest of the
-    /// over-long line, up to and including its line break, and resumes with the next line.
-    /// Returns 0 when no error is pending.
+    /// of bytes to drop from the front of `input`: up to and including the over-long line's
+    /// line break if it is in `input`, else all of it, and the decoder then skips the rest of
+    /// the line when it arrives. Returns 0 when no error is pending.
     pub fn recover(&mut self, input: &[u8]) -> usize {
-        match self.recovery {
-            Recovery::None => 0,
-            _ => {
+        if self.recovery == Recovery::None {
+            return 0;
+        }
+        self.skip = 0;
+        self.scanned = 0;
+        self.after_cr = false;
+        match memchr::memchr2(CR, LF, input) {
+            Some(at) => {
+                self.recovery = Recovery::None;
+                let mut n = at + 1;
+                if input[at] == CR {
+                    match input.get(at + 1) {
+                        Some(&LF) => n += 1,
+                        Some(_) => {}
+                        None => self.after_cr = true,
+                    }
+                }
+                n
+            }
+            None => {
                 self.recovery = Recovery::Skipping {
                     at_line_start: false,
                 };
-                self.skip = 0;
-                self.scanned = 0;
-                self.after_cr = false;
                 input.len()
             }
         }
@@ -1180,7 +1202,7 @@ fn parse_request(line: &[u8]) -> RequestLine<'_> {
         if is_name(name) {
             return RequestLine::Ok(Request::Query(name));
         }
-        return RequestLine::Malformed(line);
+        // Not `NAME?`: maybe a set whose parameter ends with `?`.
     }
     match text.split_once(' ') {
         Some((name, param)) => {
