@@ -19,4 +19,11 @@ pub mod session;
 pub mod value;
 pub mod vp21;
 
+#[cfg(feature = "tokio")]
+pub mod client;
+#[cfg(feature = "tokio")]
+pub mod codec;
+#[cfg(feature = "tokio")]
+pub mod discovery;
+
 pub use error::{DecodeError, InvalidKind, ValueError};

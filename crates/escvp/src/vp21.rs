@@ -123,6 +123,54 @@ impl fmt::Debug for Reply<'_> {
     }
 }
 
+/// An owned reply, for channels and codecs that cannot borrow from the read buffer.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum OwnedReply {
+    /// See [`Reply::Ack`].
+    Ack,
+    /// See [`Reply::Value`].
+    Value {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// See [`Reply::Lines`]: the raw lines, each ending with a line break.
+    Lines(String),
+    /// See [`Reply::Err`].
+    Err,
+    /// See [`Reply::Event`]: the text after `IMEVENT=`.
+    Event(String),
+}
+
+impl OwnedReply {
+    /// Borrows it as a [`Reply`].
+    pub fn as_reply(&self) -> Reply<'_> {
+        match self {
+            OwnedReply::Ack => Reply::Ack,
+            OwnedReply::Value { key, value } => Reply::Value { key, value },
+            OwnedReply::Lines(raw) => Reply::Lines(Lines { raw }),
+            OwnedReply::Err => Reply::Err,
+            OwnedReply::Event(raw) => Reply::Event(StatusEvent::parse_lenient(raw)),
+        }
+    }
+}
+
+impl From<Reply<'_>> for OwnedReply {
+    fn from(r: Reply<'_>) -> Self {
+        match r {
+            Reply::Ack => OwnedReply::Ack,
+            Reply::Value { key, value } => OwnedReply::Value {
+                key: key.to_owned(),
+                value: value.to_owned(),
+            },
+            Reply::Lines(l) => OwnedReply::Lines(l.raw.to_owned()),
+            Reply::Err => OwnedReply::Err,
+            Reply::Event(e) => OwnedReply::Event(e.raw().to_owned()),
+        }
+    }
+}
+
 /// The lines of a multi-line reply, without the final colon.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Lines<'a> {
@@ -513,6 +561,30 @@ impl<'a> Request<'a> {
             Request::Null => Ok(Command::Null),
             Request::Query(n) => Command::query(n),
             Request::Set(n, p) => Command::set(n, p),
+        }
+    }
+}
+
+/// An owned request line (see [`RequestLine`]).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum OwnedRequest {
+    /// An empty line.
+    Null,
+    /// `NAME?`.
+    Query(String),
+    /// `NAME PARAM`.
+    Set(String, String),
+    /// A line that is not a command.
+    Malformed(Vec<u8>),
+}
+
+impl From<RequestLine<'_>> for OwnedRequest {
+    fn from(r: RequestLine<'_>) -> Self {
+        match r {
+            RequestLine::Ok(Request::Null) => OwnedRequest::Null,
+            RequestLine::Ok(Request::Query(n)) => OwnedRequest::Query(n.to_owned()),
+            RequestLine::Ok(Request::Set(n, p)) => OwnedRequest::Set(n.to_owned(), p.to_owned()),
+            RequestLine::Malformed(b) => OwnedRequest::Malformed(b.to_vec()),
         }
     }
 }
