@@ -25,5 +25,7 @@ pub mod client;
 pub mod codec;
 #[cfg(feature = "tokio")]
 pub mod discovery;
+#[cfg(feature = "emulator")]
+pub mod emulator;
 
 pub use error::{DecodeError, InvalidKind, ValueError};
