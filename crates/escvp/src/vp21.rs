@@ -668,12 +668,11 @@ fn parse_request(line: &[u8]) -> RequestLine<'_> {
     if text.is_empty() {
         return RequestLine::Ok(Request::Null);
     }
-    if let Some(name) = text.strip_suffix('?') {
-        let name = name.trim_end_matches(' ');
-        if is_name(name) {
-            return RequestLine::Ok(Request::Query(name));
-        }
-        return RequestLine::Malformed(line);
+    // A query is exactly `NAME?`; `NAME ?` is a set whose parameter is `?`.
+    if let Some(name) = text.strip_suffix('?')
+        && is_name(name)
+    {
+        return RequestLine::Ok(Request::Query(name));
     }
     match text.split_once(' ') {
         Some((name, param)) => {
