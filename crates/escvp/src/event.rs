@@ -180,12 +180,12 @@ impl<'a> StatusReport<'a> {
     fn parse(value: &'a str, with_code: bool) -> Result<Self, ValueError> {
         let what = if with_code { "IMEVENT" } else { "PWSTATUS" };
         let bad = || ValueError::parse(what, value, "hex fields: [code] status warnings alarms");
-        let mut rest = value.trim_start_matches(' ');
+        let mut rest = value.trim_start();
         let mut field = || -> Option<&'a str> {
             let r = rest;
-            let end = r.find(' ').unwrap_or(r.len());
+            let end = r.find(|c: char| c.is_ascii_whitespace()).unwrap_or(r.len());
             let (f, tail) = r.split_at(end);
-            rest = tail.trim_start_matches(' ');
+            rest = tail.trim_start();
             (!f.is_empty()).then_some(f)
         };
         let event_code = if with_code {
@@ -201,7 +201,7 @@ impl<'a> StatusReport<'a> {
             status,
             warnings,
             alarms,
-            extra: rest.trim_end_matches(' '),
+            extra: rest.trim_end(),
         })
     }
 
