@@ -180,28 +180,28 @@ impl<'a> StatusReport<'a> {
     fn parse(value: &'a str, with_code: bool) -> Result<Self, ValueError> {
         let what = if with_code { "IMEVENT" } else { "PWSTATUS" };
         let bad = || ValueError::parse(what, value, "hex fields: [code] status warnings alarms");
-        let mut rest = value.trim_start();
-        let mut field = || -> Option<&'a str> {
-            let r = rest;
-            let end = r.find(|c: char| c.is_ascii_whitespace()).unwrap_or(r.len());
-            let (f, tail) = r.split_at(end);
-            rest = tail.trim_start();
-            (!f.is_empty()).then_some(f)
+        let mut rest = value;
+        let mut next = |digits: usize| {
+            let (field, tail) = split_field(rest);
+            rest = tail;
+            hex_field(field, digits)
         };
         let event_code = if with_code {
-            Some(hex_field(field().ok_or_else(bad)?, 4).ok_or_else(bad)? as u16)
+            Some(next(4).ok_or_else(bad)? as u16)
         } else {
             None
         };
-        let status = ImStatus(hex_field(field().ok_or_else(bad)?, 2).ok_or_else(bad)? as u8);
-        let warnings = Warnings(hex_field(field().ok_or_else(bad)?, 8).ok_or_else(bad)?);
-        let alarms = Alarms(hex_field(field().ok_or_else(bad)?, 8).ok_or_else(bad)?);
+        let status = ImStatus(next(2).ok_or_else(bad)? as u8);
+        let warnings = Warnings(next(8).ok_or_else(bad)?);
+        let alarms = Alarms(next(8).ok_or_else(bad)?);
+        // Whatever follows the alarm field, with its inner spacing kept.
+        let extra = rest.trim_matches(|c: char| c.is_ascii_whitespace());
         Ok(StatusReport {
             event_code,
             status,
             warnings,
             alarms,
-            extra: rest.trim_end(),
+            extra,
         })
     }
 
@@ -222,29 +222,46 @@ impl<'a> StatusReport<'a> {
     }
 }
 
-fn hex_field(s: &str, max_digits: usize) -> Option<u32> {
-    if s.is_empty() || s.len() > max_digits || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    u32::from_str_radix(s, 16).ok()
+/// Splits off the first whitespace-separated field.
+fn split_field(s: &str) -> (&str, &str) {
+    let s = s.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    let end = s
+        .bytes()
+        .position(|b| b.is_ascii_whitespace())
+        .unwrap_or(s.len());
+    s.split_at(end)
 }
 
-/// An `IMEVENT` line as received: the raw value and its parse.
+fn hex_field(s: &str, max_digits: usize) -> Option<u32> {
+    if s.is_empty() || s.len() > max_digits {
+        return None;
+    }
+    s.bytes().try_fold(0u32, |acc, b| {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return None,
+        };
+        Some(acc << 4 | u32::from(d))
+    })
+}
+
+/// An `IMEVENT` line as received.
 ///
-/// A malformed IMEVENT from a device is still surfaced (as an event whose
-/// [`report`](Self::report) is an error) instead of killing the session.
+/// Decoding a reply stream only finds the line; [`report`](Self::report) decodes its fields
+/// on demand (so that a reply stream decodes without work it may not need). A malformed
+/// IMEVENT from a device is still surfaced, as an event whose report is an error, instead of
+/// killing the session.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct StatusEvent<'a> {
     raw: &'a str,
-    parsed: Option<StatusReport<'a>>,
 }
 
 impl<'a> StatusEvent<'a> {
-    pub(crate) fn parse_lenient(raw: &'a str) -> Self {
-        StatusEvent {
-            raw,
-            parsed: StatusReport::parse_imevent(raw).ok(),
-        }
+    /// The event with this value (the text after `IMEVENT=`).
+    pub fn new(raw: &'a str) -> Self {
+        StatusEvent { raw }
     }
 
     /// The text after `IMEVENT=`.
@@ -254,21 +271,15 @@ impl<'a> StatusEvent<'a> {
 
     /// The decoded report, or why it could not be decoded.
     pub fn report(&self) -> Result<StatusReport<'a>, ValueError> {
-        self.parsed.ok_or_else(|| {
-            ValueError::parse(
-                "IMEVENT",
-                self.raw,
-                "hex fields: code status warnings alarms",
-            )
-        })
+        StatusReport::parse_imevent(self.raw)
     }
 }
 
 impl fmt::Debug for StatusEvent<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.parsed {
-            Some(r) => r.fmt(f),
-            None => write!(f, "Malformed({:?})", self.raw),
+        match self.report() {
+            Ok(r) => r.fmt(f),
+            Err(_) => write!(f, "Malformed({:?})", self.raw),
         }
     }
 }

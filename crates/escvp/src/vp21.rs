@@ -151,7 +151,7 @@ impl OwnedReply {
             OwnedReply::Value { key, value } => Reply::Value { key, value },
             OwnedReply::Lines(raw) => Reply::Lines(Lines { raw }),
             OwnedReply::Err => Reply::Err,
-            OwnedReply::Event(raw) => Reply::Event(StatusEvent::parse_lenient(raw)),
+            OwnedReply::Event(raw) => Reply::Event(StatusEvent::new(raw)),
         }
     }
 }
@@ -279,7 +279,7 @@ impl ReplyDecoder {
                 break;
             };
             let at = pos + off;
-            if at == 0 || matches!(input[at - 1], CR | LF) || only_line_breaks(&input[..at]) {
+            if at == 0 || matches!(input[at - 1], CR | LF) {
                 self.scanned = 0;
                 let reply = parse_block(&input[..at])?;
                 return Ok(Some((at + 1, reply)));
@@ -298,10 +298,6 @@ impl ReplyDecoder {
     }
 }
 
-fn only_line_breaks(b: &[u8]) -> bool {
-    b.iter().all(|&c| c == CR || c == LF)
-}
-
 /// Skips past the next colon that ends a reply, for recovery after garbage. Returns how many
 /// bytes to drop, or `None` if no colon is in `input` yet (drop all of it but keep reading).
 pub fn resync(input: &[u8]) -> Option<usize> {
@@ -310,8 +306,7 @@ pub fn resync(input: &[u8]) -> Option<usize> {
 
 fn parse_block(block: &[u8]) -> Result<Reply<'_>, DecodeError> {
     // Trim leading and trailing line breaks.
-    let first = block.iter().position(|&b| b != CR && b != LF);
-    let Some(first) = first else {
+    let Some(first) = block.iter().position(|&b| b != CR && b != LF) else {
         return Ok(Reply::Ack);
     };
     let last = block
@@ -319,30 +314,53 @@ fn parse_block(block: &[u8]) -> Result<Reply<'_>, DecodeError> {
         .rposition(|&b| b != CR && b != LF)
         .unwrap_or(first);
     let body = &block[first..=last];
-    if let Some(i) = body.iter().position(|&b| {
-        !(b == CR || b == LF || (0x20..0x7F).contains(&b) || b >= 0x80 || b == b'\t')
-    }) {
-        return Err(DecodeError::invalid(
-            first + i,
-            InvalidKind::UnexpectedByte(body[i]),
-        ));
+    // Fast path: a branch-free scan for control bytes (it vectorizes); line breaks and bad
+    // bytes are sorted out only when there are any.
+    let has_ctrl = body
+        .iter()
+        .fold(false, |acc, &b| acc | ((b < 0x20) & (b != b'\t')) | (b == 0x7F));
+    let mut multi = false;
+    if has_ctrl {
+        for (i, &b) in body.iter().enumerate() {
+            match b {
+                CR | LF => multi = true,
+                b'\t' | 0x20..=0x7E | 0x80.. => {}
+                _ => {
+                    return Err(DecodeError::invalid(
+                        first + i,
+                        InvalidKind::UnexpectedByte(b),
+                    ));
+                }
+            }
+        }
     }
-    let text = core::str::from_utf8(body)
-        .map_err(|e| DecodeError::invalid(first + e.valid_up_to(), InvalidKind::NotUtf8))?;
-    if memchr::memchr2(CR, LF, body).is_some() {
+    let text_of = |bytes| {
+        core::str::from_utf8(bytes)
+            .map_err(|e| DecodeError::invalid(first + e.valid_up_to(), InvalidKind::NotUtf8))
+    };
+    if multi {
         // Several lines: keep the raw block including its trailing line break.
-        let raw_end = block.len();
-        let raw = core::str::from_utf8(&block[first..raw_end])
-            .map_err(|e| DecodeError::invalid(first + e.valid_up_to(), InvalidKind::NotUtf8))?;
-        return Ok(Reply::Lines(Lines { raw }));
+        return Ok(Reply::Lines(Lines {
+            raw: text_of(&block[first..])?,
+        }));
     }
+    let text = text_of(body)?;
     if text == "ERR" {
         return Ok(Reply::Err);
     }
-    match text.split_once('=') {
-        Some(("IMEVENT", value)) => Ok(Reply::Event(StatusEvent::parse_lenient(value))),
-        Some((key, value)) if is_name(key) => Ok(Reply::Value { key, value }),
-        _ => Err(DecodeError::invalid(first, InvalidKind::MalformedLine)),
+    // Keys are short: a plain loop beats memchr's set-up cost here.
+    match body.iter().position(|&b| b == b'=') {
+        Some(i) => {
+            let (key, value) = (&text[..i], &text[i + 1..]);
+            if key == "IMEVENT" {
+                Ok(Reply::Event(StatusEvent::new(value)))
+            } else if is_name(key) {
+                Ok(Reply::Value { key, value })
+            } else {
+                Err(DecodeError::invalid(first, InvalidKind::MalformedLine))
+            }
+        }
+        None => Err(DecodeError::invalid(first, InvalidKind::MalformedLine)),
     }
 }
 
