@@ -465,7 +465,8 @@ pub fn fleet_plan(
                 &template.name[..template.name.len().min(keep)],
                 suffix
             );
-            config.serial = format!("{}{:04}", template.serial.trim_end_matches('1'), i + 1);
+            let stem = &template.serial[..template.serial.len().saturating_sub(4)];
+            config.serial = format!("{stem}{:04}", i + 1);
             (addr, config)
         })
         .collect()
@@ -737,6 +738,9 @@ async fn serve_commands(mut stream: TcpStream, mut buf: Vec<u8>, shared: Arc<Sha
             };
             let owned: OwnedRequest = line.into();
             buf.drain(..n);
+            if owned == OwnedRequest::Skip {
+                continue;
+            }
             match handle_command(&mut stream, &shared, &owned, &mut pushes).await {
                 Ok(true) => {}
                 Ok(false) | Err(_) => return,
@@ -864,6 +868,7 @@ fn execute(s: &mut State, shared: &Shared, request: &OwnedRequest, now: Instant)
     use OwnedRequest as R;
     let on = s.power == Power::On;
     let reply = match request {
+        R::Skip => return Outcome::Reply(Vec::new()),
         R::Null => ack(s),
         R::Malformed(_) => ERR.to_vec(),
         R::Query(name) => match name.as_str() {

@@ -316,9 +316,9 @@ fn parse_block(block: &[u8]) -> Result<Reply<'_>, DecodeError> {
     let body = &block[first..=last];
     // Fast path: a branch-free scan for control bytes (it vectorizes); line breaks and bad
     // bytes are sorted out only when there are any.
-    let has_ctrl = body
-        .iter()
-        .fold(false, |acc, &b| acc | ((b < 0x20) & (b != b'\t')) | (b == 0x7F));
+    let has_ctrl = body.iter().fold(false, |acc, &b| {
+        acc | ((b < 0x20) & (b != b'\t')) | (b == 0x7F)
+    });
     let mut multi = false;
     if has_ctrl {
         for (i, &b) in body.iter().enumerate() {
@@ -594,6 +594,8 @@ pub enum OwnedRequest {
     Set(String, String),
     /// A line that is not a command.
     Malformed(Vec<u8>),
+    /// Nothing to answer (see [`RequestLine::Skip`]).
+    Skip,
 }
 
 impl From<RequestLine<'_>> for OwnedRequest {
@@ -603,6 +605,7 @@ impl From<RequestLine<'_>> for OwnedRequest {
             RequestLine::Ok(Request::Query(n)) => OwnedRequest::Query(n.to_owned()),
             RequestLine::Ok(Request::Set(n, p)) => OwnedRequest::Set(n.to_owned(), p.to_owned()),
             RequestLine::Malformed(b) => OwnedRequest::Malformed(b.to_vec()),
+            RequestLine::Skip => OwnedRequest::Skip,
         }
     }
 }
@@ -613,6 +616,8 @@ impl From<RequestLine<'_>> for OwnedRequest {
 pub struct RequestDecoder {
     max_len: usize,
     scanned: usize,
+    /// The previous line ended with `\r`: a `\n` at the start of the next input belongs to it.
+    after_cr: bool,
 }
 
 impl Default for RequestDecoder {
@@ -629,6 +634,9 @@ pub enum RequestLine<'a> {
     Ok(Request<'a>),
     /// A complete line that is not a command; the projector answers `ERR`.
     Malformed(&'a [u8]),
+    /// Bytes that belong to no command (the `\n` of a `\r\n` that was split across
+    /// reads); consume them and answer nothing.
+    Skip,
 }
 
 impl RequestDecoder {
@@ -642,6 +650,7 @@ impl RequestDecoder {
         RequestDecoder {
             max_len: if max_len < 2 { 2 } else { max_len },
             scanned: 0,
+            after_cr: false,
         }
     }
 
@@ -652,6 +661,13 @@ impl RequestDecoder {
         &mut self,
         input: &'a [u8],
     ) -> Result<Option<(usize, RequestLine<'a>)>, DecodeError> {
+        if self.after_cr && !input.is_empty() {
+            self.after_cr = false;
+            if input[0] == LF {
+                // The `\n` of a `\r\n` split across reads: part of the previous line.
+                return Ok(Some((1, RequestLine::Skip)));
+            }
+        }
         let start = self.scanned.min(input.len());
         let limit = input.len().min(self.max_len);
         if let Some(off) = memchr::memchr2(CR, LF, &input[start..limit]) {
@@ -659,8 +675,12 @@ impl RequestDecoder {
             self.scanned = 0;
             let mut consumed = at + 1;
             // `\r\n`: swallow the `\n` when it is already here.
-            if input[at] == CR && input.get(at + 1) == Some(&LF) {
-                consumed += 1;
+            if input[at] == CR {
+                match input.get(at + 1) {
+                    Some(&LF) => consumed += 1,
+                    Some(_) => {}
+                    None => self.after_cr = true,
+                }
             }
             return Ok(Some((consumed, parse_request(&input[..at]))));
         }
@@ -794,6 +814,28 @@ mod tests {
             RequestDecoder::new().decode(b"PWR:ON\r"),
             Ok(Some((_, RequestLine::Malformed(_))))
         ));
+    }
+
+    #[test]
+    fn crlf_split_across_reads_is_one_line() {
+        let mut dec = RequestDecoder::new();
+        assert_eq!(
+            dec.decode(b"PWR?\r").unwrap(),
+            Some((5, RequestLine::Ok(Request::Query("PWR"))))
+        );
+        assert_eq!(
+            dec.decode(b"\nSNO?\r").unwrap(),
+            Some((1, RequestLine::Skip))
+        );
+        assert_eq!(
+            dec.decode(b"SNO?\r\n").unwrap(),
+            Some((6, RequestLine::Ok(Request::Query("SNO"))))
+        );
+        // A bare `\n` that does not follow a `\r` is an empty line (the null command).
+        assert_eq!(
+            dec.decode(b"\n").unwrap(),
+            Some((1, RequestLine::Ok(Request::Null)))
+        );
     }
 
     #[test]

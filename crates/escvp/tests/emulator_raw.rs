@@ -102,6 +102,25 @@ async fn pipelined_commands_are_answered_in_order() {
 }
 
 #[tokio::test]
+async fn crlf_split_across_writes_gets_one_answer() {
+    let f = fleet(ProjectorConfig::default()).await;
+    let mut s = TcpStream::connect(f.projectors()[0].tcp_addr())
+        .await
+        .unwrap();
+    s.write_all(&Message::connect(None).to_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_some(&mut s, 16).await.len(), 16);
+    s.write_all(b"PWR?\r").await.unwrap();
+    assert_eq!(read_some(&mut s, 8).await, b"PWR=04\r:");
+    s.write_all(b"\n").await.unwrap();
+    s.write_all(b"SNO?\r\n").await.unwrap();
+    // Exactly the SNO reply: no extra ":" for the late "\n".
+    let expected = format!("SNO={}\r:", f.projectors()[0].serial());
+    assert_eq!(read_some(&mut s, expected.len()).await, expected.as_bytes());
+}
+
+#[tokio::test]
 async fn over_long_line_is_refused_and_closed() {
     let f = fleet(ProjectorConfig {
         max_line_len: 64,
