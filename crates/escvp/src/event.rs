@@ -180,28 +180,28 @@ impl<'a> StatusReport<'a> {
     fn parse(value: &'a str, with_code: bool) -> Result<Self, ValueError> {
         let what = if with_code { "IMEVENT" } else { "PWSTATUS" };
         let bad = || ValueError::parse(what, value, "hex fields: [code] status warnings alarms");
-        let mut rest = value.trim_start_matches(' ');
-        let mut field = || -> Option<&'a str> {
-            let r = rest;
-            let end = r.find(' ').unwrap_or(r.len());
-            let (f, tail) = r.split_at(end);
-            rest = tail.trim_start_matches(' ');
-            (!f.is_empty()).then_some(f)
+        let mut rest = value;
+        let mut next = |digits: usize| {
+            let (field, tail) = split_field(rest);
+            rest = tail;
+            hex_field(field, digits)
         };
         let event_code = if with_code {
-            Some(hex_field(field().ok_or_else(bad)?, 4).ok_or_else(bad)? as u16)
+            Some(next(4).ok_or_else(bad)? as u16)
         } else {
             None
         };
-        let status = ImStatus(hex_field(field().ok_or_else(bad)?, 2).ok_or_else(bad)? as u8);
-        let warnings = Warnings(hex_field(field().ok_or_else(bad)?, 8).ok_or_else(bad)?);
-        let alarms = Alarms(hex_field(field().ok_or_else(bad)?, 8).ok_or_else(bad)?);
+        let status = ImStatus(next(2).ok_or_else(bad)? as u8);
+        let warnings = Warnings(next(8).ok_or_else(bad)?);
+        let alarms = Alarms(next(8).ok_or_else(bad)?);
+        // Whatever follows the alarm field, with its inner spacing kept.
+        let extra = rest.trim_matches(|c: char| c.is_ascii_whitespace());
         Ok(StatusReport {
             event_code,
             status,
             warnings,
             alarms,
-            extra: rest.trim_end_matches(' '),
+            extra,
         })
     }
 
@@ -222,36 +222,45 @@ impl<'a> StatusReport<'a> {
     }
 }
 
-fn hex_field(s: &str, max_digits: usize) -> Option<u32> {
-    if s.is_empty() || s.len() > max_digits || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    u32::from_str_radix(s, 16).ok()
+/// Splits off the first whitespace-separated field.
+fn split_field(s: &str) -> (&str, &str) {
+    let s = s.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    let end = s
+        .bytes()
+        .position(|b| b.is_ascii_whitespace())
+        .unwrap_or(s.len());
+    s.split_at(end)
 }
 
-/// An `IMEVENT` line as received: the raw value, parsed on demand by
-/// [`report`](Self::report).
+fn hex_field(s: &str, max_digits: usize) -> Option<u32> {
+    if s.is_empty() || s.len() > max_digits {
+        return None;
+    }
+    s.bytes().try_fold(0u32, |acc, b| {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return None,
+        };
+        Some(acc << 4 | u32::from(d))
+    })
+}
+
+/// An `IMEVENT` line as received.
 ///
-/// A malformed IMEVENT from a device is still surfaced (as an event whose
-/// [`report`](Self::report) is an error) instead of killing the session. Parsing is lazy so
-/// that framing a reply stream stays cheap.
+/// Decoding a reply stream only finds the line; [`report`](Self::report) decodes its fields
+/// on demand (so that a reply stream decodes without work it may not need). A malformed
+/// IMEVENT from a device is still surfaced, as an event whose report is an error, instead of
+/// killing the session.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct StatusEvent<'a> {
     raw: &'a str,
 }
 
 impl<'a> StatusEvent<'a> {
-    /// An event with this text after `IMEVENT=`, for a projector (or an emulator) to send.
-    ///
-    /// The text must stay on one line (no line break or control character). It need not be a
-    /// well-formed report, so that an emulator can inject malformed events; see
-    /// [`report`](Self::report). Build well-formed text with [`StatusReport::write_value`].
-    pub fn new(raw: &'a str) -> Result<Self, ValueError> {
-        crate::vp21::check_line_text("IMEVENT value", raw)?;
-        Ok(StatusEvent::parse_lenient(raw))
-    }
-
-    pub(crate) fn parse_lenient(raw: &'a str) -> Self {
+    /// The event with this value (the text after `IMEVENT=`).
+    pub fn new(raw: &'a str) -> Self {
         StatusEvent { raw }
     }
 

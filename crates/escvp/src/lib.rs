@@ -1,4 +1,6 @@
-//! ESC/VP.net and ESC/VP21: the protocol Epson projectors speak on TCP/UDP 3629.
+#![doc = include_str!("../README.md")]
+//!
+//! # Modules
 //!
 //! - [`net`]: the binary ESC/VP.net messages (HELLO, CONNECT, PASSWORD and their replies).
 //! - [`vp21`]: the ESC/VP21 text that follows CONNECT: commands, replies, framing.
@@ -6,9 +8,9 @@
 //! - [`value`]: typed values (power, source, lamp hours…) and the properties carrying them.
 //! - [`session`]: a sans-IO client session: handshake, one command in flight, replies paired
 //!   with IMEVENT interleaving, timeouts from the ESC/VP21 timing rules.
-//!
-//! The core has no async runtime dependency. Feature `tokio` adds an async client, UDP HELLO
-//! discovery and tokio-util codecs; feature `emulator` adds a projector emulator.
+//! - `client`, `discovery`, `codec` (feature `tokio`): async client, UDP HELLO discovery,
+//!   tokio-util codecs.
+//! - `emulator` (feature `emulator`): an emulated projector fleet with fault injection.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -20,6 +22,12 @@ pub mod value;
 pub mod vp21;
 
 #[cfg(feature = "tokio")]
+pub mod client;
+#[cfg(feature = "tokio")]
 pub mod codec;
+#[cfg(feature = "tokio")]
+pub mod discovery;
+#[cfg(feature = "emulator")]
+pub mod emulator;
 
 pub use error::{DecodeError, InvalidKind, ValueError};

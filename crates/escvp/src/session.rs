@@ -143,6 +143,10 @@ pub enum ConnectError {
     /// No reply within the handshake timeout.
     #[error("no reply to CONNECT in time")]
     TimedOut,
+    /// The projector closed the connection before replying (some projectors close at once
+    /// when another controller holds the session).
+    #[error("the projector closed the connection during the handshake")]
+    Closed,
 }
 
 impl ConnectError {
@@ -378,11 +382,7 @@ impl Session {
     pub fn handle_peer_closed(&mut self) {
         if !matches!(self.state, State::Closed(_)) {
             self.close(match &self.state {
-                State::Handshake { .. } => {
-                    CloseReason::Handshake(ConnectError::Malformed(DecodeError::Incomplete {
-                        needed: 16,
-                    }))
-                }
+                State::Handshake { .. } => CloseReason::Handshake(ConnectError::Closed),
                 _ => CloseReason::PeerClosed,
             });
         }

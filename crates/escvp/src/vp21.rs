@@ -194,7 +194,7 @@ impl OwnedReply {
             OwnedReply::Value { key, value } => Reply::Value { key, value },
             OwnedReply::Lines(raw) => Reply::Lines(Lines { raw }),
             OwnedReply::Err => Reply::Err,
-            OwnedReply::Event(raw) => Reply::Event(StatusEvent::parse_lenient(raw)),
+            OwnedReply::Event(raw) => Reply::Event(StatusEvent::new(raw)),
         }
     }
 }
@@ -670,7 +670,7 @@ fn fast_single_line(buf: &[u8], max_line: usize, max_len: usize) -> Option<(usiz
         line.get(key_end - start + 1..)?,
     );
     let reply = if key == "IMEVENT" {
-        Reply::Event(StatusEvent::parse_lenient(value))
+        Reply::Event(StatusEvent::new(value))
     } else {
         Reply::Value { key, value }
     };
@@ -745,7 +745,7 @@ fn parse_block(block: &[u8]) -> Result<Reply<'_>, DecodeError> {
         return Ok(Reply::Err);
     }
     match text.split_once('=') {
-        Some(("IMEVENT", value)) => Ok(Reply::Event(StatusEvent::parse_lenient(value))),
+        Some(("IMEVENT", value)) => Ok(Reply::Event(StatusEvent::new(value))),
         Some((key, value)) if is_name(key) => Ok(Reply::Value { key, value }),
         _ => Err(DecodeError::invalid(first, InvalidKind::MalformedLine)),
     }
@@ -986,6 +986,8 @@ pub enum OwnedRequest {
     Set(String, String),
     /// A line that is not a command.
     Malformed(Vec<u8>),
+    /// Nothing to answer (see [`RequestLine::Skip`]).
+    Skip,
 }
 
 impl From<RequestLine<'_>> for OwnedRequest {
@@ -995,6 +997,7 @@ impl From<RequestLine<'_>> for OwnedRequest {
             RequestLine::Ok(Request::Query(n)) => OwnedRequest::Query(n.to_owned()),
             RequestLine::Ok(Request::Set(n, p)) => OwnedRequest::Set(n.to_owned(), p.to_owned()),
             RequestLine::Malformed(b) => OwnedRequest::Malformed(b.to_vec()),
+            RequestLine::Skip => OwnedRequest::Skip,
         }
     }
 }
@@ -1003,8 +1006,8 @@ impl From<RequestLine<'_>> for OwnedRequest {
 /// `\r`, `\n` or `\r\n`.
 ///
 /// A `\r\n` split across two reads is still one terminator: the decoder remembers a line that
-/// ended with `\r` and drops a `\n` that starts the next input, so no phantom null command
-/// (and no stray `:` that would desynchronise the client) is produced. Lines are limited to
+/// ended with `\r` and returns a `\n` that starts the next input as [`RequestLine::Skip`]
+/// (answer nothing), not as a null command whose `:` would desynchronise the client. Lines are limited to
 /// [`max_len`](Self::max_len) bytes; command names keep their case (see [`Request::name`]).
 #[derive(Clone, Debug)]
 pub struct RequestDecoder {
@@ -1033,6 +1036,9 @@ pub enum RequestLine<'a> {
     Ok(Request<'a>),
     /// A complete line that is not a command; the projector answers `ERR`.
     Malformed(&'a [u8]),
+    /// Bytes that belong to no command (the `\n` of a `\r\n` that was split across
+    /// reads); consume them and answer nothing.
+    Skip,
 }
 
 impl RequestDecoder {
@@ -1140,7 +1146,9 @@ impl RequestDecoder {
             };
             self.after_cr = false;
             if next == LF {
-                self.skip += 1;
+                let consumed = self.skip + 1;
+                self.skip = 0;
+                return Ok(Some((consumed, RequestLine::Skip)));
             }
         }
         let skip = self.skip.min(input.len());
@@ -1197,12 +1205,11 @@ fn parse_request(line: &[u8]) -> RequestLine<'_> {
     if text.is_empty() {
         return RequestLine::Ok(Request::Null);
     }
-    if let Some(name) = text.strip_suffix('?') {
-        let name = name.trim_end_matches(' ');
-        if is_name(name) {
-            return RequestLine::Ok(Request::Query(name));
-        }
-        // Not `NAME?`: maybe a set whose parameter ends with `?`.
+    // A query is exactly `NAME?`; `NAME ?` is a set whose parameter is `?`.
+    if let Some(name) = text.strip_suffix('?')
+        && is_name(name)
+    {
+        return RequestLine::Ok(Request::Query(name));
     }
     match text.split_once(' ') {
         Some((name, param)) => {
@@ -1401,19 +1408,22 @@ mod tests {
     }
 
     #[test]
-    fn crlf_split_across_reads_is_one_terminator() {
+    fn crlf_split_across_reads_is_one_line() {
         let mut dec = RequestDecoder::new();
         assert_eq!(
             dec.decode(b"PWR?\r").unwrap(),
             Some((5, RequestLine::Ok(Request::Query("PWR"))))
         );
-        // The `\n` of `\r\n` arrives alone: no phantom null command.
-        assert_eq!(dec.decode(b"\n").unwrap(), None);
+        assert_eq!(dec.decode(b"").unwrap(), None);
         assert_eq!(
-            dec.decode(b"\nSNO?\r\n").unwrap(),
-            Some((7, RequestLine::Ok(Request::Query("SNO"))))
+            dec.decode(b"\nSNO?\r").unwrap(),
+            Some((1, RequestLine::Skip))
         );
-        // A bare `\n` that does not follow a `\r` is a null command.
+        assert_eq!(
+            dec.decode(b"SNO?\r\n").unwrap(),
+            Some((6, RequestLine::Ok(Request::Query("SNO"))))
+        );
+        // A bare `\n` that does not follow a `\r` is an empty line (the null command).
         assert_eq!(
             dec.decode(b"\n").unwrap(),
             Some((1, RequestLine::Ok(Request::Null)))
@@ -1461,11 +1471,14 @@ mod tests {
         assert!(Lines::new("R=1\r:G=2\r").is_err());
         assert!(Lines::new("R=1\r").is_err());
         assert!(Lines::new("R=1\rG=2").is_err());
-        let ev = StatusEvent::new("0001 03 00000000 00000000 T1 F1").unwrap();
+        let ev = StatusEvent::new("0001 03 00000000 00000000 T1 F1");
+        assert!(Reply::Event(ev).check().is_ok());
         assert_eq!(
             Reply::Event(ev).to_bytes(),
             b"IMEVENT=0001 03 00000000 00000000 T1 F1\r:".to_vec()
         );
-        assert!(StatusEvent::new("0001\r:").is_err());
+        let injected = Reply::Event(StatusEvent::new("0001\r:PWR=01"));
+        assert!(injected.check().is_err());
+        assert_eq!(injected.to_bytes(), b"IMEVENT=0001 :PWR=01\r:".to_vec());
     }
 }

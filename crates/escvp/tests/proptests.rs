@@ -5,8 +5,8 @@
 use escvp::event::{Alarms, ImStatus, StatusReport, Warnings};
 use escvp::net::{ExtHeader, HeaderId, Info, Message, MessageType, Password, Status, Version};
 use escvp::value::{
-    AspectMode, ColorMode, ErrorCode, KeyCode, LampHours, LuminanceMode, MuteScreen, Number,
-    OnOff, PowerCode, PowerStatus, SignalState, SourceCode, SourceList, WireValue,
+    AspectMode, ColorMode, ErrorCode, KeyCode, LampHours, LuminanceMode, MuteScreen, Number, OnOff,
+    PowerCode, PowerStatus, SignalState, SourceCode, SourceList, WireValue,
 };
 use escvp::vp21::{
     Command, Lines, OwnedReply, Reply, ReplyDecoder, RequestDecoder, RequestLine, decode_request,
@@ -86,15 +86,18 @@ fn request_line() -> impl Strategy<Value = (Vec<u8>, Command)> {
     let cmd = prop_oneof![
         Just(Command::Null),
         "[A-Z][A-Z0-9]{0,11}".prop_map(|n| Command::query(&n).expect("valid name")),
-        ("[A-Z][A-Z0-9]{0,11}", "[!-9;-~][ -9;-~]{0,20}[!-9;-~]").prop_map(|(n, p)| {
-            Command::set(&n, &p).expect("valid name and parameter")
-        }),
+        ("[A-Z][A-Z0-9]{0,11}", "[!-9;-~][ -9;-~]{0,20}[!-9;-~]")
+            .prop_map(|(n, p)| { Command::set(&n, &p).expect("valid name and parameter") }),
     ];
     (cmd, line_break()).prop_map(|(cmd, lb)| {
         // A null command ended by a lone `\n` right after a line ended by `\r` would read as
         // one `\r\n`: that is the protocol's ambiguity, not the decoder's, so null commands
         // here end with `\r` or `\r\n`.
-        let lb = if cmd == Command::Null && lb == "\n" { "\r" } else { lb };
+        let lb = if cmd == Command::Null && lb == "\n" {
+            "\r"
+        } else {
+            lb
+        };
         let mut bytes = cmd.to_bytes();
         bytes.pop();
         bytes.extend_from_slice(lb.as_bytes());
@@ -157,7 +160,10 @@ fn decode_requests(stream: &[u8], points: &[usize]) -> Vec<String> {
         loop {
             match dec.decode(&buf) {
                 Ok(Some((n, r))) => {
-                    out.push(format!("{r:?}"));
+                    // `Skip`: the `\n` of a `\r\n` split across reads, nothing to answer.
+                    if r != RequestLine::Skip {
+                        out.push(format!("{r:?}"));
+                    }
                     buf.drain(..n);
                 }
                 Ok(None) => break,
@@ -491,7 +497,8 @@ proptest! {
         };
         prop_assert_eq!(back, Ok(report));
         if with_code {
-            let ev = StatusEvent::new(&text).expect("one line");
+            let ev = StatusEvent::new(&text);
+            prop_assert!(Reply::Event(ev).check().is_ok());
             let bytes = Reply::Event(ev).to_bytes();
             let (_, decoded) = Reply::decode(&bytes).expect("decodes");
             let Reply::Event(ev2) = decoded else {

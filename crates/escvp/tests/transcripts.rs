@@ -1,4 +1,4 @@
-//! Session transcripts (`tests/fixtures/*.txt`) replayed through the decoders.
+//! Session transcripts (`tests/fixtures/wire/*.txt`) replayed through the decoders.
 //!
 //! Fixture format, one item per line (`#` starts a comment):
 //! - `C: bytes` / `S: bytes`: what the client / the projector sends, with the escapes `\r`,
@@ -87,7 +87,8 @@ fn parse(text: &str) -> Transcript {
 }
 
 fn render_message(m: &Message) -> String {
-    let name = |o: Option<&'static str>, b: u8| o.map_or_else(|| format!("0x{b:02X}"), String::from);
+    let name =
+        |o: Option<&'static str>, b: u8| o.map_or_else(|| format!("0x{b:02X}"), String::from);
     let mut s = format!(
         "{} {} v{:02X} headers={}",
         name(m.kind().name(), m.kind().get()),
@@ -110,7 +111,11 @@ fn messages(mut bytes: &[u8]) -> Vec<String> {
     let mut out = Vec::new();
     while !bytes.is_empty() {
         let (rest, m) = Message::decode(bytes).expect("a whole ESC/VP.net message");
-        assert_eq!(m.to_bytes(), &bytes[..bytes.len() - rest.len()], "re-encodes");
+        assert_eq!(
+            m.to_bytes(),
+            &bytes[..bytes.len() - rest.len()],
+            "re-encodes"
+        );
         out.push(render_message(&m));
         bytes = rest;
     }
@@ -145,6 +150,7 @@ fn render_request(r: &RequestLine<'_>) -> String {
         RequestLine::Ok(Request::Query(n)) => format!("query {n}"),
         RequestLine::Ok(Request::Set(n, p)) => format!("set {n} {p}"),
         RequestLine::Malformed(b) => format!("malformed {}", String::from_utf8_lossy(b)),
+        RequestLine::Skip => "skip".into(),
     }
 }
 
@@ -169,8 +175,16 @@ where
 
 fn replay(path: &Path) {
     let t = parse(&fs::read_to_string(path).expect("fixture readable"));
-    assert_eq!(messages(&t.client_net), t.expect_client_msgs, "{path:?} client messages");
-    assert_eq!(messages(&t.server_net), t.expect_server_msgs, "{path:?} projector messages");
+    assert_eq!(
+        messages(&t.client_net),
+        t.expect_client_msgs,
+        "{path:?} client messages"
+    );
+    assert_eq!(
+        messages(&t.server_net),
+        t.expect_server_msgs,
+        "{path:?} projector messages"
+    );
     for chunk in [usize::MAX, 1, 2, 3, 5, 7, 16] {
         let mut replies = ReplyDecoder::new();
         let got = feed(&t.server_text, chunk, |buf| {
@@ -179,17 +193,24 @@ fn replay(path: &Path) {
         });
         assert_eq!(got, t.expect_replies, "{path:?} replies, chunks of {chunk}");
         let mut requests = RequestDecoder::new();
-        let got = feed(&t.client_text, chunk, |buf| {
+        let got: Vec<String> = feed(&t.client_text, chunk, |buf| {
             let (n, r) = requests.decode(buf).expect("valid requests")?;
             Some((n, render_request(&r)))
-        });
-        assert_eq!(got, t.expect_requests, "{path:?} requests, chunks of {chunk}");
+        })
+        .into_iter()
+        // The `\n` of a `\r\n` split across reads: consumed, nothing to answer.
+        .filter(|r| r != "skip")
+        .collect();
+        assert_eq!(
+            got, t.expect_requests,
+            "{path:?} requests, chunks of {chunk}"
+        );
     }
 }
 
 #[test]
 fn every_fixture_replays() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wire");
     let mut paths: Vec<_> = fs::read_dir(&dir)
         .expect("fixtures dir")
         .map(|e| e.expect("dir entry").path())
