@@ -479,6 +479,10 @@ impl ReplyDecoder {
     /// through, not refused, so that no data is lost. After an error call
     /// [`recover`](Self::recover) and drop that many bytes; a session may also choose to drop
     /// the connection instead.
+    ///
+    /// Memory stays bounded: `Ok(None)` is returned only while the unconsumed bytes are
+    /// shorter than `max_len`, except right after a recovery, when the tail of the bad reply
+    /// that arrived in the same read is consumed together with the next reply.
     pub fn decode<'a>(
         &mut self,
         input: &'a [u8],
