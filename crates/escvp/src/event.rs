@@ -178,6 +178,9 @@ impl<'a> StatusReport<'a> {
     }
 
     fn parse(value: &'a str, with_code: bool) -> Result<Self, ValueError> {
+        if let Some(report) = Self::parse_canonical(value, with_code) {
+            return Ok(report);
+        }
         let what = if with_code { "IMEVENT" } else { "PWSTATUS" };
         let bad = || ValueError::parse(what, value, "hex fields: [code] status warnings alarms");
         let mut rest = value;
@@ -201,6 +204,41 @@ impl<'a> StatusReport<'a> {
             status,
             warnings,
             alarms,
+            extra,
+        })
+    }
+
+    /// The layout every projector sends (`CCCC SS WWWWWWWW AAAAAAAA[ extra]`), read by
+    /// position; `None` for anything else, which the general parser then handles (and
+    /// decides the same for this layout).
+    #[inline]
+    fn parse_canonical(value: &'a str, with_code: bool) -> Option<Self> {
+        let b = value.as_bytes();
+        let (event_code, at) = if with_code {
+            let code = hex_digits(b.get(..4)?)?;
+            (*b.get(4)? == b' ').then_some((Some(code as u16), 5))?
+        } else {
+            (None, 0)
+        };
+        let status = hex_digits(b.get(at..at + 2)?)?;
+        let warnings = hex_digits(b.get(at + 3..at + 11)?)?;
+        let alarms = hex_digits(b.get(at + 12..at + 20)?)?;
+        if *b.get(at + 2)? != b' ' || *b.get(at + 11)? != b' ' {
+            return None;
+        }
+        let end = at + 20;
+        let extra = match b.get(end) {
+            None => "",
+            Some(c) if c.is_ascii_whitespace() => value
+                .get(end..)?
+                .trim_matches(|c: char| c.is_ascii_whitespace()),
+            Some(_) => return None,
+        };
+        Some(StatusReport {
+            event_code,
+            status: ImStatus(status as u8),
+            warnings: Warnings(warnings),
+            alarms: Alarms(alarms),
             extra,
         })
     }
@@ -232,11 +270,10 @@ fn split_field(s: &str) -> (&str, &str) {
     s.split_at(end)
 }
 
-fn hex_field(s: &str, max_digits: usize) -> Option<u32> {
-    if s.is_empty() || s.len() > max_digits {
-        return None;
-    }
-    s.bytes().try_fold(0u32, |acc, b| {
+/// The value of 1 to 8 hex digits.
+#[inline]
+fn hex_digits(digits: &[u8]) -> Option<u32> {
+    digits.iter().try_fold(0u32, |acc, &b| {
         let d = match b {
             b'0'..=b'9' => b - b'0',
             b'a'..=b'f' => b - b'a' + 10,
@@ -245,6 +282,13 @@ fn hex_field(s: &str, max_digits: usize) -> Option<u32> {
         };
         Some(acc << 4 | u32::from(d))
     })
+}
+
+fn hex_field(s: &str, max_digits: usize) -> Option<u32> {
+    if s.is_empty() || s.len() > max_digits {
+        return None;
+    }
+    hex_digits(s.as_bytes())
 }
 
 /// An `IMEVENT` line as received.

@@ -483,7 +483,25 @@ impl ReplyDecoder {
     /// Memory stays bounded: `Ok(None)` is returned only while the unconsumed bytes are
     /// shorter than `max_len`, except right after a recovery, when the tail of the bad reply
     /// that arrived in the same read is consumed together with the next reply.
+    #[inline]
     pub fn decode<'a>(
+        &mut self,
+        input: &'a [u8],
+    ) -> Result<Option<(usize, Reply<'a>)>, DecodeError> {
+        // The common case (a fresh reply, complete in `input`, one line or an ack) is small
+        // enough to inline into the caller; everything else is out of line.
+        if self.scanned == 0
+            && self.skip == 0
+            && self.recovery == Recovery::None
+            && let Some(found) = fast_single_line(input, self.max_line, self.max_len)
+        {
+            return Ok(Some(found));
+        }
+        self.decode_general(input)
+    }
+
+    #[inline(never)]
+    fn decode_general<'a>(
         &mut self,
         input: &'a [u8],
     ) -> Result<Option<(usize, Reply<'a>)>, DecodeError> {
