@@ -98,8 +98,8 @@ open_code! {
     Version {
         /// Version 1.0, the one every documented client and projector uses.
         V1_0 = 0x10 => "V1_0",
-        /// Version 2.0 (hashed passwords; reverse-engineered, not supported by this crate's
-        /// session, which answers it with [`SessionError`](crate::session::SessionError)).
+        /// Version 2.0 (hashed passwords; reverse-engineered, unverified). The codec decodes
+        /// any version byte and reports it; this crate's session accepts only 1.0 replies.
         V2_0 = 0x20 => "V2_0",
     }
 }
