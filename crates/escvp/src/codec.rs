@@ -6,7 +6,10 @@
 //! - [`MessageCodec`]: ESC/VP.net binary messages (HELLO, CONNECT, PASSWORD).
 //!
 //! Every decoder returns `Ok(None)` when it needs more bytes and enforces a maximum length.
-//! Errors are [`CodecError`]: malformed bytes and I/O are kept apart.
+//! Errors are [`CodecError`]: malformed bytes and I/O are kept apart. After a decode error
+//! the ESC/VP21 codecs have already dropped the bad bytes (see [`ReplyDecoder::recover`]), so
+//! a caller that goes on decoding resumes with the next reply or line; `FramedRead` itself
+//! ends the stream at the first error.
 
 use bytes::{Buf, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
@@ -40,6 +43,14 @@ impl ReplyCodec {
             decoder: ReplyDecoder::with_max_len(max_len),
         }
     }
+
+    /// A codec refusing lines longer than `max_line` bytes and replies longer than
+    /// `max_len` bytes (see [`ReplyDecoder::with_limits`]).
+    pub fn with_limits(max_line: usize, max_len: usize) -> Self {
+        ReplyCodec {
+            decoder: ReplyDecoder::with_limits(max_line, max_len),
+        }
+    }
 }
 
 impl Decoder for ReplyCodec {
@@ -47,12 +58,17 @@ impl Decoder for ReplyCodec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<OwnedReply>, CodecError> {
-        match self.decoder.decode(src)? {
-            None => Ok(None),
-            Some((n, reply)) => {
+        match self.decoder.decode(src) {
+            Ok(None) => Ok(None),
+            Ok(Some((n, reply))) => {
                 let owned = OwnedReply::from(reply);
                 src.advance(n);
                 Ok(Some(owned))
+            }
+            Err(e) => {
+                let n = self.decoder.recover(src);
+                src.advance(n);
+                Err(e.into())
             }
         }
     }
@@ -96,12 +112,17 @@ impl Decoder for RequestCodec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<OwnedRequest>, CodecError> {
-        match self.decoder.decode(src)? {
-            None => Ok(None),
-            Some((n, line)) => {
+        match self.decoder.decode(src) {
+            Ok(None) => Ok(None),
+            Ok(Some((n, line))) => {
                 let owned = OwnedRequest::from(line);
                 src.advance(n);
                 Ok(Some(owned))
+            }
+            Err(e) => {
+                let n = self.decoder.recover(src);
+                src.advance(n);
+                Err(e.into())
             }
         }
     }
@@ -202,5 +223,27 @@ mod tests {
             Some(crate::net::Status::OK)
         );
         assert_eq!(&buf[..], b"rest");
+    }
+
+    #[test]
+    fn codecs_resume_after_an_error() {
+        let mut c = ReplyCodec::with_limits(8, 64);
+        let mut buf = BytesMut::from(&b"LONGVALUE=0123456789\r:ERR\r:"[..]);
+        assert!(matches!(
+            c.decode(&mut buf),
+            Err(CodecError::Decode(DecodeError::Invalid { .. }))
+        ));
+        assert_eq!(c.decode(&mut buf).unwrap(), Some(OwnedReply::Err));
+        assert!(buf.is_empty());
+
+        let mut c = RequestCodec::with_max_len(8);
+        let mut buf = BytesMut::from(&b"PWR ONONONON"[..]);
+        assert!(c.decode(&mut buf).is_err());
+        assert!(buf.is_empty(), "the start of the over-long line is dropped");
+        buf.extend_from_slice(b"ON\r\nPWR?\r");
+        assert_eq!(
+            c.decode(&mut buf).unwrap(),
+            Some(OwnedRequest::Query("PWR".into()))
+        );
     }
 }

@@ -56,8 +56,6 @@ pub enum InvalidKind {
         /// The maximum, in bytes (line break excluded).
         max: usize,
     },
-    /// A byte that may not appear here (control character, non-ASCII, NUL).
-    UnexpectedByte(u8),
     /// A line that should be `KEY=VALUE` has no key, or a malformed command name.
     MalformedLine,
     /// The text is not valid UTF-8.
@@ -72,7 +70,6 @@ impl fmt::Display for InvalidKind {
             InvalidKind::LineTooLong { max } => {
                 write!(f, "line longer than the maximum of {max} bytes")
             }
-            InvalidKind::UnexpectedByte(b) => write!(f, "unexpected byte 0x{b:02X}"),
             InvalidKind::MalformedLine => f.write_str("malformed line"),
             InvalidKind::NotUtf8 => f.write_str("not valid UTF-8"),
         }
