@@ -306,7 +306,7 @@ fn put_line_text(out: &mut impl BufMut, text: &str) {
 }
 
 /// Checks text that must stay on one line of a reply.
-pub(crate) fn check_line_text(what: &'static str, text: &str) -> Result<(), ValueError> {
+fn check_line_text(what: &'static str, text: &str) -> Result<(), ValueError> {
     match text.bytes().find(|&b| is_line_break(b) || is_forbidden(b)) {
         Some(b) => Err(ValueError::BadChar {
             what,
@@ -565,11 +565,6 @@ impl ReplyDecoder {
         &mut self,
         buf: &'a [u8],
     ) -> Result<Option<(usize, Reply<'a>)>, DecodeError> {
-        if self.scanned == 0
-            && let Some((n, reply)) = fast_single_line(buf, self.max_line, self.max_len)
-        {
-            return Ok(Some((n, reply)));
-        }
         // A colon at index `max_len` or later would make the reply too long.
         let limit = buf.len().min(self.max_len);
         let mut pos = self.scanned.min(limit);
