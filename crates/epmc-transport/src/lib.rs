@@ -1,3 +1,149 @@
-//! Transport for EPMC-rs: how agent telemetry reaches the server.
+//! Transport for EPMC-rs: how agent telemetry reaches the server, and orders reach the agent.
+//!
+//! - Object-safe async traits ([`Uplink`], [`OrderSource`], [`ProjectorLink`]) so the agent's
+//!   logic runs unchanged over MQTT/TLS in production and over [`memory`] transports in tests.
+//! - [`outbox`]: the durable store-and-forward queue: written and synced before publishing,
+//!   removed only after the server's acknowledgement, replayed in order after a crash.
+//! - [`mqtt`]: the MQTT 3.1.1 packet codec (sans-IO).
+//!
+//! Payloads are opaque bytes here (the JSON contract lives in `epmc-proto`), and projector
+//! commands are raw ESC/VP21 text (the agent adapts the `escvp` client to [`ProjectorLink`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod client;
+pub mod memory;
+pub mod mqtt;
+pub mod outbox;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// A 16-byte message id (the envelope's UUID), used for idempotent delivery.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId([u8; 16]);
+
+impl MessageId {
+    /// From the 16 bytes of a UUID.
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+        MessageId(bytes)
+    }
+
+    /// The bytes.
+    pub const fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How much a message matters when the outbox is full (see [`outbox`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Priority {
+    /// Periodic snapshots and collections: dropped first.
+    Routine,
+    /// Status-change events, alerts, exception logs.
+    Event,
+    /// Order results: never dropped.
+    Critical,
+}
+
+/// A message for the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboundMessage {
+    /// The envelope id.
+    pub id: MessageId,
+    /// The MQTT topic.
+    pub topic: String,
+    /// The payload (JSON).
+    pub payload: Bytes,
+    /// Its priority class.
+    pub priority: Priority,
+}
+
+/// A message from the server (an order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboundMessage {
+    /// The MQTT topic.
+    pub topic: String,
+    /// The payload (JSON).
+    pub payload: Bytes,
+}
+
+/// Transport errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// Not connected now; try again later (the outbox keeps the message).
+    #[error("not connected")]
+    Unavailable,
+    /// The connection closed while waiting.
+    #[error("connection closed")]
+    Closed,
+    /// The peer refused (e.g. MQTT CONNACK refusal, ACL).
+    #[error("refused by the peer: {0}")]
+    Refused(String),
+    /// No answer in time.
+    #[error("timed out after {0:?}")]
+    TimedOut(Duration),
+    /// The caller passed something invalid (e.g. a topic with wildcards).
+    #[error("bad input: {0}")]
+    BadInput(String),
+    /// I/O failure.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Publishes messages to the server.
+#[async_trait]
+pub trait Uplink: Send + Sync {
+    /// Publishes one message and returns once the server acknowledged it (QoS 1 PUBACK).
+    async fn publish(&self, message: &OutboundMessage) -> Result<(), TransportError>;
+    /// Whether the uplink is connected now.
+    fn is_connected(&self) -> bool;
+}
+
+/// Receives orders from the server.
+#[async_trait]
+pub trait OrderSource: Send + Sync {
+    /// The next order; waits until one arrives or the source closes.
+    async fn next_order(&self) -> Result<InboundMessage, TransportError>;
+}
+
+/// Errors talking to a projector.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The projector answered `ERR`.
+    #[error("the projector refused the command")]
+    Refused,
+    /// No answer in time.
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
+    /// The projector cannot be reached (connection refused, handshake refused, closed).
+    #[error("projector unreachable: {0}")]
+    Unreachable(String),
+    /// The command text is not a valid ESC/VP21 command.
+    #[error("bad command: {0}")]
+    BadCommand(String),
+}
+
+/// What the agent uses to talk to one projector, in raw ESC/VP21 text.
+#[async_trait]
+pub trait ProjectorLink: Send + Sync {
+    /// Runs a command such as `PWR?` or `PWR ON` and returns the value of a query (`"01"`) or
+    /// an empty string for an acknowledged set.
+    async fn execute(&self, command: &str, timeout: Duration) -> Result<String, LinkError>;
+    /// The next unsolicited event line value (the text after `IMEVENT=`).
+    async fn next_event(&self) -> Result<String, LinkError>;
+}

@@ -1,0 +1,164 @@
+//! Orders (server → agent) and their results (agent → server).
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::bounded::{BoundedString, HexCode, Timestamp};
+use crate::model::{DeviceId, Name, Text};
+
+/// Settings an order may change: the allow-list. Anything else cannot be expressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SettingName {
+    /// Projector name (1-16 printable ASCII characters).
+    ProjectorName,
+    /// Colour mode (`CMODE`), two hex digits.
+    ColorMode,
+    /// Luminance mode (`LUMINANCE`), two hex digits.
+    LuminanceMode,
+    /// Constant-luminance level (`LUMLEVEL`), 0-255.
+    LuminanceConstantLevel,
+    /// Volume (`VOL`), 0-255.
+    Volume,
+    /// A/V mute screen (`MSEL`), two hex digits.
+    MuteScreen,
+}
+
+impl SettingName {
+    /// Checks that `value` is valid for this setting.
+    pub fn validate(self, value: &str) -> Result<(), &'static str> {
+        let hex2 = |v: &str| v.len() == 2 && v.bytes().all(|b| b.is_ascii_hexdigit());
+        let byte = |v: &str| v.parse::<u8>().is_ok();
+        let ok = match self {
+            SettingName::ProjectorName => {
+                !value.is_empty()
+                    && value.len() <= 16
+                    && value.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+            }
+            SettingName::ColorMode | SettingName::LuminanceMode | SettingName::MuteScreen => {
+                hex2(value)
+            }
+            SettingName::LuminanceConstantLevel | SettingName::Volume => byte(value),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(match self {
+                SettingName::ProjectorName => "a name of 1-16 printable ASCII characters",
+                SettingName::ColorMode | SettingName::LuminanceMode | SettingName::MuteScreen => {
+                    "two hex digits"
+                }
+                SettingName::LuminanceConstantLevel | SettingName::Volume => {
+                    "an integer from 0 to 255"
+                }
+            })
+        }
+    }
+}
+
+/// What an order asks the agent to do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum OrderAction {
+    /// Collect everything from the device now.
+    CollectNow,
+    /// `PWR ON`.
+    PowerOn,
+    /// `PWR OFF`.
+    PowerOff,
+    /// A/V mute on or off.
+    AvMute {
+        /// `true` to mute.
+        on: bool,
+    },
+    /// Change the input.
+    SourceChange {
+        /// `SOURCE` code.
+        source: HexCode,
+    },
+    /// Change a setting from the allow-list (partner-only on the server side).
+    ChangeSetting {
+        /// Which setting.
+        name: SettingName,
+        /// The new value, validated per setting on decode.
+        value: BoundedString<16>,
+    },
+    /// Check for an agent update.
+    CheckAgentUpdate,
+}
+
+/// `order`: an order for one device (or, for `check_agent_update`, for the agent).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Order {
+    /// Identifies the order; results refer to it.
+    pub order_id: Uuid,
+    /// The device; absent for agent-wide orders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<DeviceId>,
+    /// The action.
+    #[serde(flatten)]
+    pub action: OrderAction,
+    /// Who issued it (a user reference for the audit trail).
+    pub issued_by: Name,
+    /// Do not execute after this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Timestamp>,
+}
+
+/// Why an order failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    /// The projector answered `ERR` (or refused the connection).
+    DeviceRefused,
+    /// The projector could not be reached.
+    DeviceUnreachable,
+    /// No answer in time.
+    TimedOut,
+    /// The agent does not allow it (unknown device, expired order, invalid setting).
+    NotPermitted,
+}
+
+/// The state an order reached.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum OrderOutcome {
+    /// Received and queued.
+    Accepted,
+    /// Executed successfully.
+    Done,
+    /// Failed.
+    Failed {
+        /// Why.
+        reason: FailureReason,
+        /// Details for humans.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<Text>,
+    },
+}
+
+/// `order_result`: what became of an order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct OrderResult {
+    /// The order.
+    pub order_id: Uuid,
+    /// When this state was reached.
+    pub at: Timestamp,
+    /// The state.
+    #[serde(flatten)]
+    pub outcome: OrderOutcome,
+    /// The projector's own reply, where there was one (e.g. `ERR`, `PWR=01`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_reply: Option<BoundedString<200>>,
+}
+
+impl Order {
+    /// Checks what the types cannot: the setting value fits its setting.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        match &self.action {
+            OrderAction::ChangeSetting { name, value } => name.validate(value.as_str()),
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The MQTT/TLS client against a real Mosquitto with client certificates.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use epmc_transport::client::{MqttClient, MqttError, MqttUplink, TlsIdentity};
+use epmc_transport::mqtt::{QoS, TopicName, Will};
+use epmc_transport::outbox::{Limits, Outbox};
+use epmc_transport::{MessageId, OutboundMessage, Priority, Uplink};
+use support::{Broker, Ca, Proxy};
+
+const A: &str = "6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f";
+const B: &str = "0b9e8d7c-6b5a-4f3e-8d2c-1b0a9f8e7d6c";
+const BOUND: Duration = Duration::from_secs(15);
+
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(BOUND, f)
+        .await
+        .expect("within the bound")
+}
+
+fn t(agent: &str, channel: &str) -> String {
+    format!("epmc/v1/agents/{agent}/{channel}")
+}
+
+#[tokio::test]
+async fn publish_subscribe_round_trip_over_mtls() {
+    let broker = Broker::start();
+    let id = broker.ca.identity(A);
+    let (c, _, mut incoming) = within(MqttClient::connect(&broker.options(A), &id))
+        .await
+        .unwrap();
+    let granted = within(c.subscribe(&[(&t(A, "orders"), QoS::AtLeastOnce)]))
+        .await
+        .unwrap();
+    assert_eq!(granted, vec![Some(QoS::AtLeastOnce)]);
+    within(c.publish(
+        &t(A, "orders"),
+        Bytes::from_static(b"hello"),
+        QoS::AtLeastOnce,
+        false,
+    ))
+    .await
+    .unwrap();
+    let got = within(incoming.recv()).await.unwrap();
+    assert_eq!(got.topic, t(A, "orders"));
+    assert_eq!(&got.payload[..], b"hello");
+}
+
+#[tokio::test]
+async fn refused_without_a_valid_certificate_or_name() {
+    let broker = Broker::start();
+    // A certificate from a foreign CA: the broker refuses the handshake.
+    let foreign = Ca::new("Foreign CA");
+    let (cert, key) = foreign.client(A);
+    let bad =
+        TlsIdentity::from_pem(broker.ca.pem.as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap();
+    let err = within(MqttClient::connect(&broker.options(A), &bad))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, MqttError::Io(_) | MqttError::Closed),
+        "{err:?}"
+    );
+    // Pinning the wrong CA: our side refuses the server.
+    let (cert, key) = broker.ca.client(A);
+    let wrong_ca =
+        TlsIdentity::from_pem(foreign.pem.as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap();
+    let err = within(MqttClient::connect(&broker.options(A), &wrong_ca))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MqttError::Io(_)), "{err:?}");
+    // A server name the certificate does not carry.
+    let mut opts = broker.options(A);
+    opts.server_name = "broker.example".into();
+    let err = within(MqttClient::connect(&opts, &broker.ca.identity(A)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MqttError::Io(_)), "{err:?}");
+    // Without a client certificate the broker ends the handshake: a raw TLS client with no
+    // certificate cannot complete a CONNECT.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::pem::PemObject::pem_slice_iter(broker.ca.pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let outcome = within(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = connector
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await?;
+        let connect = epmc_transport::mqtt::Packet::Connect(epmc_transport::mqtt::Connect {
+            client_id: A.into(),
+            clean_session: true,
+            keep_alive: 30,
+            will: None,
+            username: None,
+            password: None,
+        });
+        s.write_all(&connect.to_bytes().unwrap()).await?;
+        let mut b = [0u8; 4];
+        let n = s.read(&mut b).await?;
+        Ok::<usize, std::io::Error>(n)
+    })
+    .await;
+    assert!(
+        matches!(outcome, Err(_) | Ok(0)),
+        "no CONNACK without a certificate: {outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn publishing_outside_the_own_prefix_is_not_delivered() {
+    let broker = Broker::start();
+    let (b, _, mut b_in) = within(MqttClient::connect(
+        &broker.options(B),
+        &broker.ca.identity(B),
+    ))
+    .await
+    .unwrap();
+    within(b.subscribe(&[(&t(B, "#"), QoS::AtLeastOnce)]))
+        .await
+        .unwrap();
+    let (a, _, _a_in) = within(MqttClient::connect(
+        &broker.options(A),
+        &broker.ca.identity(A),
+    ))
+    .await
+    .unwrap();
+    // A publishes into B's prefix: Mosquitto PUBACKs but drops it, so check B's subscriber.
+    within(a.publish(
+        &t(B, "orders"),
+        Bytes::from_static(b"forged"),
+        QoS::AtLeastOnce,
+        false,
+    ))
+    .await
+    .unwrap();
+    // B publishes to itself: delivered, and it is the first thing B sees.
+    within(b.publish(
+        &t(B, "telemetry"),
+        Bytes::from_static(b"own"),
+        QoS::AtLeastOnce,
+        false,
+    ))
+    .await
+    .unwrap();
+    let first = within(b_in.recv()).await.unwrap();
+    assert_eq!(
+        &first.payload[..],
+        b"own",
+        "the forged publish must not arrive"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), b_in.recv())
+            .await
+            .is_err(),
+        "nothing else arrives"
+    );
+}
+
+#[tokio::test]
+async fn last_will_and_persistent_session() {
+    let broker = Broker::start();
+    // The server side (standing in for epmc-server) watches the agent's state topic and
+    // sends it an order; it uses the agent's identity because of the per-agent ACL.
+    let mut server_opts = broker.options(&format!("{A}-server"));
+    server_opts.clean_session = true;
+    let (server, _, mut server_in) =
+        within(MqttClient::connect(&server_opts, &broker.ca.identity(A)))
+            .await
+            .unwrap();
+    within(server.subscribe(&[(&t(A, "state"), QoS::AtLeastOnce)]))
+        .await
+        .unwrap();
+
+    let proxy = Proxy::start(broker.addr).await;
+    let mut opts = broker.options(A);
+    opts.addr = proxy.addr;
+    opts.will = Some(Will {
+        topic: TopicName::new(t(A, "state")).unwrap(),
+        payload: Bytes::from_static(b"offline"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+    });
+    // The agent subscribes to its orders with a persistent session, then goes away cleanly.
+    let (agent, _, _) = within(MqttClient::connect(&opts, &broker.ca.identity(A)))
+        .await
+        .unwrap();
+    within(agent.subscribe(&[(&t(A, "orders"), QoS::AtLeastOnce)]))
+        .await
+        .unwrap();
+    drop(agent); // DISCONNECT: no will
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // An order is published while the agent is offline.
+    within(server.publish(
+        &t(A, "orders"),
+        Bytes::from_static(b"order-1"),
+        QoS::AtLeastOnce,
+        false,
+    ))
+    .await
+    .unwrap();
+    // The agent comes back: the session is resumed and the queued order arrives.
+    let (agent, session_present, mut agent_in) =
+        within(MqttClient::connect(&opts, &broker.ca.identity(A)))
+            .await
+            .unwrap();
+    assert!(session_present);
+    let got = within(agent_in.recv()).await.unwrap();
+    assert_eq!(&got.payload[..], b"order-1");
+    // Now the agent's connection dies without DISCONNECT: the broker publishes the will.
+    proxy.cut();
+    let will = within(server_in.recv()).await.unwrap();
+    assert_eq!(will.topic, t(A, "state"));
+    assert_eq!(&will.payload[..], b"offline");
+    // And the client notices the dead connection.
+    let err = within(agent.publish(&t(A, "events"), Bytes::new(), QoS::AtLeastOnce, false)).await;
+    assert!(err.is_err());
+}
+
+/// Collects every payload published on `topic`, reconnecting its persistent session after
+/// broker restarts, until `want` distinct payloads arrived or the bound expires.
+async fn collect(
+    broker_addr: std::net::SocketAddr,
+    id: TlsIdentity,
+    topic: String,
+    want: usize,
+) -> Vec<u8> {
+    let mut opts =
+        epmc_transport::client::MqttOptions::new(broker_addr, "localhost", &format!("{A}-watch"));
+    opts.clean_session = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut got: Vec<u8> = Vec::new();
+    while got.len() < want && tokio::time::Instant::now() < deadline {
+        let Ok((c, _, mut rx)) = MqttClient::connect(&opts, &id).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if c.subscribe(&[(&topic, QoS::AtLeastOnce)]).await.is_err() {
+            continue;
+        }
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            // De-duplicate by id (here the payload byte is the id).
+            if !got.contains(&m.payload[0]) {
+                got.push(m.payload[0]);
+            }
+            if got.len() == want {
+                break;
+            }
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn outbox_drains_across_a_broker_restart_without_loss() {
+    let mut broker = Broker::start();
+    let watcher = tokio::spawn(collect(
+        broker.addr,
+        broker.ca.identity(A),
+        t(A, "telemetry"),
+        60,
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the watcher subscribe
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = Outbox::open(dir.path(), Limits::default()).unwrap();
+    for n in 0..60u8 {
+        outbox
+            .push(OutboundMessage {
+                id: MessageId::from_bytes([n; 16]),
+                topic: t(A, "telemetry"),
+                payload: Bytes::from(vec![n]),
+                priority: Priority::Routine,
+            })
+            .unwrap();
+    }
+    let uplink = MqttUplink::new(broker.options(A), broker.ca.identity(A));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut restarted = false;
+    while let Some(next) = outbox.batch(0, 1).pop() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "outbox did not drain"
+        );
+        match uplink.publish(&next.message).await {
+            Ok(()) => {
+                outbox.ack(next.seq).unwrap();
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+        if !restarted && outbox.stats().messages == 30 {
+            broker.restart();
+            restarted = true;
+        }
+    }
+    assert!(restarted);
+    let got = within(async { watcher.await.unwrap() }).await;
+    assert_eq!(
+        got,
+        (0..60).collect::<Vec<u8>>(),
+        "every message once after de-duplication, in order"
+    );
+}

@@ -1,0 +1,215 @@
+//! A real Mosquitto for tests: a private CA, a server certificate for localhost/127.0.0.1,
+//! agent certificates (CN = agent id), a foreign CA, and a broker on a free loopback port
+//! with a TLS listener that requires client certificates, takes the certificate CN as the
+//! user name and limits each agent to `epmc/v1/agents/<its id>/#`.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use epmc_transport::client::{MqttOptions, TlsIdentity};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+};
+
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pub pem: String,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Ca {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// `(certificate PEM, key PEM)` for a server with these names.
+    pub fn server(&self, names: &[&str]) -> (String, String) {
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// `(certificate PEM, key PEM)` for an agent whose CN is `cn`.
+    pub fn client(&self, cn: &str) -> (String, String) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    pub fn identity(&self, cn: &str) -> TlsIdentity {
+        let (cert, key) = self.client(cn);
+        TlsIdentity::from_pem(self.pem.as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap()
+    }
+}
+
+pub struct Broker {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub ca: Ca,
+    config: PathBuf,
+}
+
+fn mosquitto() -> PathBuf {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    panic!("mosquitto is not installed: run scripts/setup (it installs the Debian package)");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new("EPMC Test CA");
+        let (cert, key) = ca.server(&["localhost", "127.0.0.1"]);
+        let d = dir.path();
+        std::fs::write(d.join("ca.crt"), &ca.pem).unwrap();
+        std::fs::write(d.join("server.crt"), cert).unwrap();
+        std::fs::write(d.join("server.key"), key).unwrap();
+        std::fs::write(
+            d.join("acl"),
+            "# the certificate CN is the user name\npattern readwrite epmc/v1/agents/%u/#\n",
+        )
+        .unwrap();
+        let port = free_port();
+        let config = d.join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "per_listener_settings false\nallow_anonymous false\npersistence true\n\
+                 persistence_location {dir}/\nuser root\nlog_dest stderr\n\
+                 listener {port} 127.0.0.1\ncafile {dir}/ca.crt\ncertfile {dir}/server.crt\n\
+                 keyfile {dir}/server.key\nrequire_certificate true\nuse_identity_as_username true\n\
+                 acl_file {dir}/acl\n",
+                dir = d.display()
+            ),
+        )
+        .unwrap();
+        let mut broker = Broker {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+            ca,
+            config,
+        };
+        broker.launch();
+        broker
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new(mosquitto())
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(self.addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the broker gracefully (SIGTERM, so it saves its sessions) and starts it again on
+    /// the same port and state.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.launch();
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn options(&self, client_id: &str) -> MqttOptions {
+        MqttOptions::new(self.addr, "localhost", client_id)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A TCP forwarder whose connections can be cut at once, so a client "dies" without sending
+/// DISCONNECT.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    Ok((mut inbound, _)) = listener.accept() => {
+                        conns.spawn(async move {
+                            if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            }
+                        });
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        Proxy { addr, task }
+    }
+
+    /// Drops every forwarded connection (both sockets close without an MQTT DISCONNECT).
+    pub fn cut(self) {
+        self.task.abort();
+    }
+}
