@@ -284,6 +284,36 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     device_reply: reply,
                 })
             }),
+        (arb_text::<64>(), 0usize..3, arb_status()).prop_map(|(id, days, status)| {
+            let mut c = collection(days);
+            c.device_id = id;
+            c.status = status;
+            Message::Collection(Box::new(c))
+        }),
+        proptest::collection::vec(
+            (
+                0u8..3,
+                arb_text::<64>(),
+                arb_text::<1000>(),
+                0i64..4_000_000_000
+            ),
+            0..5
+        )
+        .prop_map(|entries| Message::ExceptionLog(AgentExceptionLog {
+            entries: BoundedVec::new(
+                entries
+                    .into_iter()
+                    .map(|(sev, component, message, t)| ExceptionEntry {
+                        at: Timestamp::from_unix(t).unwrap(),
+                        severity: [Severity::Info, Severity::Warning, Severity::Error]
+                            [sev as usize],
+                        component,
+                        message,
+                    })
+                    .collect()
+            )
+            .unwrap(),
+        })),
         (
             arb_text::<64>(),
             prop_oneof![

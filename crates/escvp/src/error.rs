@@ -130,3 +130,28 @@ impl ValueError {
         }
     }
 }
+
+/// Checks text against a field's rules: not empty (unless allowed), at most `max` bytes, and
+/// every character `allowed`.
+pub(crate) fn check_text(
+    what: &'static str,
+    text: &str,
+    max: usize,
+    allow_empty: bool,
+    allowed: impl Fn(char) -> bool,
+) -> Result<(), ValueError> {
+    if text.is_empty() && !allow_empty {
+        return Err(ValueError::Empty { what });
+    }
+    if text.len() > max {
+        return Err(ValueError::TooLong {
+            what,
+            len: text.len(),
+            max,
+        });
+    }
+    match text.chars().find(|&c| !allowed(c)) {
+        Some(ch) => Err(ValueError::BadChar { what, ch }),
+        None => Ok(()),
+    }
+}

@@ -24,7 +24,7 @@ use core::fmt;
 
 use bytes::BufMut;
 
-use crate::error::{DecodeError, InvalidKind, ValueError};
+use crate::error::{DecodeError, InvalidKind, ValueError, check_text};
 
 /// The ten bytes every message starts with.
 pub const PROTOCOL_ID: &[u8; 10] = b"ESC/VP.net";
@@ -230,25 +230,9 @@ pub struct Password(Info);
 impl Password {
     /// Validates a password.
     pub fn new(password: &str) -> Result<Password, ValueError> {
-        if password.is_empty() {
-            return Err(ValueError::Empty { what: "password" });
-        }
-        if password.len() > INFO_LEN {
-            return Err(ValueError::TooLong {
-                what: "password",
-                len: password.len(),
-                max: INFO_LEN,
-            });
-        }
-        if let Some(ch) = password
-            .chars()
-            .find(|c| !(c.is_ascii_graphic() || *c == ' '))
-        {
-            return Err(ValueError::BadChar {
-                what: "password",
-                ch,
-            });
-        }
+        check_text("password", password, INFO_LEN, false, |c| {
+            c.is_ascii_graphic() || c == ' '
+        })?;
         Ok(Password(Info::new(password.as_bytes())?))
     }
 

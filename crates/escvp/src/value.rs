@@ -8,7 +8,7 @@
 use core::fmt;
 use core::time::Duration;
 
-use crate::error::ValueError;
+use crate::error::{ValueError, check_text};
 use crate::event::StatusReport;
 use crate::vp21::{Command, Name, Param};
 
@@ -495,22 +495,9 @@ impl Text {
 
     /// Validates text.
     pub fn new(text: &str) -> Result<Self, ValueError> {
-        if text.len() > Self::MAX_LEN {
-            return Err(ValueError::TooLong {
-                what: "text value",
-                len: text.len(),
-                max: Self::MAX_LEN,
-            });
-        }
-        if let Some(ch) = text
-            .chars()
-            .find(|c| !(c.is_ascii_graphic() || *c == ' ') || *c == ':')
-        {
-            return Err(ValueError::BadChar {
-                what: "text value",
-                ch,
-            });
-        }
+        check_text("text value", text, Self::MAX_LEN, true, |c| {
+            (c.is_ascii_graphic() || c == ' ') && c != ':'
+        })?;
         Ok(Text(text.to_owned()))
     }
 

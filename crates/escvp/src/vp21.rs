@@ -24,7 +24,7 @@ use core::fmt;
 
 use bytes::BufMut;
 
-use crate::error::{DecodeError, InvalidKind, ValueError};
+use crate::error::{DecodeError, InvalidKind, ValueError, check_text};
 use crate::event::StatusEvent;
 
 /// Default maximum length of one reply (all its lines and the colon), in bytes.
@@ -841,28 +841,9 @@ impl fmt::Display for Name {
 }
 
 fn validate_name(name: &str) -> Result<(), ValueError> {
-    if name.is_empty() {
-        return Err(ValueError::Empty {
-            what: "command name",
-        });
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(ValueError::TooLong {
-            what: "command name",
-            len: name.len(),
-            max: MAX_NAME_LEN,
-        });
-    }
-    if let Some(ch) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_'))
-    {
-        return Err(ValueError::BadChar {
-            what: "command name",
-            ch,
-        });
-    }
-    Ok(())
+    check_text("command name", name, MAX_NAME_LEN, false, |c| {
+        c.is_ascii_alphanumeric() || c == '_'
+    })
 }
 
 /// A command parameter: 1 to 200 printable ASCII characters (spaces allowed inside), never a
@@ -888,28 +869,9 @@ impl Param {
 }
 
 fn validate_param(param: &str) -> Result<(), ValueError> {
-    if param.is_empty() {
-        return Err(ValueError::Empty {
-            what: "command parameter",
-        });
-    }
-    if param.len() > MAX_PARAM_LEN {
-        return Err(ValueError::TooLong {
-            what: "command parameter",
-            len: param.len(),
-            max: MAX_PARAM_LEN,
-        });
-    }
-    if let Some(ch) = param
-        .chars()
-        .find(|c| !(c.is_ascii_graphic() || *c == ' ') || *c == ':')
-    {
-        return Err(ValueError::BadChar {
-            what: "command parameter",
-            ch,
-        });
-    }
-    Ok(())
+    check_text("command parameter", param, MAX_PARAM_LEN, false, |c| {
+        (c.is_ascii_graphic() || c == ' ') && c != ':'
+    })
 }
 
 impl fmt::Debug for Param {
