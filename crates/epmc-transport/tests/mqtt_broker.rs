@@ -228,49 +228,13 @@ async fn last_will_and_persistent_session() {
     assert!(err.is_err());
 }
 
-/// Collects every payload published on `topic`, reconnecting its persistent session after
-/// broker restarts, until `want` distinct payloads arrived or the bound expires.
-async fn collect(
-    broker_addr: std::net::SocketAddr,
-    id: TlsIdentity,
-    topic: String,
-    want: usize,
-) -> Vec<u8> {
-    let mut opts =
-        epmc_transport::client::MqttOptions::new(broker_addr, "localhost", &format!("{A}-watch"));
-    opts.clean_session = false;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut got: Vec<u8> = Vec::new();
-    while got.len() < want && tokio::time::Instant::now() < deadline {
-        let Ok((c, _, mut rx)) = MqttClient::connect(&opts, &id).await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        if c.subscribe(&[(&topic, QoS::AtLeastOnce)]).await.is_err() {
-            continue;
-        }
-        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-            // De-duplicate by id (here the payload byte is the id).
-            if !got.contains(&m.payload[0]) {
-                got.push(m.payload[0]);
-            }
-            if got.len() == want {
-                break;
-            }
-        }
-    }
-    got
-}
-
 #[tokio::test]
 async fn outbox_drains_across_a_broker_restart_without_loss() {
     let mut broker = Broker::start();
-    let watcher = tokio::spawn(collect(
-        broker.addr,
-        broker.ca.identity(A),
-        t(A, "telemetry"),
-        60,
-    ));
+    let watcher = tokio::spawn({
+        let (addr, id, topic) = (broker.addr, broker.ca.identity(A), t(A, "telemetry"));
+        async move { support::collect_until(addr, id, &format!("{A}-watch"), &topic, &[59]).await }
+    });
     tokio::time::sleep(Duration::from_millis(300)).await; // let the watcher subscribe
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = Outbox::open(dir.path(), Limits::default()).unwrap();
@@ -304,7 +268,11 @@ async fn outbox_drains_across_a_broker_restart_without_loss() {
         }
     }
     assert!(restarted);
-    let got = within(async { watcher.await.unwrap() }).await;
+    let got: Vec<u8> = within(async { watcher.await.unwrap() })
+        .await
+        .iter()
+        .map(|p| p[0])
+        .collect();
     assert_eq!(
         got,
         (0..60).collect::<Vec<u8>>(),

@@ -213,3 +213,39 @@ impl Proxy {
         self.task.abort();
     }
 }
+
+/// Collects the payloads published on `topic` through a persistent session (client id
+/// `client_id`, reconnecting after broker restarts), de-duplicated, in arrival order, until
+/// `last` has arrived or 60 s have passed.
+pub async fn collect_until(
+    broker: SocketAddr,
+    identity: epmc_transport::client::TlsIdentity,
+    client_id: &str,
+    topic: &str,
+    last: &[u8],
+) -> Vec<bytes::Bytes> {
+    use epmc_transport::client::MqttClient;
+    use epmc_transport::mqtt::QoS;
+    let mut opts = MqttOptions::new(broker, "localhost", client_id);
+    opts.clean_session = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut got: Vec<bytes::Bytes> = Vec::new();
+    while tokio::time::Instant::now() < deadline {
+        let Ok((c, _, mut rx)) = MqttClient::connect(&opts, &identity).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if c.subscribe(&[(topic, QoS::AtLeastOnce)]).await.is_err() {
+            continue;
+        }
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            if !got.contains(&m.payload) {
+                got.push(m.payload.clone());
+            }
+            if &m.payload[..] == last {
+                return got;
+            }
+        }
+    }
+    got
+}
