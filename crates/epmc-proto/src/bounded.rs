@@ -334,3 +334,58 @@ impl JsonSchema for HexCode {
         json_schema!({ "type": "string", "pattern": "^[0-9A-Fa-f]{2}$" })
     }
 }
+
+/// A finite number. JSON numbers that are not finite as `f32` (e.g. `1e40`) are refused on
+/// decode instead of silently becoming infinity (which would encode as `null`, i.e. "absent").
+#[derive(Clone, Copy, PartialEq, PartialOrd, Default)]
+pub struct Real(f32);
+
+impl Real {
+    /// A finite value.
+    pub fn new(value: f32) -> Result<Self, BoundError> {
+        if value.is_finite() {
+            Ok(Real(value))
+        } else {
+            Err(BoundError::Malformed("number is not finite"))
+        }
+    }
+
+    /// The value.
+    pub fn get(self) -> f32 {
+        self.0
+    }
+}
+
+impl fmt::Debug for Real {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl Serialize for Real {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f32(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Real {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        if !v.is_finite() || v.abs() > f64::from(f32::MAX) {
+            return Err(serde::de::Error::custom("number out of range"));
+        }
+        Real::new(v as f32).map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Real {
+    fn schema_name() -> Cow<'static, str> {
+        "Real".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({ "type": "number", "minimum": -f32::MAX, "maximum": f32::MAX })
+    }
+}

@@ -9,7 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::bounded::{BoundedString, BoundedVec, HexCode, Timestamp};
+use crate::bounded::{BoundedString, BoundedVec, HexCode, Real, Timestamp};
 
 /// Short names and identifiers: at most 64 characters.
 pub type Name = BoundedString<64>;
@@ -122,7 +122,7 @@ pub struct DeviceInfo {
     pub lens_type: Option<Name>,
     /// Temperature limit of the operating environment, °C.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature_limit_celsius: Option<f32>,
+    pub temperature_limit_celsius: Option<Real>,
 }
 
 /// Device logs (counters and dates kept by the projector).
@@ -211,7 +211,7 @@ pub struct SensorReading {
     /// Sensor name, e.g. `intake`, `exhaust`, `fan1`.
     pub sensor: Name,
     /// The value, in the unit of the field holding the list.
-    pub value: f32,
+    pub value: Real,
 }
 
 /// Warning names (IMEVENT/PWSTATUS warning bits).
@@ -287,7 +287,7 @@ pub struct DeviceStatus {
     pub fan_rpm: Option<BoundedVec<SensorReading, MAX_SENSORS>>,
     /// Luminance sensor value (device units).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub luminance_sensor: Option<f32>,
+    pub luminance_sensor: Option<Real>,
     /// Current error code (`ERR?`), `00` = none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<HexCode>,
@@ -309,7 +309,7 @@ pub struct Series {
     /// Seconds between samples (at least 1).
     pub interval_seconds: u32,
     /// The samples, in the unit named by the field holding the series.
-    pub values: BoundedVec<Option<f32>, MAX_SERIES_SAMPLES>,
+    pub values: BoundedVec<Option<Real>, MAX_SERIES_SAMPLES>,
 }
 
 /// One entry of an error or warning history.

@@ -4,7 +4,7 @@
 
 use uuid::Uuid;
 
-use crate::bounded::{BoundedString, BoundedVec, HexCode, Timestamp};
+use crate::bounded::{BoundedString, BoundedVec, HexCode, Real, Timestamp};
 use crate::model::*;
 use crate::order::*;
 use crate::{Envelope, Kind, Message};
@@ -12,6 +12,11 @@ use crate::{Envelope, Kind, Message};
 /// A bounded string from a literal known to fit.
 fn s<const N: usize>(text: &str) -> BoundedString<N> {
     BoundedString::new(text).unwrap_or_default()
+}
+
+/// A finite number from a literal.
+fn real(v: f32) -> Real {
+    Real::new(v).unwrap_or_default()
 }
 
 /// A fixed time (2026-11-18T11:06:40Z) plus `offset` seconds.
@@ -24,7 +29,7 @@ fn series(samples: usize, f: impl Fn(usize) -> Option<f32>) -> Series {
     Series {
         start: ts(-(samples as i64) * 3600),
         interval_seconds: 3600,
-        values: BoundedVec::new((0..samples).map(f).collect()).unwrap_or_default(),
+        values: BoundedVec::new((0..samples).map(|i| f(i).map(real)).collect()).unwrap_or_default(),
     }
 }
 
@@ -46,11 +51,11 @@ pub fn status() -> DeviceStatus {
             BoundedVec::new(vec![
                 SensorReading {
                     sensor: s("intake"),
-                    value: 24.5,
+                    value: real(24.5),
                 },
                 SensorReading {
                     sensor: s("exhaust"),
-                    value: 41.0,
+                    value: real(41.0),
                 },
             ])
             .unwrap_or_default(),
@@ -58,11 +63,11 @@ pub fn status() -> DeviceStatus {
         fan_rpm: Some(
             BoundedVec::new(vec![SensorReading {
                 sensor: s("fan1"),
-                value: 2100.0,
+                value: real(2100.0),
             }])
             .unwrap_or_default(),
         ),
-        luminance_sensor: Some(812.0),
+        luminance_sensor: Some(real(812.0)),
         error_code: Some(HexCode::new(0)),
         warnings: Some(BoundedVec::new(vec![Warning::AirFilter]).unwrap_or_default()),
         alarms: Some(BoundedVec::empty()),
@@ -86,7 +91,7 @@ pub fn collection(days: usize) -> FullCollection {
             model: Some(s("EB-PU2220B")),
             firmware_version: Some(s("1.07")),
             lens_type: Some(s("ELPLM15")),
-            temperature_limit_celsius: Some(45.0),
+            temperature_limit_celsius: Some(real(45.0)),
         },
         logs: DeviceLogs {
             initial_power_on_at: Some(ts(-200 * 86400)),

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use epmc_proto::bounded::{BoundedString, BoundedVec, HexCode, Timestamp};
+use epmc_proto::bounded::{BoundedString, BoundedVec, HexCode, Real, Timestamp};
 use epmc_proto::model::*;
 use epmc_proto::order::*;
 use epmc_proto::sample::{collection, sample};
@@ -164,6 +164,22 @@ fn ts(offset: i64) -> Timestamp {
 }
 
 #[test]
+fn numbers_too_large_for_f32_are_refused_not_turned_into_null() {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&sample(Kind::Collection).to_json().unwrap()).unwrap();
+    v["body"]["history"]["ac_voltage_volts"]["values"][3] = serde_json::json!(2.9e42);
+    assert!(matches!(
+        Envelope::from_json(&serde_json::to_vec(&v).unwrap()),
+        Err(ProtoError::Invalid {
+            kind: "collection",
+            ..
+        })
+    ));
+    assert!(Real::new(f32::INFINITY).is_err());
+    assert!(Real::new(f32::NAN).is_err());
+}
+
+#[test]
 fn absent_values_stay_absent() {
     let snap = Envelope::new(Message::Snapshot(DeviceSnapshot {
         device_id: s("X"),
@@ -206,7 +222,7 @@ fn arb_status() -> impl Strategy<Value = DeviceStatus> {
             av_mute: mute,
             light_up_time_hours: lamps.map(|l| BoundedVec::new(l).unwrap()),
             total_operation_time_hours: ontime,
-            luminance_sensor: lum,
+            luminance_sensor: lum.map(|v| Real::new(v).unwrap()),
             ..DeviceStatus::default()
         })
 }
