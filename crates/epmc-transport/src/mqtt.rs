@@ -4,7 +4,12 @@
 //! 2022 and the crate never had another release), and `rumqttc` pins a `rustls-webpki` with
 //! open advisories. The subset here (CONNECT, CONNACK, PUBLISH at QoS 0/1, PUBACK, SUBSCRIBE,
 //! SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT) is small, fuzzed, and checked
-//! against `rumqttc`'s codec in the tests.
+//! against `rumqttc`'s codec in the tests (`tests/mqtt_codec.rs`, rumqttc without its TLS
+//! features as a dev-dependency only): the same packet gives the same bytes, each decodes the
+//! other's output, and on mutated packets the two read the same thing wherever both accept.
+//! We accept two things rumqttc refuses, on purpose: a binary (non-UTF-8) password, as MQTT
+//! 3.1.1 allows, and an unknown CONNACK code, read as [`ConnectReturn::Other`] so the client
+//! reports a refusal rather than bad bytes.
 //!
 //! Rules enforced: a maximum packet size both ways ([`Packet::decode`] refuses a larger
 //! remaining length before buffering it, [`Packet::encode`] refuses to produce one); the
@@ -405,6 +410,10 @@ impl Packet {
                         c => QoS::from_bits(c).map(Some),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
+                if codes.is_empty() {
+                    // One code per filter, and a SUBSCRIBE has at least one (MQTT-3.8.3-3).
+                    return Err(PacketError::Malformed("SUBACK without return codes"));
+                }
                 Packet::SubAck(id, codes)
             }
             10 => {
@@ -481,6 +490,9 @@ impl Packet {
                 0x82
             }
             Packet::SubAck(id, codes) => {
+                if codes.is_empty() {
+                    return Err(PacketError::Malformed("SUBACK without return codes"));
+                }
                 body.put_u16(nonzero(*id)?);
                 for c in codes {
                     body.put_u8(c.map_or(0x80, QoS::bits));
