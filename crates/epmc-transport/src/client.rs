@@ -1,35 +1,47 @@
 //! MQTT 3.1.1 over TLS with a client certificate (tokio + rustls, aws-lc-rs provider).
 //!
-//! - TLS 1.3 and 1.2; the server CA is pinned (only that CA is trusted, no system roots);
+//! - TLS 1.3 and 1.2; the server CA is pinned ([`ServerTrust::Pinned`]: only that CA is
+//!   trusted) unless the operating system's roots are asked for ([`ServerTrust::SystemRoots`]);
 //!   the server name is checked; ALPN `mqtt`; the client certificate and key come from PEM.
 //! - [`MqttClient`]: one connection: CONNECT/CONNACK, QoS 1 publish resolving on PUBACK with
 //!   an in-flight window, subscriptions, incoming publishes (acknowledged after delivery to
 //!   the receiver), keep-alive with dead-peer detection, last will.
-//! - [`MqttUplink`]: an [`Uplink`] that (re)connects on demand with exponential back-off and
-//!   jitter, so an outbox can drain through it across broker restarts.
+//! - [`crate::session::MqttSession`] keeps one connected (reconnecting with back-off and
+//!   re-subscribing) and is the agent's [`crate::Uplink`] and [`crate::OrderSource`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::mqtt::{
     Connect, ConnectReturn, DEFAULT_MAX_PACKET, Packet, PacketError, Publish, QoS, TopicFilter,
     TopicName, Will,
 };
-use crate::{InboundMessage, OutboundMessage, TransportError, Uplink};
+use crate::{InboundMessage, TransportError};
 
-/// TLS material: the pinned server CA and the client's certificate chain and key, in PEM.
+/// Which server certificates to trust.
+#[derive(Clone, Copy, Debug)]
+pub enum ServerTrust<'a> {
+    /// Only certificates issued by these CAs (PEM, one or more): the default for EPMC, whose
+    /// server has a private CA.
+    Pinned(&'a [u8]),
+    /// The operating system's trust store (read with `rustls-native-certs`, which honours
+    /// `SSL_CERT_FILE` and `SSL_CERT_DIR`), for a broker with a publicly issued certificate.
+    /// Only when asked for.
+    SystemRoots,
+}
+
+/// TLS material: which server CA to trust and the client's certificate chain and key.
 #[derive(Clone)]
 pub struct TlsIdentity {
     config: Arc<rustls::ClientConfig>,
@@ -59,21 +71,41 @@ pub enum TlsError {
 }
 
 impl TlsIdentity {
-    /// Builds the client TLS configuration from PEM text.
+    /// Builds the client TLS configuration from PEM text, pinning the CA in `ca_pem`.
     pub fn from_pem(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, TlsError> {
+        TlsIdentity::new(ServerTrust::Pinned(ca_pem), cert_pem, key_pem)
+    }
+
+    /// Builds the client TLS configuration with the given server trust.
+    pub fn new(trust: ServerTrust<'_>, cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, TlsError> {
         let pem = |what, e: rustls::pki_types::pem::Error| TlsError::Pem {
             what,
             detail: e.to_string(),
         };
         let mut roots = rustls::RootCertStore::empty();
-        let mut any_ca = false;
-        for ca in CertificateDer::pem_slice_iter(ca_pem) {
-            roots
-                .add(ca.map_err(|e| pem("CA certificate", e))?)
-                .map_err(TlsError::Config)?;
-            any_ca = true;
+        match trust {
+            ServerTrust::Pinned(ca_pem) => {
+                for ca in CertificateDer::pem_slice_iter(ca_pem) {
+                    roots
+                        .add(ca.map_err(|e| pem("CA certificate", e))?)
+                        .map_err(TlsError::Config)?;
+                }
+            }
+            ServerTrust::SystemRoots => {
+                let found = rustls_native_certs::load_native_certs();
+                let (added, _) = roots.add_parsable_certificates(found.certs);
+                if added == 0 {
+                    return Err(TlsError::Pem {
+                        what: "system trust store",
+                        detail: found
+                            .errors
+                            .first()
+                            .map_or_else(|| "no certificate found".into(), ToString::to_string),
+                    });
+                }
+            }
         }
-        if !any_ca {
+        if roots.is_empty() {
             return Err(TlsError::Pem {
                 what: "CA certificate",
                 detail: "no certificate found".into(),
@@ -179,6 +211,10 @@ pub enum MqttError {
     /// The broker sent something that is not MQTT, or too large.
     #[error("protocol error: {0}")]
     Protocol(#[from] PacketError),
+    /// What we were asked to send cannot be sent (larger than the maximum packet size, or an
+    /// invalid topic); the connection stays up.
+    #[error("cannot send: {0}")]
+    Unsendable(PacketError),
     /// Timed out.
     #[error("timed out")]
     TimedOut,
@@ -194,6 +230,7 @@ impl From<MqttError> for TransportError {
             MqttError::TimedOut => TransportError::TimedOut(Duration::ZERO),
             MqttError::Io(e) => TransportError::Io(e),
             MqttError::Closed => TransportError::Closed,
+            MqttError::Unsendable(e) => TransportError::BadInput(e.to_string()),
             other => TransportError::Refused(other.to_string()),
         }
     }
@@ -203,7 +240,9 @@ type PubDone = oneshot::Sender<Result<(), MqttError>>;
 type SubDone = oneshot::Sender<Result<Vec<Option<QoS>>, MqttError>>;
 
 enum Request {
-    Publish(Publish, PubDone),
+    /// The permit holds a place in the in-flight window until the PUBACK (or the end of the
+    /// connection).
+    Publish(Publish, PubDone, OwnedSemaphorePermit),
     Subscribe(Vec<(TopicFilter, QoS)>, SubDone),
 }
 
@@ -213,7 +252,21 @@ enum Request {
 pub struct MqttClient {
     tx: mpsc::Sender<Request>,
     window: Arc<Semaphore>,
+    capacity: usize,
     alive: Arc<AtomicBool>,
+}
+
+/// A QoS 1 publish that has been handed to the connection, in order, and is waiting for its
+/// PUBACK (see [`MqttClient::send_publish`]).
+#[derive(Debug)]
+#[must_use = "the PUBACK is only observed by awaiting `acked`"]
+pub struct PendingAck(oneshot::Receiver<Result<(), MqttError>>);
+
+impl PendingAck {
+    /// Waits for the broker's PUBACK (QoS 1) or for the packet to be written (QoS 0).
+    pub async fn acked(self) -> Result<(), MqttError> {
+        self.0.await.map_err(|_| MqttError::Closed)?
+    }
 }
 
 impl MqttClient {
@@ -235,10 +288,6 @@ impl MqttClient {
     ) -> Result<(MqttClient, bool, mpsc::Receiver<InboundMessage>), MqttError> {
         let name = ServerName::try_from(options.server_name.clone())
             .map_err(|_| MqttError::ServerName(options.server_name.clone()))?;
-        let tcp = TcpStream::connect(options.addr).await?;
-        tcp.set_nodelay(true)?;
-        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-        let mut stream = connector.connect(name, tcp).await?;
         let connect = Packet::Connect(Connect {
             client_id: options.client_id.clone(),
             clean_session: options.clean_session,
@@ -248,7 +297,13 @@ impl MqttClient {
             password: None,
         });
         let mut out = Vec::new();
-        connect.encode(&mut out, options.max_packet)?;
+        connect
+            .encode(&mut out, options.max_packet)
+            .map_err(MqttError::Unsendable)?;
+        let tcp = TcpStream::connect(options.addr).await?;
+        tcp.set_nodelay(true)?;
+        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+        let mut stream = connector.connect(name, tcp).await?;
         stream.write_all(&out).await?;
         let mut buf = Vec::with_capacity(4096);
         let (packet, used) = read_packet(&mut stream, &mut buf, options.max_packet).await?;
@@ -279,10 +334,12 @@ impl MqttClient {
             alive: alive.clone(),
         };
         tokio::spawn(driver.run(stream, buf));
+        let capacity = options.in_flight.max(1);
         Ok((
             MqttClient {
                 tx,
-                window: Arc::new(Semaphore::new(options.in_flight.max(1))),
+                window: Arc::new(Semaphore::new(capacity)),
+                capacity,
                 alive,
             },
             session_present,
@@ -295,6 +352,16 @@ impl MqttClient {
         self.alive.load(Ordering::SeqCst) && !self.tx.is_closed()
     }
 
+    /// Resolves once the connection has ended (for whatever reason).
+    pub async fn closed(&self) {
+        self.tx.closed().await;
+    }
+
+    /// How many QoS 1 publishes are waiting for their PUBACK now.
+    pub fn in_flight(&self) -> usize {
+        self.capacity - self.window.available_permits()
+    }
+
     /// Publishes; for QoS 1 returns once the broker's PUBACK arrived.
     pub async fn publish(
         &self,
@@ -303,8 +370,29 @@ impl MqttClient {
         qos: QoS,
         retain: bool,
     ) -> Result<(), MqttError> {
-        let topic = TopicName::new(topic)?;
-        let _permit = self.window.acquire().await.map_err(|_| MqttError::Closed)?;
+        self.send_publish(topic, payload, qos, retain)
+            .await?
+            .acked()
+            .await
+    }
+
+    /// Hands a publish to the connection and returns without waiting for its PUBACK, so a
+    /// caller can pipeline several in order (they are written in call order). Waits first
+    /// while the in-flight window is full.
+    pub async fn send_publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<PendingAck, MqttError> {
+        let topic = TopicName::new(topic).map_err(MqttError::Unsendable)?;
+        let permit = self
+            .window
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| MqttError::Closed)?;
         let (done, wait) = oneshot::channel();
         let publish = Publish {
             topic,
@@ -315,10 +403,10 @@ impl MqttClient {
             payload,
         };
         self.tx
-            .send(Request::Publish(publish, done))
+            .send(Request::Publish(publish, done, permit))
             .await
             .map_err(|_| MqttError::Closed)?;
-        wait.await.map_err(|_| MqttError::Closed)?
+        Ok(PendingAck(wait))
     }
 
     /// Subscribes and returns the granted QoS per filter (`None`: refused by the broker).
@@ -326,7 +414,8 @@ impl MqttClient {
         let filters = filters
             .iter()
             .map(|(f, q)| Ok((TopicFilter::new(*f)?, *q)))
-            .collect::<Result<Vec<_>, PacketError>>()?;
+            .collect::<Result<Vec<_>, PacketError>>()
+            .map_err(MqttError::Unsendable)?;
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Request::Subscribe(filters, done))
@@ -359,8 +448,8 @@ async fn read_packet<S: AsyncReadExt + Unpin>(
 struct Driver {
     rx: mpsc::Receiver<Request>,
     incoming: mpsc::Sender<InboundMessage>,
-    pending_pub: HashMap<u16, PubDone>,
-    pending_sub: HashMap<u16, SubDone>,
+    pending_pub: HashMap<u16, (PubDone, OwnedSemaphorePermit)>,
+    pending_sub: HashMap<u16, (SubDone, usize)>,
     next_id: u16,
     keep_alive: Duration,
     max_packet: usize,
@@ -378,6 +467,37 @@ impl Driver {
         }
     }
 
+    /// Turns a request into bytes to write, or answers it at once when it cannot be sent.
+    fn prepare(&mut self, req: Request, out: &mut Vec<u8>) {
+        match req {
+            Request::Publish(mut p, done, permit) => {
+                let id = (p.qos == QoS::AtLeastOnce).then(|| self.packet_id());
+                p.packet_id = id;
+                if let Err(e) = Packet::Publish(p).encode(out, self.max_packet) {
+                    let _ = done.send(Err(MqttError::Unsendable(e)));
+                    return;
+                }
+                match id {
+                    Some(id) => {
+                        self.pending_pub.insert(id, (done, permit));
+                    }
+                    None => {
+                        let _ = done.send(Ok(()));
+                    }
+                }
+            }
+            Request::Subscribe(filters, done) => {
+                let id = self.packet_id();
+                let n = filters.len();
+                if let Err(e) = Packet::Subscribe(id, filters).encode(out, self.max_packet) {
+                    let _ = done.send(Err(MqttError::Unsendable(e)));
+                    return;
+                }
+                self.pending_sub.insert(id, (done, n));
+            }
+        }
+    }
+
     async fn run<S>(mut self, stream: S, mut buf: Vec<u8>)
     where
         S: AsyncReadExt + AsyncWriteExt + Unpin,
@@ -391,6 +511,7 @@ impl Driver {
         let mut last_sent = Instant::now();
         let mut last_heard = Instant::now();
         let mut chunk = vec![0u8; 16 * 1024];
+        let mut out = Vec::new();
         let result: Result<(), MqttError> = async {
             loop {
                 // Everything already buffered first.
@@ -398,8 +519,8 @@ impl Driver {
                     match Packet::decode(&buf, self.max_packet) {
                         Ok((packet, used)) => {
                             buf.drain(..used);
-                            if let Some(reply) = self.handle(packet).await {
-                                let mut out = Vec::new();
+                            if let Some(reply) = self.handle(packet).await? {
+                                out.clear();
                                 reply.encode(&mut out, self.max_packet)?;
                                 wr.write_all(&out).await?;
                                 last_sent = Instant::now();
@@ -423,27 +544,16 @@ impl Driver {
                             let _ = wr.write_all(&[0xE0, 0]).await; // DISCONNECT
                             return Ok(());
                         };
-                        let packet = match req {
-                            Request::Publish(mut p, done) => {
-                                if p.qos == QoS::AtLeastOnce {
-                                    let id = self.packet_id();
-                                    p.packet_id = Some(id);
-                                    self.pending_pub.insert(id, done);
-                                } else {
-                                    let _ = done.send(Ok(()));
-                                }
-                                Packet::Publish(p)
-                            }
-                            Request::Subscribe(filters, done) => {
-                                let id = self.packet_id();
-                                self.pending_sub.insert(id, done);
-                                Packet::Subscribe(id, filters)
-                            }
-                        };
-                        let mut out = Vec::new();
-                        packet.encode(&mut out, self.max_packet)?;
-                        wr.write_all(&out).await?;
-                        last_sent = Instant::now();
+                        out.clear();
+                        self.prepare(req, &mut out);
+                        // Whatever else is queued goes out in the same write.
+                        while let Ok(req) = self.rx.try_recv() {
+                            self.prepare(req, &mut out);
+                        }
+                        if !out.is_empty() {
+                            wr.write_all(&out).await?;
+                            last_sent = Instant::now();
+                        }
                     }
                     _ = tokio::time::sleep_until(ping_at.min(dead_at)) => {
                         if Instant::now() >= dead_at {
@@ -460,28 +570,37 @@ impl Driver {
         if let Err(e) = &result {
             tracing::debug!(error = %e, "MQTT connection ended");
         }
-        for (_, done) in self.pending_pub.drain() {
+        for (_, (done, _)) in self.pending_pub.drain() {
             let _ = done.send(Err(MqttError::Closed));
         }
-        for (_, done) in self.pending_sub.drain() {
+        for (_, (done, _)) in self.pending_sub.drain() {
             let _ = done.send(Err(MqttError::Closed));
         }
     }
 
     /// Handles one incoming packet; returns a packet to send back, if any.
-    async fn handle(&mut self, packet: Packet) -> Option<Packet> {
+    async fn handle(&mut self, packet: Packet) -> Result<Option<Packet>, MqttError> {
         match packet {
             Packet::PubAck(id) => {
-                if let Some(done) = self.pending_pub.remove(&id) {
+                // The permit is dropped with the entry: a place in the window opens.
+                if let Some((done, _permit)) = self.pending_pub.remove(&id) {
                     let _ = done.send(Ok(()));
                 }
-                None
+                Ok(None)
             }
             Packet::SubAck(id, codes) => {
-                if let Some(done) = self.pending_sub.remove(&id) {
+                if let Some((done, n)) = self.pending_sub.remove(&id) {
+                    if codes.len() != n {
+                        let _ = done.send(Err(MqttError::Protocol(PacketError::Malformed(
+                            "SUBACK code count differs from the SUBSCRIBE",
+                        ))));
+                        return Err(MqttError::Protocol(PacketError::Malformed(
+                            "SUBACK code count differs from the SUBSCRIBE",
+                        )));
+                    }
                     let _ = done.send(Ok(codes));
                 }
-                None
+                Ok(None)
             }
             Packet::Publish(p) => {
                 let ack = p.packet_id.map(Packet::PubAck);
@@ -493,120 +612,18 @@ impl Driver {
                         payload: p.payload,
                     })
                     .await;
-                ack
+                Ok(ack)
             }
-            _ => None,
+            Packet::PingResp | Packet::UnsubAck(_) => Ok(None),
+            // A broker never sends these to a client.
+            Packet::Connect(_)
+            | Packet::ConnAck { .. }
+            | Packet::Subscribe(..)
+            | Packet::Unsubscribe(..)
+            | Packet::PingReq
+            | Packet::Disconnect => Err(MqttError::Protocol(PacketError::Malformed(
+                "a packet only a client sends",
+            ))),
         }
-    }
-}
-
-/// An [`Uplink`] over MQTT that connects on demand, backing off exponentially (with jitter)
-/// after failures, so a caller draining an outbox simply retries later.
-pub struct MqttUplink {
-    options: MqttOptions,
-    tls: TlsIdentity,
-    state: tokio::sync::Mutex<UplinkState>,
-    incoming: Mutex<Option<mpsc::Receiver<InboundMessage>>>,
-}
-
-struct UplinkState {
-    client: Option<MqttClient>,
-    failures: u32,
-    next_attempt: Instant,
-}
-
-impl std::fmt::Debug for MqttUplink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MqttUplink")
-            .field("addr", &self.options.addr)
-            .finish()
-    }
-}
-
-/// Back-off after `failures` consecutive failures: 0.5 s doubling to at most 60 s, plus up to
-/// 25 % jitter.
-pub fn backoff(failures: u32) -> Duration {
-    let base = Duration::from_millis(500).saturating_mul(1u32 << failures.min(7));
-    let base = base.min(Duration::from_secs(60));
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
-}
-
-impl MqttUplink {
-    /// An uplink that will connect with these settings.
-    pub fn new(options: MqttOptions, tls: TlsIdentity) -> Self {
-        MqttUplink {
-            options,
-            tls,
-            state: tokio::sync::Mutex::new(UplinkState {
-                client: None,
-                failures: 0,
-                next_attempt: Instant::now(),
-            }),
-            incoming: Mutex::new(None),
-        }
-    }
-
-    /// The receiver of incoming publishes of the current connection (taken once per
-    /// connection).
-    pub fn take_incoming(&self) -> Option<mpsc::Receiver<InboundMessage>> {
-        self.incoming
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-    }
-
-    /// The connected client, connecting first if needed and allowed by the back-off.
-    pub async fn client(&self) -> Result<MqttClient, TransportError> {
-        let mut state = self.state.lock().await;
-        if let Some(c) = &state.client {
-            if c.is_connected() {
-                return Ok(c.clone());
-            }
-            state.client = None;
-        }
-        if Instant::now() < state.next_attempt {
-            return Err(TransportError::Unavailable);
-        }
-        match MqttClient::connect(&self.options, &self.tls).await {
-            Ok((client, _, incoming)) => {
-                state.failures = 0;
-                state.client = Some(client.clone());
-                *self.incoming.lock().unwrap_or_else(|e| e.into_inner()) = Some(incoming);
-                Ok(client)
-            }
-            Err(e) => {
-                state.failures = state.failures.saturating_add(1);
-                state.next_attempt = Instant::now() + backoff(state.failures);
-                tracing::debug!(error = %e, failures = state.failures, "MQTT connect failed");
-                Err(e.into())
-            }
-        }
-    }
-}
-
-#[async_trait]
-impl Uplink for MqttUplink {
-    async fn publish(&self, message: &OutboundMessage) -> Result<(), TransportError> {
-        let client = self.client().await?;
-        client
-            .publish(
-                &message.topic,
-                message.payload.clone(),
-                QoS::AtLeastOnce,
-                false,
-            )
-            .await
-            .map_err(TransportError::from)
-    }
-
-    fn is_connected(&self) -> bool {
-        self.state
-            .try_lock()
-            .map(|s| s.client.as_ref().is_some_and(MqttClient::is_connected))
-            .unwrap_or(true)
     }
 }

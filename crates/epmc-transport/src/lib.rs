@@ -4,7 +4,11 @@
 //!   logic runs unchanged over MQTT/TLS in production and over [`memory`] transports in tests.
 //! - [`outbox`]: the durable store-and-forward queue: written and synced before publishing,
 //!   removed only after the server's acknowledgement, replayed in order after a crash.
-//! - [`mqtt`]: the MQTT 3.1.1 packet codec (sans-IO).
+//! - [`forward`]: drains the outbox through an uplink, pipelined, acknowledging only what
+//!   the server acknowledged.
+//! - [`mqtt`]: the MQTT 3.1.1 packet codec (sans-IO); [`client`]: one MQTT connection over
+//!   TLS with a client certificate; [`session`]: the reconnecting session the agent uses as
+//!   its uplink and order source.
 //!
 //! Payloads are opaque bytes here (the JSON contract lives in `epmc-proto`), and projector
 //! commands are raw ESC/VP21 text (the agent adapts the `escvp` client to [`ProjectorLink`]).
@@ -12,9 +16,11 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod forward;
 pub mod memory;
 pub mod mqtt;
 pub mod outbox;
+pub mod session;
 
 use std::fmt;
 use std::time::Duration;
@@ -109,6 +115,21 @@ pub enum TransportError {
 pub trait Uplink: Send + Sync {
     /// Publishes one message and returns once the server acknowledged it (QoS 1 PUBACK).
     async fn publish(&self, message: &OutboundMessage) -> Result<(), TransportError>;
+    /// Publishes several messages in this order and returns one result per message, in the
+    /// same order. An uplink that can pipeline (MQTT within its in-flight window) overrides
+    /// this; the default sends one at a time and stops trying after the first failure.
+    async fn publish_many(&self, messages: &[OutboundMessage]) -> Vec<Result<(), TransportError>> {
+        let mut results = Vec::with_capacity(messages.len());
+        for m in messages {
+            let r = if results.iter().any(Result::is_err) {
+                Err(TransportError::Unavailable)
+            } else {
+                self.publish(m).await
+            };
+            results.push(r);
+        }
+        results
+    }
     /// Whether the uplink is connected now.
     fn is_connected(&self) -> bool;
 }

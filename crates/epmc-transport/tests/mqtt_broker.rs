@@ -5,10 +5,14 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use epmc_transport::client::{MqttClient, MqttError, MqttUplink, TlsIdentity};
+use std::sync::{Arc, Mutex};
+
+use epmc_transport::client::{MqttClient, MqttError, TlsIdentity};
+use epmc_transport::forward::Forwarder;
 use epmc_transport::mqtt::{QoS, TopicName, Will};
 use epmc_transport::outbox::{Limits, Outbox};
-use epmc_transport::{MessageId, OutboundMessage, Priority, Uplink};
+use epmc_transport::session::MqttSession;
+use epmc_transport::{MessageId, OrderSource, OutboundMessage, Priority};
 use support::{Broker, Ca, Proxy};
 
 const A: &str = "6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f";
@@ -228,54 +232,153 @@ async fn last_will_and_persistent_session() {
     assert!(err.is_err());
 }
 
-#[tokio::test]
-async fn outbox_drains_across_a_broker_restart_without_loss() {
+/// A forwarder drains 3000 messages through an `MqttSession` (window 16, batches of 64) while
+/// the broker is restarted in the middle of the run: every message arrives, once after
+/// de-duplication, in order, and the outbox ends empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarder_loses_nothing_when_the_broker_restarts_mid_run() {
+    const N: u16 = 3000;
     let mut broker = Broker::start();
     let watcher = tokio::spawn({
         let (addr, id, topic) = (broker.addr, broker.ca.identity(A), t(A, "telemetry"));
-        async move { support::collect_until(addr, id, &format!("{A}-watch"), &topic, &[59]).await }
+        let last = (N - 1).to_be_bytes();
+        async move { support::collect_until(addr, id, &format!("{A}-watch"), &topic, &last).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await; // let the watcher subscribe
     let dir = tempfile::tempdir().unwrap();
-    let mut outbox = Outbox::open(dir.path(), Limits::default()).unwrap();
-    for n in 0..60u8 {
+    let outbox = Arc::new(Mutex::new(
+        Outbox::open(dir.path(), Limits::default()).unwrap(),
+    ));
+    for n in 0..N {
+        let mut id = [0u8; 16];
+        id[..2].copy_from_slice(&n.to_be_bytes());
         outbox
+            .lock()
+            .unwrap()
             .push(OutboundMessage {
-                id: MessageId::from_bytes([n; 16]),
+                id: MessageId::from_bytes(id),
                 topic: t(A, "telemetry"),
-                payload: Bytes::from(vec![n]),
+                payload: Bytes::copy_from_slice(&n.to_be_bytes()),
                 priority: Priority::Routine,
             })
             .unwrap();
     }
-    let uplink = MqttUplink::new(broker.options(A), broker.ca.identity(A));
+    let mut opts = broker.options(A);
+    opts.in_flight = 16;
+    let session = Arc::new(MqttSession::start(opts, broker.ca.identity(A), &[]).unwrap());
+    assert!(session.wait_connected(BOUND).await);
+    let forwarder = Arc::new(Forwarder::new(outbox.clone(), session.clone()).with_batch(64));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn({
+        let forwarder = forwarder.clone();
+        async move {
+            forwarder
+                .run(Duration::from_millis(50), async {
+                    let _ = stopped.await;
+                })
+                .await
+        }
+    });
+    // Restart once a third has gone out, with publishes in flight.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut restarted = false;
-    while let Some(next) = outbox.batch(0, 1).pop() {
+    while outbox.lock().unwrap().stats().messages > usize::from(N) * 2 / 3 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing drained");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let left_at_restart = outbox.lock().unwrap().stats().messages;
+    let broker = tokio::task::spawn_blocking(move || {
+        broker.restart();
+        broker
+    })
+    .await
+    .unwrap();
+    while !outbox.lock().unwrap().is_empty() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "outbox did not drain"
         );
-        match uplink.publish(&next.message).await {
-            Ok(()) => {
-                outbox.ack(next.seq).unwrap();
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-        if !restarted && outbox.stats().messages == 30 {
-            broker.restart();
-            restarted = true;
-        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(restarted);
-    let got: Vec<u8> = within(async { watcher.await.unwrap() })
+    let _ = stop.send(());
+    run.await.unwrap();
+    assert!(left_at_restart > 0, "the restart came mid-run");
+    assert!(session.stats().connects >= 2, "{:?}", session.stats());
+    let stats = forwarder.stats();
+    assert!(stats.stalls >= 1, "the restart interrupted the run: {stats:?}");
+    assert_eq!(stats.rejected, 0);
+    assert_eq!(stats.sent, u64::from(N));
+    let got: Vec<u16> = tokio::time::timeout(Duration::from_secs(90), watcher)
         .await
+        .expect("watcher ends")
+        .unwrap()
         .iter()
-        .map(|p| p[0])
+        .map(|p| u16::from_be_bytes([p[0], p[1]]))
         .collect();
+    drop(broker);
     assert_eq!(
         got,
-        (0..60).collect::<Vec<u8>>(),
+        (0..N).collect::<Vec<u16>>(),
         "every message once after de-duplication, in order"
     );
+}
+
+/// Orders keep arriving after the broker forgot every session: the session subscribes again
+/// on each connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_resubscribes_after_the_broker_forgets_it() {
+    let mut broker = Broker::start();
+    let orders = t(A, "orders");
+    let session = MqttSession::start(
+        broker.options(A),
+        broker.ca.identity(A),
+        &[(&orders, QoS::AtLeastOnce)],
+    )
+    .unwrap();
+    assert!(session.wait_connected(BOUND).await);
+    let send_order = |addr, id: TlsIdentity, payload: &'static [u8]| {
+        let orders = orders.clone();
+        async move {
+            let mut opts =
+                epmc_transport::client::MqttOptions::new(addr, "localhost", &format!("{A}-server"));
+            opts.clean_session = true;
+            let (server, _, _) = MqttClient::connect(&opts, &id).await.unwrap();
+            server
+                .publish(
+                    &orders,
+                    Bytes::from_static(payload),
+                    QoS::AtLeastOnce,
+                    false,
+                )
+                .await
+                .unwrap();
+        }
+    };
+    within(send_order(broker.addr, broker.ca.identity(A), b"order-1")).await;
+    let got = within(session.next_order()).await.unwrap();
+    assert_eq!(&got.payload[..], b"order-1");
+
+    // The broker dies and comes back with no saved state.
+    let broker = tokio::task::spawn_blocking(move || {
+        broker.restart_forgetting();
+        broker
+    })
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while session.stats().connects < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            session.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !session.stats().session_present,
+        "the broker forgot the session"
+    );
+    within(send_order(broker.addr, broker.ca.identity(A), b"order-2")).await;
+    let got = within(session.next_order()).await.unwrap();
+    assert_eq!(&got.payload[..], b"order-2");
+    assert_eq!(got.topic, orders);
 }

@@ -7,12 +7,15 @@ mod support;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use epmc_transport::client::{MqttOptions, MqttUplink, TlsIdentity};
+use epmc_transport::client::{MqttOptions, TlsIdentity};
+use epmc_transport::forward::Forwarder;
 use epmc_transport::outbox::{Limits, Outbox};
-use epmc_transport::{MessageId, OutboundMessage, Priority, Uplink};
+use epmc_transport::session::MqttSession;
+use epmc_transport::{MessageId, OutboundMessage, Priority};
 
 const A: &str = "6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f";
 const SECOND_START: u32 = 100_000;
@@ -34,9 +37,9 @@ fn msg(n: u32) -> OutboundMessage {
 }
 
 /// The agent stand-in, run as a child process by the test below: pushes messages into its
-/// outbox (printing each one once `push` returned) and drains the outbox through MQTT,
-/// acknowledging only after PUBACK.
-#[tokio::test]
+/// outbox (printing each one once `push` returned) while a [`Forwarder`] drains the outbox
+/// through an [`MqttSession`], removing messages only after their PUBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_child() {
     let Ok(dir) = std::env::var("EPMC_PUB_CHILD_DIR") else {
         return; // only meaningful when started by the parent test
@@ -60,33 +63,38 @@ async fn publisher_child() {
         dir.join("agent.key"),
     )
     .unwrap();
-    let uplink = MqttUplink::new(MqttOptions::new(addr, "localhost", A), tls);
-    let mut outbox = Outbox::open(dir.join("outbox"), Limits::default()).unwrap();
+    let session =
+        Arc::new(MqttSession::start(MqttOptions::new(addr, "localhost", A), tls, &[]).unwrap());
+    let outbox = Arc::new(Mutex::new(
+        Outbox::open(dir.join("outbox"), Limits::default()).unwrap(),
+    ));
+    let forwarder = Arc::new(Forwarder::new(outbox.clone(), session).with_batch(8));
+    let wake = forwarder.waker();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn({
+        let forwarder = forwarder.clone();
+        async move {
+            forwarder
+                .run(Duration::from_millis(50), async {
+                    let _ = stopped.await;
+                })
+                .await
+        }
+    });
     for n in start..start.saturating_add(count) {
-        outbox.push(msg(n)).unwrap();
+        outbox.lock().unwrap().push(msg(n)).unwrap();
         println!("accepted {n}");
         std::io::stdout().flush().unwrap();
-        drain(&mut outbox, &uplink).await;
+        wake.notify_one();
+        tokio::task::yield_now().await;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !outbox.is_empty() && Instant::now() < deadline {
-        if !drain(&mut outbox, &uplink).await {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    while !outbox.lock().unwrap().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("drained {}", outbox.is_empty());
-}
-
-/// Publishes up to eight pending messages in order, acknowledging each after its PUBACK;
-/// stops at the first failure. Returns whether everything tried went through.
-async fn drain(outbox: &mut Outbox, uplink: &MqttUplink) -> bool {
-    for held in outbox.batch(0, 8) {
-        if uplink.publish(&held.message).await.is_err() {
-            return false;
-        }
-        outbox.ack(held.seq).unwrap();
-    }
-    true
+    let _ = stop.send(());
+    run.await.unwrap();
+    println!("drained {}", outbox.lock().unwrap().is_empty());
 }
 
 fn spawn_child(

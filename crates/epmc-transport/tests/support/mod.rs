@@ -105,6 +105,7 @@ impl Broker {
             &config,
             format!(
                 "per_listener_settings false\nallow_anonymous false\npersistence true\n\
+                 max_queued_messages 0\n\
                  persistence_location {dir}/\nuser root\nlog_dest stderr\n\
                  listener {port} 127.0.0.1\ncafile {dir}/ca.crt\ncertfile {dir}/server.crt\n\
                  keyfile {dir}/server.key\nrequire_certificate true\nuse_identity_as_username true\n\
@@ -157,6 +158,18 @@ impl Broker {
             }
             let _ = c.kill();
             let _ = c.wait();
+        }
+        self.launch();
+    }
+
+    /// Kills the broker (SIGKILL) and starts it again on the same port with its saved state
+    /// deleted: every session and subscription is forgotten, as after losing its disk.
+    pub fn restart_forgetting(&mut self) {
+        self.stop();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "db") {
+                std::fs::remove_file(entry.path()).unwrap();
+            }
         }
         self.launch();
     }

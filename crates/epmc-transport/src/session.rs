@@ -1,0 +1,283 @@
+//! [`MqttSession`]: the agent's long-lived MQTT link. It keeps one [`MqttClient`] connected
+//! in the background, reconnecting with exponential back-off and jitter, subscribes to the
+//! order topics again on every connection (so orders keep arriving even when the broker lost
+//! the persistent session), and is both the agent's [`Uplink`] and its [`OrderSource`].
+//!
+//! While it is disconnected, publishing fails at once with [`TransportError::Unavailable`]:
+//! the caller's durable outbox keeps the message and a [`crate::forward::Forwarder`] tries
+//! again later. Orders from every connection arrive, in order, on one stream.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, watch};
+
+use crate::client::{MqttClient, MqttError, MqttOptions, PendingAck, TlsIdentity};
+use crate::mqtt::{QoS, TopicFilter};
+use crate::{InboundMessage, OrderSource, OutboundMessage, TransportError, Uplink};
+
+/// Back-off after `failures` consecutive failures: 0.5 s doubling to at most 60 s, plus up to
+/// 25 % jitter (so a fleet of agents does not reconnect in step after a server restart).
+pub fn backoff(failures: u32) -> Duration {
+    let base = Duration::from_millis(500).saturating_mul(1u32 << failures.min(7));
+    let base = base.min(Duration::from_secs(60));
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
+}
+
+/// What the session has been through, for the agent's own status report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Successful connections (CONNACK accepted and subscriptions granted).
+    pub connects: u64,
+    /// Failed attempts (TCP, TLS, CONNACK refusal, subscription refused).
+    pub failures: u64,
+    /// Whether the broker resumed a session on the latest connection.
+    pub session_present: bool,
+    /// The latest failure, as text.
+    pub last_error: Option<String>,
+}
+
+struct Shared {
+    stats: Mutex<SessionStats>,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut SessionStats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// A self-reconnecting MQTT session; see the [module docs](self).
+pub struct MqttSession {
+    current: watch::Receiver<Option<MqttClient>>,
+    orders: tokio::sync::Mutex<mpsc::Receiver<InboundMessage>>,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for MqttSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttSession")
+            .field("connected", &self.is_connected())
+            .finish()
+    }
+}
+
+impl MqttSession {
+    /// Starts connecting in the background (on the current tokio runtime). `subscriptions`
+    /// are (re)subscribed on every connection; incoming publishes on them are read with
+    /// [`OrderSource::next_order`]. Fails only for an invalid topic filter.
+    pub fn start(
+        options: MqttOptions,
+        tls: TlsIdentity,
+        subscriptions: &[(&str, QoS)],
+    ) -> Result<MqttSession, MqttError> {
+        let subscriptions: Vec<(String, QoS)> = subscriptions
+            .iter()
+            .map(|(f, q)| {
+                TopicFilter::new(*f)
+                    .map(|f| (f.as_str().to_owned(), *q))
+                    .map_err(MqttError::Unsendable)
+            })
+            .collect::<Result<_, _>>()?;
+        let (current_tx, current) = watch::channel(None);
+        let (orders_tx, orders) = mpsc::channel(256);
+        let shared = Arc::new(Shared {
+            stats: Mutex::new(SessionStats::default()),
+        });
+        let task = tokio::spawn(supervise(
+            options,
+            tls,
+            subscriptions,
+            current_tx,
+            orders_tx,
+            shared.clone(),
+        ));
+        Ok(MqttSession {
+            current,
+            orders: tokio::sync::Mutex::new(orders),
+            shared,
+            task,
+        })
+    }
+
+    /// The connected client now, if any.
+    pub fn client(&self) -> Option<MqttClient> {
+        self.current
+            .borrow()
+            .as_ref()
+            .filter(|c| c.is_connected())
+            .cloned()
+    }
+
+    /// Waits until connected (and subscribed), or until `timeout` passes. Returns whether it
+    /// is connected.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let mut rx = self.current.clone();
+        tokio::time::timeout(
+            timeout,
+            rx.wait_for(|c| c.as_ref().is_some_and(MqttClient::is_connected)),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    }
+
+    /// What the session has been through.
+    pub fn stats(&self) -> SessionStats {
+        self.shared
+            .stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for MqttSession {
+    fn drop(&mut self) {
+        // Ends the supervisor; the client's last clone goes with it and sends DISCONNECT.
+        self.task.abort();
+    }
+}
+
+async fn supervise(
+    options: MqttOptions,
+    tls: TlsIdentity,
+    subscriptions: Vec<(String, QoS)>,
+    current: watch::Sender<Option<MqttClient>>,
+    orders: mpsc::Sender<InboundMessage>,
+    shared: Arc<Shared>,
+) {
+    let mut failures: u32 = 0;
+    loop {
+        if failures > 0 {
+            tokio::time::sleep(backoff(failures - 1)).await;
+        }
+        let (client, session_present, mut incoming) =
+            match MqttClient::connect(&options, &tls).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, failures, "MQTT connect failed");
+                    failures = failures.saturating_add(1);
+                    shared.update(|s| {
+                        s.failures += 1;
+                        s.last_error = Some(e.to_string());
+                    });
+                    continue;
+                }
+            };
+        // Forward incoming publishes from the start: with a resumed session the broker may
+        // deliver queued orders before the SUBACK, and the connection must not stall on them.
+        let forward = {
+            let orders = orders.clone();
+            tokio::spawn(async move {
+                while let Some(m) = incoming.recv().await {
+                    if orders.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let filters: Vec<(&str, QoS)> = subscriptions
+            .iter()
+            .map(|(f, q)| (f.as_str(), *q))
+            .collect();
+        let subscribed = if filters.is_empty() {
+            Ok(())
+        } else {
+            match client.subscribe(&filters).await {
+                Ok(granted) if granted.iter().all(Option::is_some) => Ok(()),
+                Ok(_) => Err("the broker refused a subscription".to_owned()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        if let Err(e) = subscribed {
+            tracing::warn!(error = %e, "MQTT subscribe failed");
+            failures = failures.saturating_add(1);
+            shared.update(|s| {
+                s.failures += 1;
+                s.last_error = Some(e);
+            });
+            drop(client);
+            forward.abort();
+            continue;
+        }
+        shared.update(|s| {
+            s.connects += 1;
+            s.session_present = session_present;
+        });
+        let _ = current.send(Some(client.clone()));
+        client.closed().await;
+        let _ = current.send(None);
+        drop(client);
+        // Let the last deliveries of this connection reach the order stream.
+        let _ = forward.await;
+        shared.update(|s| s.last_error = Some("connection closed".into()));
+        // A short pause before the first retry; longer ones if it keeps failing.
+        failures = 1;
+    }
+}
+
+#[async_trait]
+impl Uplink for MqttSession {
+    async fn publish(&self, message: &OutboundMessage) -> Result<(), TransportError> {
+        let client = self.client().ok_or(TransportError::Unavailable)?;
+        client
+            .publish(
+                &message.topic,
+                message.payload.clone(),
+                QoS::AtLeastOnce,
+                false,
+            )
+            .await
+            .map_err(TransportError::from)
+    }
+
+    async fn publish_many(&self, messages: &[OutboundMessage]) -> Vec<Result<(), TransportError>> {
+        let Some(client) = self.client() else {
+            return messages
+                .iter()
+                .map(|_| Err(TransportError::Unavailable))
+                .collect();
+        };
+        // Hand them over in order (the window limits how many wait for a PUBACK at once),
+        // then collect the acknowledgements.
+        let mut pending: Vec<Result<PendingAck, TransportError>> =
+            Vec::with_capacity(messages.len());
+        for m in messages {
+            let sent = client
+                .send_publish(&m.topic, m.payload.clone(), QoS::AtLeastOnce, false)
+                .await
+                .map_err(TransportError::from);
+            pending.push(sent);
+        }
+        let mut results = Vec::with_capacity(messages.len());
+        for p in pending {
+            results.push(match p {
+                Ok(ack) => ack.acked().await.map_err(TransportError::from),
+                Err(e) => Err(e),
+            });
+        }
+        results
+    }
+
+    fn is_connected(&self) -> bool {
+        self.client().is_some()
+    }
+}
+
+#[async_trait]
+impl OrderSource for MqttSession {
+    async fn next_order(&self) -> Result<InboundMessage, TransportError> {
+        self.orders
+            .lock()
+            .await
+            .recv()
+            .await
+            .ok_or(TransportError::Closed)
+    }
+}
