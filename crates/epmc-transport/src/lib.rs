@@ -117,11 +117,17 @@ pub trait Uplink: Send + Sync {
     async fn publish(&self, message: &OutboundMessage) -> Result<(), TransportError>;
     /// Publishes several messages in this order and returns one result per message, in the
     /// same order. An uplink that can pipeline (MQTT within its in-flight window) overrides
-    /// this; the default sends one at a time and stops trying after the first failure.
+    /// this; the default sends one at a time and, after the first failure of the link,
+    /// answers the rest with [`TransportError::Unavailable`] without trying them.
     async fn publish_many(&self, messages: &[OutboundMessage]) -> Vec<Result<(), TransportError>> {
         let mut results = Vec::with_capacity(messages.len());
         for m in messages {
-            let r = if results.iter().any(Result::is_err) {
+            // After a link failure the rest would fail too; a message refused on its own
+            // (`BadInput`) does not stop the others.
+            let link_failed = results
+                .iter()
+                .any(|r| matches!(r, Err(e) if !matches!(e, TransportError::BadInput(_))));
+            let r = if link_failed {
                 Err(TransportError::Unavailable)
             } else {
                 self.publish(m).await

@@ -115,3 +115,141 @@ async fn scripted_projector_answers_refuses_and_times_out() {
     );
     assert_eq!(p.executed(), vec!["PWR?", "SOURCE 70", "LAMP?"]);
 }
+
+mod forwarding {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    use async_trait::async_trait;
+    use epmc_transport::forward::{ForwardError, Forwarder};
+
+    fn outbox_with(n: u8) -> (tempfile::TempDir, Arc<Mutex<Outbox>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut outbox = Outbox::open(dir.path(), Limits::default()).unwrap();
+        for i in 0..n {
+            outbox.push(msg(i)).unwrap();
+        }
+        (dir, Arc::new(Mutex::new(outbox)))
+    }
+
+    fn left(outbox: &Mutex<Outbox>) -> Vec<u8> {
+        outbox
+            .lock()
+            .unwrap()
+            .pending()
+            .map(|h| h.message.payload[0])
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn drains_in_order_and_keeps_what_was_not_acknowledged() {
+        let (_dir, outbox) = outbox_with(10);
+        let (uplink, mut server) = memory_uplink(16);
+        let forwarder = Forwarder::new(outbox.clone(), Arc::new(uplink)).with_batch(4);
+        // The server acknowledges six, then loses the seventh PUBACK.
+        let srv = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(d) = server.recv().await {
+                got.push(d.message.payload[0]);
+                if got.len() <= 6 {
+                    d.ack();
+                } else {
+                    return got;
+                }
+            }
+            got
+        });
+        let err = forwarder.drain().await.unwrap_err();
+        assert!(
+            matches!(err, ForwardError::Uplink(TransportError::Closed)),
+            "{err}"
+        );
+        assert_eq!(srv.await.unwrap(), vec![0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(left(&outbox), vec![6, 7, 8, 9]);
+        let stats = forwarder.stats();
+        assert_eq!((stats.sent, stats.stalls, stats.rejected), (6, 1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_disconnected_uplink_leaves_everything_in_place() {
+        let (_dir, outbox) = outbox_with(3);
+        let (uplink, server) = memory_uplink(4);
+        server.set_connected(false);
+        let forwarder = Forwarder::new(outbox.clone(), Arc::new(uplink));
+        let err = forwarder.drain().await.unwrap_err();
+        assert!(
+            matches!(err, ForwardError::Uplink(TransportError::Unavailable)),
+            "{err}"
+        );
+        assert_eq!(left(&outbox), vec![0, 1, 2]);
+    }
+
+    /// An uplink that can never send messages on the topic `poison`, and acknowledges the rest.
+    struct Picky(Mutex<Vec<u8>>);
+
+    #[async_trait]
+    impl Uplink for Picky {
+        async fn publish(&self, m: &OutboundMessage) -> Result<(), TransportError> {
+            if m.topic == "poison" {
+                return Err(TransportError::BadInput("too large".into()));
+            }
+            self.0.lock().unwrap().push(m.payload[0]);
+            Ok(())
+        }
+        fn is_connected(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_that_can_never_be_sent_does_not_block_the_rest() {
+        let (_dir, outbox) = outbox_with(2);
+        let mut poison = msg(9);
+        poison.topic = "poison".into();
+        poison.id = MessageId::from_bytes([0xEE; 16]);
+        outbox.lock().unwrap().push(poison).unwrap();
+        outbox.lock().unwrap().push(msg(3)).unwrap();
+        let uplink = Arc::new(Picky(Mutex::new(Vec::new())));
+        let forwarder = Forwarder::new(outbox.clone(), uplink.clone());
+        assert_eq!(forwarder.drain().await.unwrap(), 3);
+        assert_eq!(*uplink.0.lock().unwrap(), vec![0, 1, 3]);
+        assert!(outbox.lock().unwrap().is_empty());
+        assert_eq!(forwarder.stats().rejected, 1);
+    }
+
+    #[tokio::test]
+    async fn run_sends_new_messages_when_woken_and_stops_on_shutdown() {
+        let (_dir, outbox) = outbox_with(0);
+        let uplink = Arc::new(Picky(Mutex::new(Vec::new())));
+        let forwarder = Arc::new(Forwarder::new(outbox.clone(), uplink.clone()));
+        let wake = forwarder.waker();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // A retry interval of an hour: only the waker can make it send promptly.
+        let run = tokio::spawn({
+            let forwarder = forwarder.clone();
+            async move {
+                forwarder
+                    .run(Duration::from_secs(3600), async {
+                        let _ = stopped.await;
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        outbox.lock().unwrap().push(msg(42)).unwrap();
+        wake.notify_one();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !outbox.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("sent after the wake-up");
+        assert_eq!(*uplink.0.lock().unwrap(), vec![42]);
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("stops on shutdown")
+            .unwrap();
+    }
+}

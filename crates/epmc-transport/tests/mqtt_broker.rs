@@ -304,7 +304,10 @@ async fn forwarder_loses_nothing_when_the_broker_restarts_mid_run() {
     assert!(left_at_restart > 0, "the restart came mid-run");
     assert!(session.stats().connects >= 2, "{:?}", session.stats());
     let stats = forwarder.stats();
-    assert!(stats.stalls >= 1, "the restart interrupted the run: {stats:?}");
+    assert!(
+        stats.stalls >= 1,
+        "the restart interrupted the run: {stats:?}"
+    );
     assert_eq!(stats.rejected, 0);
     assert_eq!(stats.sent, u64::from(N));
     let got: Vec<u16> = tokio::time::timeout(Duration::from_secs(90), watcher)
