@@ -482,7 +482,9 @@ fn bad_tls_material_is_a_clear_error() {
     let ca = Ca::new("Test CA");
     let (cert, key) = ca.client(A);
     let (_, other_key) = ca.client("someone-else");
-    let cases: [(&str, &[u8], &[u8], &[u8]); 5] = [
+    /// What is wrong, CA PEM, certificate PEM, key PEM.
+    type Case<'a> = (&'a str, &'a [u8], &'a [u8], &'a [u8]);
+    let cases: [Case; 5] = [
         ("no CA", b"", cert.as_bytes(), key.as_bytes()),
         (
             "CA not PEM",
