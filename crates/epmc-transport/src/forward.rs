@@ -1,23 +1,25 @@
 //! The [`Forwarder`]: drains the durable [`Outbox`] through an [`Uplink`].
 //!
-//! Messages go out oldest first, a batch at a time through [`Uplink::publish_many`] (so MQTT
-//! pipelines them within its in-flight window, in order), and each leaves the outbox only
-//! once the server acknowledged it. After a failure the unacknowledged messages stay and the
-//! next attempt starts again from the oldest one: delivery is at least once and in order
-//! (the server de-duplicates by message id).
+//! Messages go out oldest first through [`Uplink::start_publish`], which hands each over in
+//! order without waiting for its acknowledgement, so up to a window of them are in flight at
+//! once (the pipe never drains between batches); each leaves the outbox only once the server
+//! acknowledged it. After a failure the unacknowledged messages stay and the next attempt
+//! starts again from the oldest one: delivery is at least once and in order (the server
+//! de-duplicates by message id).
 //!
 //! A message the uplink can never send (larger than the MQTT maximum packet size, a topic
 //! with wildcards) would block everything behind it forever: it is removed, logged at error
 //! level with its id, and counted in [`ForwardStats::rejected`].
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::outbox::{Outbox, OutboxError};
-use crate::{OutboundMessage, TransportError, Uplink};
+use crate::outbox::{Held, Outbox, OutboxError};
+use crate::{PendingPublish, TransportError, Uplink};
 
 /// Why a drain stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +48,7 @@ pub struct ForwardStats {
 pub struct Forwarder {
     outbox: Arc<Mutex<Outbox>>,
     uplink: Arc<dyn Uplink>,
-    batch: usize,
+    window: usize,
     wake: Arc<Notify>,
     stats: Mutex<ForwardStats>,
 }
@@ -54,27 +56,28 @@ pub struct Forwarder {
 impl std::fmt::Debug for Forwarder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Forwarder")
-            .field("batch", &self.batch)
+            .field("window", &self.window)
             .field("stats", &self.stats())
             .finish()
     }
 }
 
 impl Forwarder {
-    /// A forwarder sending batches of 32.
+    /// A forwarder keeping up to 64 messages in flight.
     pub fn new(outbox: Arc<Mutex<Outbox>>, uplink: Arc<dyn Uplink>) -> Forwarder {
         Forwarder {
             outbox,
             uplink,
-            batch: 32,
+            window: 64,
             wake: Arc::new(Notify::new()),
             stats: Mutex::new(ForwardStats::default()),
         }
     }
 
-    /// Sets how many messages are handed to the uplink at once (at least 1).
-    pub fn with_batch(mut self, batch: usize) -> Forwarder {
-        self.batch = batch.max(1);
+    /// Sets how many messages may wait for their acknowledgement at once (at least 1; the
+    /// uplink's own window may be smaller).
+    pub fn with_window(mut self, window: usize) -> Forwarder {
+        self.window = window.max(1);
         self
     }
 
@@ -97,48 +100,57 @@ impl Forwarder {
     }
 
     /// Sends everything the outbox holds, oldest first, until it is empty (returns how many
-    /// messages the server acknowledged) or the uplink fails.
+    /// messages the server acknowledged) or the uplink fails. Messages pushed meanwhile are
+    /// sent too.
     pub async fn drain(&self) -> Result<u64, ForwardError> {
         let mut sent = 0;
-        loop {
-            let batch = self.outbox().batch(0, self.batch);
-            if batch.is_empty() {
-                return Ok(sent);
-            }
-            let messages: Vec<OutboundMessage> = batch.iter().map(|h| h.message.clone()).collect();
-            let results = self.uplink.publish_many(&messages).await;
-            let mut failure = None;
-            let (mut acked, mut rejected) = (0, 0);
-            {
-                let mut outbox = self.outbox();
-                for (held, result) in batch.iter().zip(results) {
-                    match result {
-                        Ok(()) => {
-                            outbox.ack(held.seq)?;
-                            acked += 1;
-                        }
-                        Err(TransportError::BadInput(why)) => {
-                            tracing::error!(id = ?held.message.id, topic = %held.message.topic, %why,
-                                "the uplink can never send this message: removed from the outbox");
-                            outbox.ack(held.seq)?;
-                            rejected += 1;
-                        }
-                        Err(e) => {
-                            failure.get_or_insert(e);
-                        }
-                    }
+        let mut next_seq = 0;
+        let mut in_flight: VecDeque<(Held, PendingPublish)> = VecDeque::new();
+        let mut failed = None;
+        let outcome = loop {
+            // Keep the window full, in outbox order, until something fails.
+            while failed.is_none() && in_flight.len() < self.window {
+                let Some(held) = self.outbox().batch(next_seq, 1).pop() else {
+                    break;
+                };
+                next_seq = held.seq + 1;
+                match self.uplink.start_publish(&held.message).await {
+                    Ok(pending) => in_flight.push_back((held, pending)),
+                    Err(TransportError::BadInput(why)) => self.reject(&held, &why)?,
+                    Err(e) => failed = Some(e),
                 }
             }
-            sent += acked;
-            self.count(|s| {
-                s.sent += acked;
-                s.rejected += rejected;
-                s.stalls += u64::from(failure.is_some());
-            });
-            if let Some(e) = failure {
-                return Err(e.into());
+            // Those already handed over may still be acknowledged.
+            let Some((held, pending)) = in_flight.pop_front() else {
+                break failed.map_or(Ok(()), Err);
+            };
+            match pending.await {
+                Ok(()) => {
+                    self.outbox().ack(held.seq)?;
+                    sent += 1;
+                    self.count(|s| s.sent += 1);
+                }
+                Err(TransportError::BadInput(why)) => self.reject(&held, &why)?,
+                Err(e) => break Err(e),
+            }
+        };
+        // Whatever is still in flight stays in the outbox and goes again next time.
+        drop(in_flight);
+        match outcome {
+            Ok(()) => Ok(sent),
+            Err(e) => {
+                self.count(|s| s.stalls += 1);
+                Err(e.into())
             }
         }
+    }
+
+    fn reject(&self, held: &Held, why: &str) -> Result<(), ForwardError> {
+        tracing::error!(id = ?held.message.id, topic = %held.message.topic, %why,
+            "the uplink can never send this message: removed from the outbox");
+        self.outbox().ack(held.seq)?;
+        self.count(|s| s.rejected += 1);
+        Ok(())
     }
 
     /// Drains whenever there is something to send, until `shutdown` completes: after a

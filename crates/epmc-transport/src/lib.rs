@@ -4,8 +4,8 @@
 //!   logic runs unchanged over MQTT/TLS in production and over [`memory`] transports in tests.
 //! - [`outbox`]: the durable store-and-forward queue: written and synced before publishing,
 //!   removed only after the server's acknowledgement, replayed in order after a crash.
-//! - [`forward`]: drains the outbox through an uplink, pipelined, acknowledging only what
-//!   the server acknowledged.
+//! - [`forward`]: drains the outbox through an uplink, pipelined in order, removing only
+//!   what the server acknowledged.
 //! - [`mqtt`]: the MQTT 3.1.1 packet codec (sans-IO); [`client`]: one MQTT connection over
 //!   TLS with a client certificate; [`session`]: the reconnecting session the agent uses as
 //!   its uplink and order source.
@@ -23,6 +23,8 @@ pub mod outbox;
 pub mod session;
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -110,31 +112,24 @@ pub enum TransportError {
     Io(#[from] std::io::Error),
 }
 
+/// A publish handed to an [`Uplink`]: resolves once the server acknowledged it.
+pub type PendingPublish = Pin<Box<dyn Future<Output = Result<(), TransportError>> + Send>>;
+
 /// Publishes messages to the server.
 #[async_trait]
 pub trait Uplink: Send + Sync {
     /// Publishes one message and returns once the server acknowledged it (QoS 1 PUBACK).
     async fn publish(&self, message: &OutboundMessage) -> Result<(), TransportError>;
-    /// Publishes several messages in this order and returns one result per message, in the
-    /// same order. An uplink that can pipeline (MQTT within its in-flight window) overrides
-    /// this; the default sends one at a time and, after the first failure of the link,
-    /// answers the rest with [`TransportError::Unavailable`] without trying them.
-    async fn publish_many(&self, messages: &[OutboundMessage]) -> Vec<Result<(), TransportError>> {
-        let mut results = Vec::with_capacity(messages.len());
-        for m in messages {
-            // After a link failure the rest would fail too; a message refused on its own
-            // (`BadInput`) does not stop the others.
-            let link_failed = results
-                .iter()
-                .any(|r| matches!(r, Err(e) if !matches!(e, TransportError::BadInput(_))));
-            let r = if link_failed {
-                Err(TransportError::Unavailable)
-            } else {
-                self.publish(m).await
-            };
-            results.push(r);
-        }
-        results
+    /// Hands a message over and returns without waiting for the server's acknowledgement,
+    /// which the returned future resolves to; messages handed over one after another are
+    /// sent in that order, so a caller can pipeline them. Waits while the uplink's in-flight
+    /// window is full. The default publishes fully first, then returns a ready future.
+    async fn start_publish(
+        &self,
+        message: &OutboundMessage,
+    ) -> Result<PendingPublish, TransportError> {
+        let result = self.publish(message).await;
+        Ok(Box::pin(std::future::ready(result)))
     }
     /// Whether the uplink is connected now.
     fn is_connected(&self) -> bool;

@@ -13,9 +13,9 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use tokio::sync::{mpsc, watch};
 
-use crate::client::{MqttClient, MqttError, MqttOptions, PendingAck, TlsIdentity};
+use crate::client::{MqttClient, MqttError, MqttOptions, TlsIdentity};
 use crate::mqtt::{QoS, TopicFilter};
-use crate::{InboundMessage, OrderSource, OutboundMessage, TransportError, Uplink};
+use crate::{InboundMessage, OrderSource, OutboundMessage, PendingPublish, TransportError, Uplink};
 
 /// Back-off after `failures` consecutive failures: 0.5 s doubling to at most 60 s, plus up to
 /// 25 % jitter (so a fleet of agents does not reconnect in step after a server restart).
@@ -237,32 +237,22 @@ impl Uplink for MqttSession {
             .map_err(TransportError::from)
     }
 
-    async fn publish_many(&self, messages: &[OutboundMessage]) -> Vec<Result<(), TransportError>> {
-        let Some(client) = self.client() else {
-            return messages
-                .iter()
-                .map(|_| Err(TransportError::Unavailable))
-                .collect();
-        };
-        // Hand them over in order (the window limits how many wait for a PUBACK at once),
-        // then collect the acknowledgements.
-        let mut pending: Vec<Result<PendingAck, TransportError>> =
-            Vec::with_capacity(messages.len());
-        for m in messages {
-            let sent = client
-                .send_publish(&m.topic, m.payload.clone(), QoS::AtLeastOnce, false)
-                .await
-                .map_err(TransportError::from);
-            pending.push(sent);
-        }
-        let mut results = Vec::with_capacity(messages.len());
-        for p in pending {
-            results.push(match p {
-                Ok(ack) => ack.acked().await.map_err(TransportError::from),
-                Err(e) => Err(e),
-            });
-        }
-        results
+    async fn start_publish(
+        &self,
+        message: &OutboundMessage,
+    ) -> Result<PendingPublish, TransportError> {
+        let client = self.client().ok_or(TransportError::Unavailable)?;
+        let ack = client
+            .send_publish(
+                &message.topic,
+                message.payload.clone(),
+                QoS::AtLeastOnce,
+                false,
+            )
+            .await?;
+        Ok(Box::pin(async move {
+            ack.acked().await.map_err(TransportError::from)
+        }))
     }
 
     fn is_connected(&self) -> bool {

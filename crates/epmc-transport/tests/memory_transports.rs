@@ -145,7 +145,7 @@ mod forwarding {
     async fn drains_in_order_and_keeps_what_was_not_acknowledged() {
         let (_dir, outbox) = outbox_with(10);
         let (uplink, mut server) = memory_uplink(16);
-        let forwarder = Forwarder::new(outbox.clone(), Arc::new(uplink)).with_batch(4);
+        let forwarder = Forwarder::new(outbox.clone(), Arc::new(uplink)).with_window(4);
         // The server acknowledges six, then loses the seventh PUBACK.
         let srv = tokio::spawn(async move {
             let mut got = Vec::new();

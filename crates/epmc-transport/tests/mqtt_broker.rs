@@ -267,7 +267,7 @@ async fn forwarder_loses_nothing_when_the_broker_restarts_mid_run() {
     opts.in_flight = 16;
     let session = Arc::new(MqttSession::start(opts, broker.ca.identity(A), &[]).unwrap());
     assert!(session.wait_connected(BOUND).await);
-    let forwarder = Arc::new(Forwarder::new(outbox.clone(), session.clone()).with_batch(64));
+    let forwarder = Arc::new(Forwarder::new(outbox.clone(), session.clone()).with_window(64));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn({
         let forwarder = forwarder.clone();

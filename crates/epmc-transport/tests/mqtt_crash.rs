@@ -68,7 +68,7 @@ async fn publisher_child() {
     let outbox = Arc::new(Mutex::new(
         Outbox::open(dir.join("outbox"), Limits::default()).unwrap(),
     ));
-    let forwarder = Arc::new(Forwarder::new(outbox.clone(), session).with_batch(8));
+    let forwarder = Arc::new(Forwarder::new(outbox.clone(), session).with_window(8));
     let wake = forwarder.waker();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn({
