@@ -12,6 +12,47 @@
 //!
 //! Payloads are opaque bytes here (the JSON contract lives in `epmc-proto`), and projector
 //! commands are raw ESC/VP21 text (the agent adapts the `escvp` client to [`ProjectorLink`]).
+//!
+//! MQTT packets are encoded by our own codec rather than a library: `mqttbytes`, the one the
+//! design first named, has had no release since its code moved into `rumqttc` in 2022, and
+//! `rumqttc` pins a `rustls-webpki` with open advisories. The subset a QoS 1 client needs is
+//! small; it is fuzzed and checked byte for byte against `rumqttc`'s codec in the tests (see
+//! [`mqtt`]).
+//!
+//! # The agent's wiring
+//!
+//! ```no_run
+//! # async fn wire() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::{Arc, Mutex};
+//! use std::time::Duration;
+//! use epmc_transport::client::{MqttOptions, TlsIdentity};
+//! use epmc_transport::forward::Forwarder;
+//! use epmc_transport::mqtt::QoS;
+//! use epmc_transport::outbox::{Limits, Outbox};
+//! use epmc_transport::session::MqttSession;
+//! use epmc_transport::OrderSource;
+//!
+//! let agent = "6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f";
+//! let tls = TlsIdentity::from_files("ca.crt", "agent.crt", "agent.key")?;
+//! let options = MqttOptions::new("127.0.0.1:8883".parse()?, "epmc.example", agent);
+//! let orders = format!("epmc/v1/agents/{agent}/orders");
+//! let session = Arc::new(MqttSession::start(options, tls, &[(&orders, QoS::AtLeastOnce)])?);
+//! let outbox = Arc::new(Mutex::new(Outbox::open("/var/lib/epmc/outbox", Limits::default())?));
+//! let forwarder = Arc::new(Forwarder::new(outbox.clone(), session.clone()));
+//! let wake = forwarder.waker();
+//! tokio::spawn({
+//!     let forwarder = forwarder.clone();
+//!     async move { forwarder.run(Duration::from_secs(1), std::future::pending()).await }
+//! });
+//! // Collectors push (synced to disk before `push` returns), then wake the forwarder:
+//! // outbox.lock().unwrap().push(message)?; wake.notify_one();
+//! # let _ = wake;
+//! // Orders arrive on one stream across reconnections:
+//! let order = session.next_order().await?;
+//! # let _ = order;
+//! # Ok(())
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

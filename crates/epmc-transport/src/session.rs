@@ -271,3 +271,27 @@ impl OrderSource for MqttSession {
             .ok_or(TransportError::Closed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_from_half_a_second_to_a_minute_with_up_to_a_quarter_of_jitter() {
+        for (failures, base) in [(0, 500), (1, 1000), (2, 2000), (6, 32_000), (7, 60_000)] {
+            let base = Duration::from_millis(base);
+            for _ in 0..20 {
+                let b = backoff(failures);
+                assert!(b >= base && b <= base + base / 4, "{failures}: {b:?}");
+            }
+        }
+        for failures in [8, 30, u32::MAX] {
+            let b = backoff(failures);
+            assert!(
+                b >= Duration::from_secs(60) && b <= Duration::from_secs(75),
+                "{b:?}"
+            );
+        }
+    }
+}

@@ -38,7 +38,19 @@ struct Fake {
 
 impl Fake {
     async fn start(versions: &[&'static rustls::SupportedProtocolVersion]) -> Fake {
-        let ca = Ca::new("Fake Broker CA");
+        Fake::start_on(
+            versions,
+            "127.0.0.1:0".parse().unwrap(),
+            Ca::new("Fake Broker CA"),
+        )
+        .await
+    }
+
+    async fn start_on(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        addr: SocketAddr,
+        ca: Ca,
+    ) -> Fake {
         let (cert, key) = ca.server(&["localhost", "127.0.0.1"]);
         let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
             .collect::<Result<Vec<_>, _>>()
@@ -54,7 +66,7 @@ impl Fake {
         config.alpn_protocols = vec![b"mqtt".to_vec()];
         Fake {
             ca,
-            listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            listener: TcpListener::bind(addr).await.unwrap(),
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
         }
     }
@@ -522,4 +534,63 @@ fn bad_tls_material_is_a_clear_error() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("/nonexistent/ca.crt"), "{err}");
+}
+
+/// With no broker the session keeps trying, backing off; once one listens it connects,
+/// subscribes, and is an uplink.
+#[tokio::test]
+async fn the_session_backs_off_then_connects_when_the_broker_appears() {
+    use epmc_transport::session::MqttSession;
+    use epmc_transport::{MessageId, OutboundMessage, Priority, TransportError, Uplink};
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let ca = Ca::new("Fake Broker CA");
+    let session = MqttSession::start(
+        MqttOptions::new(addr, "localhost", A),
+        ca.identity(A),
+        &[("epmc/v1/agents/x/orders", QoS::AtLeastOnce)],
+    )
+    .unwrap();
+    let message = OutboundMessage {
+        id: MessageId::from_bytes([1; 16]),
+        topic: "epmc/v1/agents/x/telemetry".into(),
+        payload: Bytes::from_static(b"m"),
+        priority: Priority::Routine,
+    };
+    assert!(matches!(
+        session.publish(&message).await,
+        Err(TransportError::Unavailable)
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Attempts at about 0 s, 0.5 s and 1.5 s (plus jitter): a few, not a busy loop.
+    let failures = session.stats().failures;
+    assert!((1..=4).contains(&failures), "{:?}", session.stats());
+    assert!(!session.is_connected());
+
+    let fake = Fake::start_on(&[&rustls::version::TLS13], addr, ca).await;
+    let (mut conn, connect) = tokio::time::timeout(Duration::from_secs(20), fake.accept())
+        .await
+        .expect("the session retries within its back-off");
+    assert!(
+        !connect.clean_session,
+        "a persistent session for the orders"
+    );
+    conn.connack(ConnectReturn::Accepted).await;
+    match within(conn.read()).await {
+        Some(Packet::Subscribe(id, filters)) => {
+            assert_eq!(filters.len(), 1);
+            assert_eq!(filters[0].0.as_str(), "epmc/v1/agents/x/orders");
+            conn.send(&Packet::SubAck(id, vec![Some(QoS::AtLeastOnce)]))
+                .await;
+        }
+        other => panic!("expected SUBSCRIBE, got {other:?}"),
+    }
+    assert!(session.wait_connected(BOUND).await);
+    let publish = tokio::spawn(async move { session.publish(&message).await });
+    let p = publish_of(within(conn.read()).await);
+    assert_eq!(&p.payload[..], b"m");
+    conn.send(&Packet::PubAck(p.packet_id.unwrap())).await;
+    within(publish).await.unwrap().unwrap();
 }
