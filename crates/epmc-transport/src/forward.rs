@@ -16,7 +16,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 
 use crate::outbox::{Held, Outbox, OutboxError};
 use crate::{PendingPublish, TransportError, Uplink};
@@ -153,6 +153,20 @@ impl Forwarder {
         Ok(())
     }
 
+    /// Runs [`Forwarder::run`] in a task of its own until [`Running::stop`].
+    pub fn spawn(self: &Arc<Self>, retry: Duration) -> Running {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let forwarder = self.clone();
+        let task = tokio::spawn(async move {
+            forwarder
+                .run(retry, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Running { stop, task }
+    }
+
     /// Drains whenever there is something to send, until `shutdown` completes: after a
     /// failure it waits `retry` (the MQTT session backs off on its own), and when the outbox
     /// is empty it waits for [`Forwarder::waker`] or `retry`, whichever comes first.
@@ -183,5 +197,20 @@ impl Forwarder {
                 _ = &mut shutdown => return,
             }
         }
+    }
+}
+
+/// A forwarder running in its own task (see [`Forwarder::spawn`]).
+#[derive(Debug)]
+pub struct Running {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops it (between messages: what is in flight stays in the outbox) and waits.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
     }
 }

@@ -6,6 +6,10 @@
 //! While it is disconnected, publishing fails at once with [`TransportError::Unavailable`]:
 //! the caller's durable outbox keeps the message and a [`crate::forward::Forwarder`] tries
 //! again later. Orders from every connection arrive, in order, on one stream.
+//!
+//! Orders are acknowledged (PUBACK) once they are on that stream, which holds 256: read them
+//! promptly, since a connection whose orders cannot be delivered stops reading, and its
+//! publishes wait with it.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -153,6 +157,7 @@ async fn supervise(
     shared: Arc<Shared>,
 ) {
     let mut failures: u32 = 0;
+    let mut previous_forward: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         if failures > 0 {
             tokio::time::sleep(backoff(failures - 1)).await;
@@ -172,9 +177,15 @@ async fn supervise(
             };
         // Forward incoming publishes from the start: with a resumed session the broker may
         // deliver queued orders before the SUBACK, and the connection must not stall on them.
+        // Each connection's forwarder first lets the previous one finish, so orders stay in
+        // arrival order, and the supervisor never waits for a slow order reader.
         let forward = {
             let orders = orders.clone();
+            let previous = previous_forward.take();
             tokio::spawn(async move {
+                if let Some(previous) = previous {
+                    let _ = previous.await;
+                }
                 while let Some(m) = incoming.recv().await {
                     if orders.send(m).await.is_err() {
                         return;
@@ -203,7 +214,7 @@ async fn supervise(
                 s.last_error = Some(e);
             });
             drop(client);
-            forward.abort();
+            previous_forward = Some(forward);
             continue;
         }
         shared.update(|s| {
@@ -214,8 +225,7 @@ async fn supervise(
         client.closed().await;
         let _ = current.send(None);
         drop(client);
-        // Let the last deliveries of this connection reach the order stream.
-        let _ = forward.await;
+        previous_forward = Some(forward);
         shared.update(|s| s.last_error = Some("connection closed".into()));
         // A short pause before the first retry; longer ones if it keeps failing.
         failures = 1;

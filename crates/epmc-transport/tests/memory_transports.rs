@@ -223,18 +223,8 @@ mod forwarding {
         let uplink = Arc::new(Picky(Mutex::new(Vec::new())));
         let forwarder = Arc::new(Forwarder::new(outbox.clone(), uplink.clone()));
         let wake = forwarder.waker();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         // A retry interval of an hour: only the waker can make it send promptly.
-        let run = tokio::spawn({
-            let forwarder = forwarder.clone();
-            async move {
-                forwarder
-                    .run(Duration::from_secs(3600), async {
-                        let _ = stopped.await;
-                    })
-                    .await
-            }
-        });
+        let running = forwarder.spawn(Duration::from_secs(3600));
         tokio::time::sleep(Duration::from_millis(20)).await;
         outbox.lock().unwrap().push(msg(42)).unwrap();
         wake.notify_one();
@@ -246,10 +236,8 @@ mod forwarding {
         .await
         .expect("sent after the wake-up");
         assert_eq!(*uplink.0.lock().unwrap(), vec![42]);
-        stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), run)
+        tokio::time::timeout(Duration::from_secs(10), running.stop())
             .await
-            .expect("stops on shutdown")
-            .unwrap();
+            .expect("stops on shutdown");
     }
 }

@@ -13,17 +13,10 @@ use epmc_transport::mqtt::{QoS, TopicName, Will};
 use epmc_transport::outbox::{Limits, Outbox};
 use epmc_transport::session::MqttSession;
 use epmc_transport::{MessageId, OrderSource, OutboundMessage, Priority};
-use support::{Broker, Ca, Proxy};
+use support::{BOUND, Broker, Ca, Proxy, within};
 
 const A: &str = "6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f";
 const B: &str = "0b9e8d7c-6b5a-4f3e-8d2c-1b0a9f8e7d6c";
-const BOUND: Duration = Duration::from_secs(15);
-
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(BOUND, f)
-        .await
-        .expect("within the bound")
-}
 
 fn t(agent: &str, channel: &str) -> String {
     format!("epmc/v1/agents/{agent}/{channel}")
@@ -268,17 +261,7 @@ async fn forwarder_loses_nothing_when_the_broker_restarts_mid_run() {
     let session = Arc::new(MqttSession::start(opts, broker.ca.identity(A), &[]).unwrap());
     assert!(session.wait_connected(BOUND).await);
     let forwarder = Arc::new(Forwarder::new(outbox.clone(), session.clone()).with_window(64));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn({
-        let forwarder = forwarder.clone();
-        async move {
-            forwarder
-                .run(Duration::from_millis(50), async {
-                    let _ = stopped.await;
-                })
-                .await
-        }
-    });
+    let running = forwarder.spawn(Duration::from_millis(50));
     // Restart once a third has gone out, with publishes in flight.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while outbox.lock().unwrap().stats().messages > usize::from(N) * 2 / 3 {
@@ -299,8 +282,7 @@ async fn forwarder_loses_nothing_when_the_broker_restarts_mid_run() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = stop.send(());
-    run.await.unwrap();
+    running.stop().await;
     assert!(left_at_restart > 0, "the restart came mid-run");
     assert!(session.stats().connects >= 2, "{:?}", session.stats());
     let stats = forwarder.stats();

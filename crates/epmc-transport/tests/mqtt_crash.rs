@@ -70,17 +70,7 @@ async fn publisher_child() {
     ));
     let forwarder = Arc::new(Forwarder::new(outbox.clone(), session).with_window(8));
     let wake = forwarder.waker();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn({
-        let forwarder = forwarder.clone();
-        async move {
-            forwarder
-                .run(Duration::from_millis(50), async {
-                    let _ = stopped.await;
-                })
-                .await
-        }
-    });
+    let running = forwarder.spawn(Duration::from_millis(50));
     for n in start..start.saturating_add(count) {
         outbox.lock().unwrap().push(msg(n)).unwrap();
         println!("accepted {n}");
@@ -92,8 +82,7 @@ async fn publisher_child() {
     while !outbox.lock().unwrap().is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = stop.send(());
-    run.await.unwrap();
+    running.stop().await;
     println!("drained {}", outbox.lock().unwrap().is_empty());
 }
 

@@ -14,6 +14,16 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
 
+/// How long any single step of a test may take before it counts as hung.
+pub const BOUND: Duration = Duration::from_secs(15);
+
+/// Awaits `f`, failing the test if it takes longer than [`BOUND`].
+pub async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(BOUND, f)
+        .await
+        .expect("within the bound")
+}
+
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     pub pem: String,
