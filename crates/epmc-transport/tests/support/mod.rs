@@ -70,6 +70,7 @@ impl Ca {
     }
 }
 
+/// A Mosquitto for one test; its log goes to the test's stderr when `EPMC_BROKER_LOG` is set.
 pub struct Broker {
     child: Option<Child>,
     pub addr: SocketAddr,
@@ -140,7 +141,11 @@ impl Broker {
             .arg("-c")
             .arg(&self.config)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(if std::env::var_os("EPMC_BROKER_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("mosquitto starts");
         self.child = Some(child);
