@@ -86,7 +86,7 @@ fn request_line() -> impl Strategy<Value = (Vec<u8>, Command)> {
     let cmd = prop_oneof![
         Just(Command::Null),
         "[A-Z][A-Z0-9]{0,11}".prop_map(|n| Command::query(&n).expect("valid name")),
-        ("[A-Z][A-Z0-9]{0,11}", "[!-9;-~][ -9;-~]{0,20}[!-9;-~]")
+        ("[A-Z][A-Z0-9]{0,11}", "[!-9;-~]([ -9;-~]{0,20}[!-9;-~])?")
             .prop_map(|(n, p)| { Command::set(&n, &p).expect("valid name and parameter") }),
     ];
     (cmd, line_break()).prop_map(|(cmd, lb)| {

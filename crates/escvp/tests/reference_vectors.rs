@@ -91,6 +91,9 @@ fn status_codes() {
         assert_eq!(status.name(), Some(name));
         assert_eq!(format!("{status:?}"), format!("Status::{name}"));
     }
+    // The EH-QB1000 refusal from the reference, hex `4553432f56502e6e6574100300004500`.
+    let msg = net_round_trip(b"ESC/VP.net\x10\x03\x00\x00\x45\x00");
+    assert_eq!(msg.status(), Status::NOT_ALLOWED);
     let msg = net_round_trip(b"ESC/VP.net\x10\x03\x00\x00\x99\x00");
     assert_eq!(msg.status(), Status::new(0x99));
     assert_eq!(msg.status().name(), None);
@@ -158,6 +161,27 @@ fn six_header_password_vector() {
     assert_eq!(built.to_bytes(), bytes);
 }
 
+// §1.4: the PASSWORD request builder sends the Password and New-Password headers.
+#[test]
+fn password_change_request() {
+    let old = Password::new("old").expect("valid");
+    let new = Password::new("new-one").expect("valid");
+    let req = net_round_trip(&Message::password_request(Some(&old), Some(Some(&new))).to_bytes());
+    assert_eq!(req.kind(), MessageType::PASSWORD);
+    assert_eq!(req.headers().len(), 2);
+    assert_eq!(
+        req.header(HeaderId::PASSWORD).expect("old").info().text(),
+        b"old"
+    );
+    assert_eq!(
+        req.header(HeaderId::NEW_PASSWORD)
+            .expect("new")
+            .info()
+            .text(),
+        b"new-one"
+    );
+}
+
 // §1.9: HELLO request and the 3-header HELLO reply (name, IM type, command type 0x21).
 #[test]
 fn hello_request_and_reply() {
@@ -202,6 +226,14 @@ fn version_2_is_decoded_and_reported() {
 
 #[test]
 fn wrong_protocol_id_is_invalid_at_the_first_wrong_byte() {
+    // Something else entirely (an HTTP server on the port) fails at the first byte.
+    assert_eq!(
+        Message::decode(b"HTTP/1.1 200 OK\r\n"),
+        Err(DecodeError::Invalid {
+            offset: 0,
+            kind: InvalidKind::ProtocolId
+        })
+    );
     assert_eq!(
         Message::decode(b"ESC/VP.NET\x10\x03\x00\x00\x00\x00"),
         Err(DecodeError::Invalid {
