@@ -33,6 +33,9 @@ pub fn backoff(failures: u32) -> Duration {
     base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
 }
 
+/// A connection that lasted this long resets the back-off.
+const STABLE: Duration = Duration::from_secs(30);
+
 /// What the session has been through, for the agent's own status report.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SessionStats {
@@ -200,10 +203,11 @@ async fn supervise(
         let subscribed = if filters.is_empty() {
             Ok(())
         } else {
-            match client.subscribe(&filters).await {
-                Ok(granted) if granted.iter().all(Option::is_some) => Ok(()),
-                Ok(_) => Err("the broker refused a subscription".to_owned()),
-                Err(e) => Err(e.to_string()),
+            match tokio::time::timeout(options.connect_timeout, client.subscribe(&filters)).await {
+                Ok(Ok(granted)) if granted.iter().all(Option::is_some) => Ok(()),
+                Ok(Ok(_)) => Err("the broker refused a subscription".to_owned()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("no SUBACK in time".to_owned()),
             }
         };
         if let Err(e) = subscribed {
@@ -222,13 +226,19 @@ async fn supervise(
             s.session_present = session_present;
         });
         let _ = current.send(Some(client.clone()));
+        let connected_at = tokio::time::Instant::now();
         client.closed().await;
         let _ = current.send(None);
         drop(client);
         previous_forward = Some(forward);
         shared.update(|s| s.last_error = Some("connection closed".into()));
-        // A short pause before the first retry; longer ones if it keeps failing.
-        failures = 1;
+        // After a connection that lasted, a short pause before the first retry; a broker
+        // that keeps closing connections at once gets ever longer pauses.
+        failures = if connected_at.elapsed() >= STABLE {
+            1
+        } else {
+            failures.saturating_add(1)
+        };
     }
 }
 
