@@ -591,12 +591,10 @@ impl Driver {
             Packet::SubAck(id, codes) => {
                 if let Some((done, n)) = self.pending_sub.remove(&id) {
                     if codes.len() != n {
-                        let _ = done.send(Err(MqttError::Protocol(PacketError::Malformed(
-                            "SUBACK code count differs from the SUBSCRIBE",
-                        ))));
-                        return Err(MqttError::Protocol(PacketError::Malformed(
-                            "SUBACK code count differs from the SUBSCRIBE",
-                        )));
+                        let e =
+                            PacketError::Malformed("SUBACK code count differs from the SUBSCRIBE");
+                        let _ = done.send(Err(MqttError::Protocol(e.clone())));
+                        return Err(MqttError::Protocol(e));
                     }
                     let _ = done.send(Ok(codes));
                 }

@@ -40,16 +40,14 @@
 //! let outbox = Arc::new(Mutex::new(Outbox::open("/var/lib/epmc/outbox", Limits::default())?));
 //! let forwarder = Arc::new(Forwarder::new(outbox.clone(), session.clone()));
 //! let wake = forwarder.waker();
-//! tokio::spawn({
-//!     let forwarder = forwarder.clone();
-//!     async move { forwarder.run(Duration::from_secs(1), std::future::pending()).await }
-//! });
+//! let running = forwarder.spawn(Duration::from_secs(1)); // `running.stop().await` at shutdown
 //! // Collectors push (synced to disk before `push` returns), then wake the forwarder:
 //! // outbox.lock().unwrap().push(message)?; wake.notify_one();
 //! # let _ = wake;
 //! // Orders arrive on one stream across reconnections:
 //! let order = session.next_order().await?;
 //! # let _ = order;
+//! # running.stop().await;
 //! # Ok(())
 //! # }
 //! ```

@@ -245,16 +245,7 @@ async fn supervise(
 #[async_trait]
 impl Uplink for MqttSession {
     async fn publish(&self, message: &OutboundMessage) -> Result<(), TransportError> {
-        let client = self.client().ok_or(TransportError::Unavailable)?;
-        client
-            .publish(
-                &message.topic,
-                message.payload.clone(),
-                QoS::AtLeastOnce,
-                false,
-            )
-            .await
-            .map_err(TransportError::from)
+        self.start_publish(message).await?.await
     }
 
     async fn start_publish(
