@@ -2,6 +2,8 @@
 //!
 //! - Object-safe async traits ([`Uplink`], [`OrderSource`], [`ProjectorLink`]) so the agent's
 //!   logic runs unchanged over MQTT/TLS in production and over [`memory`] transports in tests.
+//! - [`storage`]: the file operations durable logs use, with a simulated file system that
+//!   loses what was not synced, for power-loss tests.
 //! - [`outbox`]: the durable store-and-forward queue: written and synced before publishing,
 //!   removed only after the server's acknowledgement, replayed in order after a crash.
 //! - [`forward`]: drains the outbox through an uplink, pipelined in order, removing only
@@ -60,6 +62,7 @@ pub mod memory;
 pub mod mqtt;
 pub mod outbox;
 pub mod session;
+pub mod storage;
 
 use std::fmt;
 use std::future::Future;
