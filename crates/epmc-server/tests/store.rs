@@ -101,6 +101,7 @@ both!(
     prune_removes_old_history_and_events,
     revoked_agent_is_refused,
     status_change_event_updates_latest_status,
+    concurrent_batches_creating_the_same_device_both_store,
 );
 
 fn t(unix: i64) -> Timestamp {
@@ -1041,7 +1042,13 @@ async fn prune_removes_old_history_and_events(db: Db) {
                 )),
             ),
             item(agent, Channel::Events, json(event("X1", base))),
-            item(agent, Channel::Events, json(event("X1", base + 9 * day))),
+            // One second before the cut: goes. Exactly at the cut: stays.
+            item(
+                agent,
+                Channel::Events,
+                json(event("X1", base + 5 * day - 1)),
+            ),
+            item(agent, Channel::Events, json(event("X1", base + 5 * day))),
             item(agent, Channel::Events, json(event("X1", base + 10 * day))),
         ])
         .await
@@ -1051,7 +1058,7 @@ async fn prune_removes_old_history_and_events(db: Db) {
     assert_eq!(s.tenant(tenant).history(device).await.expect("h").len(), 3);
     let report = s.admin().prune(t(base + 5 * day)).await.expect("prune");
     assert_eq!(report.history, 2, "the old series and the old error list");
-    assert_eq!(report.events, 1);
+    assert_eq!(report.events, 2);
     let history = s.tenant(tenant).history(device).await.expect("history");
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].series, "temperature_celsius");
@@ -1059,7 +1066,7 @@ async fn prune_removes_old_history_and_events(db: Db) {
     let events = s.tenant(tenant).events(device, 10).await.expect("events");
     assert_eq!(
         events.iter().map(|e| e.at).collect::<Vec<_>>(),
-        [t(base + 10 * day), t(base + 9 * day)]
+        [t(base + 10 * day), t(base + 5 * day)]
     );
     // The device and its status stay.
     assert!(
@@ -1227,4 +1234,48 @@ async fn status_change_event_updates_latest_status(db: Db) {
         d.status.as_ref().and_then(|(_, s)| s.power),
         Some(PowerState::CoolDown)
     );
+}
+
+async fn concurrent_batches_creating_the_same_device_both_store(db: Db) {
+    // Two server replicas (two agents of one tenant) report the same new serial at once: the
+    // loser of the insert race must still store its message, not reject it.
+    let s = &db.store;
+    let (tenant, a1) = tenant_with_agent(s, "acme").await;
+    let a2 = s
+        .admin()
+        .create_agent(tenant, "second")
+        .await
+        .expect("agent");
+    for round in 0..20 {
+        let serial = format!("RACE{round}");
+        let batch = |agent: AgentId| {
+            let ingest = s.ingest();
+            let items = vec![item(
+                agent,
+                Channel::Events,
+                json(event(&serial, 1_800_000_000 + round)),
+            )];
+            async move { ingest.ingest_batch(&items).await }
+        };
+        let (r1, r2) = tokio::join!(tokio::spawn(batch(a1)), tokio::spawn(batch(a2)));
+        let (r1, r2) = (
+            r1.expect("join").expect("batch"),
+            r2.expect("join").expect("batch"),
+        );
+        assert_eq!(r1, vec![IngestOutcome::Stored], "round {round}");
+        assert_eq!(r2, vec![IngestOutcome::Stored], "round {round}");
+    }
+    let devices = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(devices.len(), 20, "one row per serial");
+    for d in &devices {
+        assert_eq!(
+            s.tenant(tenant)
+                .events(d.id, 10)
+                .await
+                .expect("events")
+                .len(),
+            2
+        );
+    }
+    assert_eq!(s.admin().rejected_count().await.expect("count"), 0);
 }

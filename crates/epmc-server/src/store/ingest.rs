@@ -15,7 +15,9 @@ use epmc_proto::{Envelope, Message, ProtoError};
 use sqlx::{AnyConnection, Connection, Row};
 
 use super::types::tenant_id;
-use super::{AgentAccess, AgentState, OrderState, Store, StoreError, TenantId, devices, now_unix};
+use super::{
+    AgentAccess, AgentState, Backend, OrderState, Store, StoreError, TenantId, devices, now_unix,
+};
 
 /// One message as the connection layer received it.
 #[derive(Clone, Debug)]
@@ -151,28 +153,15 @@ impl IngestHandle {
                         AgentAccess::Unknown => IngestOutcome::Rejected(RejectReason::UnknownAgent),
                         AgentAccess::Revoked => IngestOutcome::Rejected(RejectReason::RevokedAgent),
                         AgentAccess::Active(tenant) => {
-                            let mut sp = tx.begin().await?;
-                            match apply(&mut sp, tenant, item.agent, &envelope, now).await {
-                                Ok(IngestOutcome::Rejected(r)) => {
-                                    sp.rollback().await?;
-                                    IngestOutcome::Rejected(r)
-                                }
-                                Ok(o) => {
-                                    sp.commit().await?;
-                                    o
-                                }
-                                Err(StoreError::Database(sqlx::Error::Database(e))) => {
-                                    sp.rollback().await?;
-                                    IngestOutcome::Rejected(RejectReason::NotApplicable(
-                                        e.message().chars().take(200).collect(),
-                                    ))
-                                }
-                                Err(StoreError::Invalid(e)) => {
-                                    sp.rollback().await?;
-                                    IngestOutcome::Rejected(RejectReason::NotApplicable(e))
-                                }
-                                Err(e) => return Err(e),
-                            }
+                            apply_isolated(
+                                &mut tx,
+                                self.store.backend(),
+                                tenant,
+                                item.agent,
+                                &envelope,
+                                now,
+                            )
+                            .await?
                         }
                     }
                 }
@@ -229,6 +218,76 @@ impl IngestHandle {
         detail: &str,
     ) -> Result<(), StoreError> {
         super::admin::record_security_event(&self.store, kind, agent, peer, detail).await
+    }
+}
+
+/// Applies one message inside a savepoint, so a message the database refuses is rolled back
+/// alone and rejected. A unique violation means a concurrent writer (another replica) created
+/// the same row first: the savepoint is retried (bounded), and then sees that row. A transient
+/// failure (lock, serialization, connection) fails the whole batch, which is then not
+/// acknowledged and arrives again.
+async fn apply_isolated(
+    tx: &mut AnyConnection,
+    backend: Backend,
+    tenant: TenantId,
+    agent: AgentId,
+    envelope: &Envelope,
+    now: i64,
+) -> Result<IngestOutcome, StoreError> {
+    const ATTEMPTS: u32 = 3;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut sp = tx.begin().await?;
+        let result = apply(&mut sp, tenant, agent, envelope, now).await;
+        match result {
+            Ok(IngestOutcome::Rejected(r)) => {
+                sp.rollback().await?;
+                return Ok(IngestOutcome::Rejected(r));
+            }
+            Ok(o) => {
+                sp.commit().await?;
+                return Ok(o);
+            }
+            Err(e) if e.is_unique_violation() && attempt < ATTEMPTS => {
+                sp.rollback().await?;
+                tracing::debug!(
+                    attempt,
+                    "concurrent insert of the same row; retrying the message"
+                );
+            }
+            Err(StoreError::Database(sqlx::Error::Database(e)))
+                if !is_transient(backend, e.as_ref()) =>
+            {
+                sp.rollback().await?;
+                return Ok(IngestOutcome::Rejected(RejectReason::NotApplicable(
+                    e.message().chars().take(200).collect(),
+                )));
+            }
+            Err(StoreError::Invalid(e)) => {
+                sp.rollback().await?;
+                return Ok(IngestOutcome::Rejected(RejectReason::NotApplicable(e)));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A database error that says nothing about the message: retrying later may succeed.
+fn is_transient(backend: Backend, e: &dyn sqlx::error::DatabaseError) -> bool {
+    let Some(code) = e.code() else {
+        return true;
+    };
+    match backend {
+        // SQLite (extended) result codes: BUSY, LOCKED, IOERR, FULL, CANTOPEN.
+        Backend::Sqlite => code
+            .parse::<u32>()
+            .map_or(true, |n| matches!(n & 0xff, 5 | 6 | 10 | 13 | 14)),
+        // PostgreSQL SQLSTATE classes: connection, transaction rollback (serialization,
+        // deadlock), insufficient resources, operator intervention, system error.
+        Backend::Postgres => ["08", "40", "53", "57", "58"]
+            .iter()
+            .any(|class| code.starts_with(class)),
     }
 }
 
