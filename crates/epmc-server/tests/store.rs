@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use epmc_proto::bounded::{BoundedVec, Timestamp};
 use epmc_proto::model::{
-    AgentExceptionLog, AgentHello, DeviceEvent, DeviceEventKind, DeviceInfo, DeviceLogs,
-    DeviceSettings, DeviceSnapshot, DeviceStatus, ExceptionEntry, FullCollection, History,
-    HistoryRecord as ProtoRecord, PowerState, Series, Severity, Warning,
+    AgentDeviceSettings, AgentExceptionLog, AgentHello, DeviceEvent, DeviceEventKind, DeviceInfo,
+    DeviceLogs, DeviceSettings, DeviceSnapshot, DeviceStatus, ExceptionEntry, FullCollection,
+    History, HistoryRecord as ProtoRecord, PowerState, Series, Severity, Warning,
 };
 use epmc_proto::order::{OrderAction, OrderOutcome, OrderResult};
 use epmc_proto::topic::{AgentId, Channel};
@@ -386,7 +386,13 @@ async fn hello_sets_agent_info_and_state_setters_work(db: Db) {
             connected_device_count: 0,
             locale: None,
             language: None,
-            devices: BoundedVec::empty(),
+            devices: BoundedVec::new(vec![AgentDeviceSettings {
+                device_id: "X9".try_into().expect("device"),
+                display_name: Some("Aula 1".try_into().expect("name")),
+                group_name: Some("Building A".try_into().expect("name")),
+                comment: None,
+            }])
+            .expect("devices"),
         }))
     };
     let out = s
@@ -446,6 +452,18 @@ async fn hello_sets_agent_info_and_state_setters_work(db: Db) {
     assert_eq!(agents[0].version.as_deref(), Some("1.2.3"));
     assert_eq!(agents[0].agent_code.as_deref(), Some("epmc-agent"));
     assert_eq!(agents[0].state, AgentState::Never);
+    // The device settings held in the agent name the device.
+    let devices = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].key, "X9");
+    assert_eq!(devices[0].name.as_deref(), Some("Aula 1"));
+    let details = s
+        .admin()
+        .device_details(devices[0].id)
+        .await
+        .expect("details");
+    assert_eq!(details.group_name.as_deref(), Some("Building A"));
+    assert_eq!(details.info, None);
 
     s.ingest()
         .set_online(agent, t(1_800_000_100))
@@ -520,6 +538,24 @@ async fn device_first_seen_by_address_merges_into_its_serial(db: Db) {
     assert_eq!(after[0].key, "X1");
     assert_eq!(after[0].serial.as_deref(), Some("X1"));
     assert_eq!(after[0].address.as_deref(), Some("10.0.0.5"));
+    let details = s
+        .tenant(tenant)
+        .device_details(after[0].id)
+        .await
+        .expect("details");
+    assert_eq!(
+        details
+            .info
+            .as_ref()
+            .and_then(|i| i.serial_number.as_ref())
+            .map(|n| n.as_str()),
+        Some("X1")
+    );
+    assert_eq!(
+        details.settings.as_ref().and_then(|s| s.ip_address),
+        Some("10.0.0.5".parse().expect("ip"))
+    );
+    assert!(details.logs.is_some());
     assert_eq!(
         s.tenant(tenant)
             .events(after[0].id, 10)
@@ -1278,4 +1314,40 @@ async fn concurrent_batches_creating_the_same_device_both_store(db: Db) {
         );
     }
     assert_eq!(s.admin().rejected_count().await.expect("count"), 0);
+}
+
+#[tokio::test]
+async fn unsupported_url_is_refused_without_showing_its_password() {
+    let err = Store::open("mysql://epmc:s3cret@127.0.0.1/epmc")
+        .await
+        .expect_err("mysql is not supported");
+    assert!(matches!(err, StoreError::UnsupportedUrl(_)));
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(shown.contains("epmc:***@127.0.0.1"), "{shown}");
+}
+
+#[tokio::test]
+async fn sqlite_default_is_one_file_in_the_data_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open_data_dir(dir.path(), Default::default())
+        .await
+        .expect("open");
+    assert_eq!(store.backend(), Backend::Sqlite);
+    store.admin().add_tenant("acme").await.expect("tenant");
+    assert!(dir.path().join("epmc.db").is_file());
+    assert_eq!(
+        store
+            .sqlite_pragma(SqlitePragma::JournalMode)
+            .await
+            .expect("pragma")
+            .as_deref(),
+        Some("wal")
+    );
+    store.close().await;
+    // Reopening finds the data.
+    let store = Store::open_data_dir(dir.path(), Default::default())
+        .await
+        .expect("reopen");
+    assert_eq!(store.admin().tenants().await.expect("tenants").len(), 1);
 }

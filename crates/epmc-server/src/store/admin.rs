@@ -9,8 +9,9 @@ use uuid::Uuid;
 
 use super::types::{agent_id, opt_ts, tenant_id, ts};
 use super::{
-    AgentRecord, AgentState, DeviceSummary, ExceptionRecord, NewToken, OrdersHandle, PruneReport,
-    RejectedMessage, SecurityEvent, Store, StoreError, Tenant, TenantId, devices, now_unix,
+    AgentRecord, AgentState, DeviceDetails, DeviceSummary, ExceptionRecord, NewToken, OrdersHandle,
+    PruneReport, RejectedMessage, SecurityEvent, Store, StoreError, Tenant, TenantId, devices,
+    now_unix,
 };
 
 /// The admin handle (operator commands on the local command line).
@@ -190,6 +191,14 @@ impl AdminHandle {
             })
         })
         .collect()
+    }
+
+    /// Any device with its collected info, settings and logs.
+    pub async fn device_details(&self, device: i64) -> Result<DeviceDetails, StoreError> {
+        let mut conn = self.store.pool().acquire().await?;
+        devices::details(&mut conn, None, device)
+            .await?
+            .ok_or(StoreError::NotFound)
     }
 
     /// Order dispatch, for operator orders.

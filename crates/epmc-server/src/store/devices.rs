@@ -6,7 +6,7 @@ use epmc_proto::topic::AgentId;
 use sqlx::{AnyConnection, Row};
 
 use super::types::{agent_id, tenant_id, ts};
-use super::{DeviceSummary, EventRecord, HistoryRecord, StoreError, TenantId};
+use super::{DeviceDetails, DeviceSummary, EventRecord, HistoryRecord, StoreError, TenantId};
 
 const IP_PREFIX: &str = "ip:";
 
@@ -372,4 +372,35 @@ pub(super) async fn history(
         })
     })
     .collect()
+}
+
+/// One device with its collected info, settings and logs; through `tenant` when given.
+pub(super) async fn details(
+    conn: &mut AnyConnection,
+    tenant: Option<TenantId>,
+    device: i64,
+) -> Result<Option<DeviceDetails>, StoreError> {
+    let Some(summary) = get(conn, tenant, device).await? else {
+        return Ok(None);
+    };
+    let r =
+        sqlx::query("SELECT group_name, comment, info, settings, logs FROM devices WHERE id = $1")
+            .bind(device)
+            .fetch_one(&mut *conn)
+            .await?;
+    fn parse<T: serde::de::DeserializeOwned>(
+        json: Option<String>,
+    ) -> Result<Option<T>, StoreError> {
+        json.map(|j| serde_json::from_str(&j))
+            .transpose()
+            .map_err(StoreError::corrupt)
+    }
+    Ok(Some(DeviceDetails {
+        summary,
+        group_name: r.try_get(0)?,
+        comment: r.try_get(1)?,
+        info: parse(r.try_get(2)?)?,
+        settings: parse(r.try_get(3)?)?,
+        logs: parse(r.try_get(4)?)?,
+    }))
 }

@@ -51,9 +51,9 @@ pub use migrate::SCHEMA_VERSION;
 pub use orders::OrdersHandle;
 pub use tenant::TenantHandle;
 pub use types::{
-    AgentAccess, AgentRecord, AgentState, DeviceSummary, EventRecord, ExceptionRecord,
-    HistoryRecord, NewToken, OrderRecord, OrderState, OrderTarget, PruneReport, RejectedMessage,
-    SecurityEvent, Tenant, TenantId,
+    AgentAccess, AgentRecord, AgentState, DeviceDetails, DeviceSummary, EventRecord,
+    ExceptionRecord, HistoryRecord, NewToken, OrderRecord, OrderState, OrderTarget, PruneReport,
+    RejectedMessage, SecurityEvent, Tenant, TenantId,
 };
 
 /// Which database a [`Store`] runs on.

@@ -5,8 +5,8 @@ use epmc_proto::order::OrderAction;
 use uuid::Uuid;
 
 use super::{
-    AgentRecord, DeviceSummary, EventRecord, HistoryRecord, OrderRecord, OrderTarget, Store,
-    StoreError, TenantId,
+    AgentRecord, DeviceDetails, DeviceSummary, EventRecord, HistoryRecord, OrderRecord,
+    OrderTarget, Store, StoreError, TenantId,
 };
 
 /// The handle of one tenant.
@@ -36,6 +36,14 @@ impl TenantHandle {
     pub async fn device(&self, device: i64) -> Result<DeviceSummary, StoreError> {
         let mut conn = self.store.pool().acquire().await?;
         super::devices::get(&mut conn, Some(self.tenant), device)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    /// One of the tenant's devices with its collected info, settings and logs.
+    pub async fn device_details(&self, device: i64) -> Result<DeviceDetails, StoreError> {
+        let mut conn = self.store.pool().acquire().await?;
+        super::devices::details(&mut conn, Some(self.tenant), device)
             .await?
             .ok_or(StoreError::NotFound)
     }

@@ -160,6 +160,24 @@ pub struct DeviceSummary {
     pub status: Option<(Timestamp, DeviceStatus)>,
 }
 
+/// Everything stored about one device: what [`DeviceSummary`] has plus the latest
+/// collection's info, settings and logs, and the settings the agent keeps for it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceDetails {
+    /// The summary (status, last contact).
+    pub summary: DeviceSummary,
+    /// Group from the agent's settings.
+    pub group_name: Option<String>,
+    /// Operator's comment from the agent's settings.
+    pub comment: Option<String>,
+    /// Device information from the latest collection.
+    pub info: Option<epmc_proto::model::DeviceInfo>,
+    /// Projector settings from the latest collection.
+    pub settings: Option<epmc_proto::model::DeviceSettings>,
+    /// Device logs from the latest collection.
+    pub logs: Option<epmc_proto::model::DeviceLogs>,
+}
+
 /// State of an order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OrderState {
