@@ -5,3 +5,6 @@
 //! (SQLite/PostgreSQL), the private CA and enrollment, order dispatch, the HTTPS portal and the
 //! audit log will live here. It exports nothing and does nothing today.
 #![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod datadir;
