@@ -5,3 +5,4 @@
 //! (SQLite/PostgreSQL), the private CA and enrollment, order dispatch, the HTTPS portal and the
 //! audit log will live here. It exports nothing and does nothing today.
 #![forbid(unsafe_code)]
+pub mod ingest;
