@@ -562,8 +562,21 @@ async fn a_second_connection_with_the_same_id_replaces_the_first() {
     let s = Server::start(config()).await;
     let a = new_agent();
     let (first, _) = s.agent(a).await;
-    let (second, _) = s.agent(a).await;
+    let (second, orders2) = s.agent(a).await;
     within(first.closed()).await;
+    let mut orders = orders2;
+    // Let the old connection finish its teardown: it must not touch the new registration.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(s.endpoint.is_connected(&a));
+    let ack = s
+        .endpoint
+        .send_order(&a, Bytes::from_static(b"to the second"))
+        .unwrap();
+    assert_eq!(
+        &within(orders.recv()).await.unwrap().payload[..],
+        b"to the second"
+    );
+    within(ack).await.unwrap();
     second
         .publish(
             &topic::telemetry(&a),
@@ -640,35 +653,43 @@ async fn many_agents_share_commits() {
 
 #[tokio::test]
 async fn a_slow_reader_is_closed_without_blocking_the_server() {
-    let mut cfg = config();
-    cfg.max_packet = 4 * 1024 * 1024;
-    cfg.max_unacked_orders = 16;
-    cfg.max_outgoing_bytes = 8 * 1024 * 1024;
-    cfg.write_timeout = Duration::from_millis(500);
-    let s = Server::start(cfg).await;
-    let (a, b) = (new_agent(), new_agent());
-    // Connected, then never reads again.
-    let raw = s.raw_connected(&a.to_string(), 0).await;
-    let (healthy, _) = s.agent(b).await;
-    let big = Bytes::from(vec![b'o'; 3 * 1024 * 1024]);
-    let mut acks = Vec::new();
-    for _ in 0..16 {
-        acks.push(s.endpoint.send_order(&a, big.clone()).unwrap());
+    // Either bound alone closes an agent that never reads: the bytes queued for it, or the
+    // time one write takes.
+    for (max_outgoing_bytes, write_timeout) in [
+        (8 * 1024 * 1024, Duration::from_secs(3600)),
+        (1024 * 1024 * 1024, Duration::from_millis(500)),
+    ] {
+        let mut cfg = config();
+        cfg.max_packet = 4 * 1024 * 1024;
+        cfg.max_unacked_orders = 16;
+        cfg.max_outgoing_bytes = max_outgoing_bytes;
+        cfg.write_timeout = write_timeout;
+        cfg.shutdown_grace = Duration::from_millis(100);
+        let s = Server::start(cfg).await;
+        let (a, b) = (new_agent(), new_agent());
+        // Connected, then never reads again.
+        let raw = s.raw_connected(&a.to_string(), 0).await;
+        let (healthy, _) = s.agent(b).await;
+        let big = Bytes::from(vec![b'o'; 3 * 1024 * 1024]);
+        let mut acks = Vec::new();
+        for _ in 0..16 {
+            acks.push(s.endpoint.send_order(&a, big.clone()).unwrap());
+        }
+        for ack in acks {
+            assert_eq!(within(ack).await, Err(OrderError::Closed));
+        }
+        assert!(!s.endpoint.is_connected(&a));
+        healthy
+            .publish(
+                &topic::telemetry(&b),
+                Bytes::from_static(b"fine"),
+                QoS::AtLeastOnce,
+                false,
+            )
+            .await
+            .unwrap();
+        drop(raw);
     }
-    for ack in acks {
-        assert_eq!(within(ack).await, Err(OrderError::Closed));
-    }
-    assert!(!s.endpoint.is_connected(&a));
-    healthy
-        .publish(
-            &topic::telemetry(&b),
-            Bytes::from_static(b"fine"),
-            QoS::AtLeastOnce,
-            false,
-        )
-        .await
-        .unwrap();
-    drop(raw);
 }
 
 #[tokio::test]
