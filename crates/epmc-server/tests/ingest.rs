@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -108,10 +109,15 @@ async fn a_failed_commit_sends_no_puback_and_closes() {
     // The agent retries once the store is back, and is acknowledged.
     s.sink.fail_commits(false);
     let mut raw = s.raw_connected(&a.to_string(), 30).await;
+    raw.send(&publish(&topic::events(&a), None, b"qos0")).await;
     raw.send(&publish(&topic::telemetry(&a), Some(7), b"m"))
         .await;
+    // QoS 0 is stored and never acknowledged; the QoS 1 after it is.
     assert_eq!(raw.read().await, Some(Packet::PubAck(7)));
-    assert_eq!(s.sink.payloads(a), vec![Bytes::from_static(b"m")]);
+    assert_eq!(
+        s.sink.payloads(a),
+        vec![Bytes::from_static(b"qos0"), Bytes::from_static(b"m")]
+    );
 }
 
 #[tokio::test]
@@ -173,6 +179,36 @@ async fn client_id_must_equal_the_certificate_cn() {
         Some(SecurityEvent::PublishOutsidePrefix { agent, topic, .. })
             if *agent == a && *topic == topic::state(&b)
     ));
+}
+
+#[tokio::test]
+async fn a_certificate_without_an_agent_id_or_from_another_ca_gets_no_session() {
+    let s = Server::start(config()).await;
+    // Verified by TLS, but its CN is not an agent id: refused by the identity extractor.
+    let mut raw = s.raw("agent-001").await;
+    raw.send(&connect("agent-001", 30)).await;
+    assert_eq!(raw.read().await, None);
+    s.sink.until("bad identity", |r| r.events.len() == 1).await;
+    assert!(matches!(
+        &s.sink.events()[0],
+        SecurityEvent::BadIdentity { detail, .. } if detail.contains("agent-001")
+    ));
+    // A certificate from another CA: refused inside the TLS handshake, the TLS layer's
+    // business (no security event from the endpoint).
+    let a = new_agent();
+    let foreign = support::Ca::new("Foreign CA");
+    let mut config = (*s.ca.raw_client(&a.to_string())).clone();
+    config.client_auth_cert_resolver = foreign
+        .raw_client(&a.to_string())
+        .client_auth_cert_resolver
+        .clone();
+    if let Some(mut raw) = s.raw_with(Arc::new(config)).await {
+        raw.send(&connect(&a.to_string(), 30)).await;
+        assert_eq!(raw.read().await, None);
+    }
+    assert!(!s.endpoint.is_connected(&a));
+    assert_eq!(s.endpoint.stats().sessions, 0);
+    assert_eq!(s.sink.events().len(), 1);
 }
 
 #[tokio::test]

@@ -47,6 +47,7 @@ mod tests {
 
     fn cert_with(cns: &[&str]) -> CertificateDer<'static> {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
         for cn in cns {
             params.distinguished_name.push(DnType::CommonName, *cn);
         }

@@ -304,15 +304,24 @@ impl Server {
 
     /// A raw TLS socket with the certificate `cn`, nothing sent yet.
     pub async fn raw(&self, cn: &str) -> Raw {
+        self.raw_with(self.ca.raw_client(cn))
+            .await
+            .expect("a TLS connection")
+    }
+
+    /// A raw TLS socket with this client configuration; `None` if the handshake failed on
+    /// the client's side (with TLS 1.3 the server's refusal of a client certificate only
+    /// shows on the first read).
+    pub async fn raw_with(&self, config: Arc<rustls::ClientConfig>) -> Option<Raw> {
         let tcp = TcpStream::connect(self.addr()).await.unwrap();
-        let connector = tokio_rustls::TlsConnector::from(self.ca.raw_client(cn));
+        let connector = tokio_rustls::TlsConnector::from(config);
         let tls = within(connector.connect(ServerName::try_from("localhost").unwrap(), tcp))
             .await
-            .unwrap();
-        Raw {
+            .ok()?;
+        Some(Raw {
             tls,
             buf: Vec::new(),
-        }
+        })
     }
 
     /// A raw socket that sent CONNECT with `client_id` and got CONNACK accepted.
