@@ -758,3 +758,29 @@ async fn graceful_shutdown_lets_commits_in_flight_be_acknowledged() {
     assert_eq!(s.sink.payloads(a), vec![Bytes::from_static(b"last")]);
     assert_eq!(s.endpoint.stats().connections, 0);
 }
+
+#[tokio::test]
+async fn shutdown_with_a_stuck_sink_ends_in_bounded_time_without_a_puback() {
+    let mut cfg = config();
+    cfg.shutdown_grace = Duration::from_millis(300);
+    cfg.write_timeout = Duration::from_millis(300);
+    let mut s = Server::start(cfg).await;
+    let a = new_agent();
+    let (client, _) = s.agent(a).await;
+    s.sink.hold();
+    let pending = client
+        .send_publish(
+            &topic::telemetry(&a),
+            Bytes::from_static(b"never committed"),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await
+        .unwrap();
+    within(s.commits.recv()).await.unwrap();
+    // The sink never returns: shutdown still ends, and the message is not acknowledged.
+    within(s.endpoint.shutdown()).await;
+    assert!(within(pending.acked()).await.is_err());
+    assert!(s.sink.payloads(a).is_empty());
+    assert_eq!(s.endpoint.stats().committed, 0);
+}

@@ -364,17 +364,31 @@ impl Endpoint {
             return;
         };
         self.shared.shutdown.send_replace(true);
-        let _ = tasks.accept.await;
+        let grace = self.shared.config.shutdown_grace;
+        // The accept loop stops at once unless the sink is stuck recording a refusal.
+        if tokio::time::timeout(grace, &mut tasks.accept)
+            .await
+            .is_err()
+        {
+            tasks.accept.abort();
+        }
         // Each connection bounds its own wind-down by the grace and the write timeout.
-        let bound = self.shared.config.shutdown_grace + self.shared.config.write_timeout;
-        if tokio::time::timeout(bound + Duration::from_secs(1), tasks.done.recv())
+        let bound = grace + self.shared.config.write_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(bound, tasks.done.recv())
             .await
             .is_err()
         {
             tracing::warn!("connections still open after the shutdown grace");
         }
         let _ = self.shared.control.send(writer::Control::Stop);
-        let _ = tasks.writer.await;
+        // A sink that never returns must not hold the shutdown forever.
+        if tokio::time::timeout(grace, &mut tasks.writer)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the ingest sink did not finish its last commits in time");
+            tasks.writer.abort();
+        }
     }
 }
 
