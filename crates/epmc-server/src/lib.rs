@@ -8,4 +8,5 @@
 
 pub mod ca;
 pub mod datadir;
+pub mod ingest;
 pub mod store;
