@@ -763,8 +763,14 @@ fn load_refuses_a_swapped_ca_key() {
         "{err}"
     );
 
-    // Another CA's key and certificate together: consistent, but not the CA agents trust.
-    std::fs::copy(other_dir.path().join("ca.crt"), dir.path().join("ca.crt")).expect("copy");
+    // Another whole PKI (CA key and certificate, server key and certificate): consistent, but
+    // not the CA the agents trust; only the hash recorded at init tells.
+    for f in ["ca.crt", "ca.key", "server.crt", "server.key"] {
+        std::fs::copy(other_dir.path().join(f), dir.path().join(f)).expect("copy");
+    }
+    for f in ["ca.key", "server.key"] {
+        chmod(&dir.path().join(f), 0o600);
+    }
     let err = datadir::load(dir.path()).expect_err("swapped CA");
     assert_eq!(err.path(), dir.path().join("ca.key"));
     assert!(matches!(err.problem(), Problem::KeyChanged { .. }), "{err}");
