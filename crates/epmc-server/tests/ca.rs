@@ -648,6 +648,26 @@ fn forged_tokens_are_refused() {
     assert!(CaFingerprint::from_hex(fp).is_some());
 }
 
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config::with_cases(256))]
+
+    /// Whatever parses is in canonical form: printing it gives back the input.
+    #[test]
+    fn a_parsed_token_prints_as_its_input(
+        id in "[0-9a-f]{15,17}",
+        secret in "[0-9a-f]{47,49}",
+        fp in "[0-9a-f]{63,65}",
+    ) {
+        let input = format!("epmc1.{id}.{secret}.{fp}");
+        if let Ok(token) = EnrollmentToken::parse(&input) {
+            proptest::prop_assert_eq!(token.to_token_string(), input);
+            proptest::prop_assert_eq!(token.ca_fingerprint().to_hex(), fp);
+        } else {
+            proptest::prop_assert!(id.len() != 16 || secret.len() != 48 || fp.len() != 64);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Data directory
 

@@ -388,6 +388,10 @@ impl CertificateAuthority {
     /// Nothing else from the request is used: the certificate's only subject attribute is
     /// `CN=<agent_id>` (chosen by the server), its serial is random, its extended key usage is
     /// clientAuth only and it is valid for [`AGENT_CERT_VALIDITY`] from `now`.
+    ///
+    /// `agent_id` is the server's choice: `Uuid::new_v4()` at enrollment, or for a renewal the
+    /// id in the [`super::AgentIdentity`] of the authenticated connection; never a value the
+    /// agent sent.
     pub fn sign_csr(
         &self,
         pem: &[u8],
