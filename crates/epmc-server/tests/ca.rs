@@ -648,6 +648,26 @@ fn forged_tokens_are_refused() {
     assert!(CaFingerprint::from_hex(fp).is_some());
 }
 
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config::with_cases(256))]
+
+    /// Whatever parses is in canonical form: printing it gives back the input.
+    #[test]
+    fn a_parsed_token_prints_as_its_input(
+        id in "[0-9a-f]{15,17}",
+        secret in "[0-9a-f]{47,49}",
+        fp in "[0-9a-f]{63,65}",
+    ) {
+        let input = format!("epmc1.{id}.{secret}.{fp}");
+        if let Ok(token) = EnrollmentToken::parse(&input) {
+            proptest::prop_assert_eq!(token.to_token_string(), input);
+            proptest::prop_assert_eq!(token.ca_fingerprint().to_hex(), fp);
+        } else {
+            proptest::prop_assert!(id.len() != 16 || secret.len() != 48 || fp.len() != 64);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Data directory
 
@@ -763,8 +783,14 @@ fn load_refuses_a_swapped_ca_key() {
         "{err}"
     );
 
-    // Another CA's key and certificate together: consistent, but not the CA agents trust.
-    std::fs::copy(other_dir.path().join("ca.crt"), dir.path().join("ca.crt")).expect("copy");
+    // Another whole PKI (CA key and certificate, server key and certificate): consistent, but
+    // not the CA the agents trust; only the hash recorded at init tells.
+    for f in ["ca.crt", "ca.key", "server.crt", "server.key"] {
+        std::fs::copy(other_dir.path().join(f), dir.path().join(f)).expect("copy");
+    }
+    for f in ["ca.key", "server.key"] {
+        chmod(&dir.path().join(f), 0o600);
+    }
     let err = datadir::load(dir.path()).expect_err("swapped CA");
     assert_eq!(err.path(), dir.path().join("ca.key"));
     assert!(matches!(err.problem(), Problem::KeyChanged { .. }), "{err}");

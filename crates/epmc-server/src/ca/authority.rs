@@ -54,6 +54,9 @@ pub enum CaError {
     /// The CA key is not the key of the CA certificate.
     #[error("the CA key does not match the CA certificate's public key")]
     KeyMismatch,
+    /// A serial number's text is not 1 to 20 bytes of lowercase hex.
+    #[error("{0:?} is not a serial number (1 to 20 bytes of lowercase hex)")]
+    InvalidSerial(String),
     /// A certificate the CA just issued did not carry the request's public key.
     #[error("the issued certificate does not carry the request's public key")]
     IssuedKeyMismatch,
@@ -150,9 +153,7 @@ impl FromStr for CertSerial {
             Some(bytes) if !bytes.is_empty() && bytes.len() <= 20 => {
                 Ok(Self::from_der_bytes(&bytes))
             }
-            _ => Err(CaError::InvalidCaCertificate(format!(
-                "{s:?} is not a serial number (1 to 20 bytes of lowercase hex)"
-            ))),
+            _ => Err(CaError::InvalidSerial(s.to_owned())),
         }
     }
 }
@@ -387,6 +388,10 @@ impl CertificateAuthority {
     /// Nothing else from the request is used: the certificate's only subject attribute is
     /// `CN=<agent_id>` (chosen by the server), its serial is random, its extended key usage is
     /// clientAuth only and it is valid for [`AGENT_CERT_VALIDITY`] from `now`.
+    ///
+    /// `agent_id` is the server's choice: `Uuid::new_v4()` at enrollment, or for a renewal the
+    /// id in the [`super::AgentIdentity`] of the authenticated connection; never a value the
+    /// agent sent.
     pub fn sign_csr(
         &self,
         pem: &[u8],
