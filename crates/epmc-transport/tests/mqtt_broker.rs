@@ -504,3 +504,35 @@ async fn a_foreign_client_id_gets_nothing_of_the_other_agent() {
     publish(&server, &t(A, "orders"), b"for-a").await;
     assert_eq!(&next_acked(&mut impostor_2_in).await.1[..], b"for-a");
 }
+
+/// A certificate on the CA's revocation list (`crlfile`) is refused once the broker restarts
+/// with the new list, and the restart ends its open connection; other agents still connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_refused() {
+    let mut broker = Broker::start();
+    let (cert, key) = broker.ca.client_with_serial(A, Some(0x4242));
+    let revoked =
+        TlsIdentity::from_pem(broker.ca.pem.as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap();
+    let (a, _, _) = within(MqttClient::connect(&broker.options(A), &revoked))
+        .await
+        .expect("accepted before the revocation");
+    broker.revoke(&[0x4242]);
+    let broker = tokio::task::spawn_blocking(move || {
+        broker.restart();
+        broker
+    })
+    .await
+    .unwrap();
+    within(a.closed()).await;
+    let err = within(MqttClient::connect(&broker.options(A), &revoked))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, MqttError::Io(_) | MqttError::Closed),
+        "{err:?}"
+    );
+    // A's other certificate (not revoked) and B still get in.
+    let (_a2, _, _) = connect_as(&broker, A, A, true).await;
+    let (b, _, _) = connect_as(&broker, B, B, true).await;
+    assert!(b.is_connected());
+}

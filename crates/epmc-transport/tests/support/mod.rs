@@ -84,16 +84,25 @@ impl Ca {
         }
     }
 
-    /// An empty certificate revocation list signed by this CA, PEM.
-    pub fn crl(&self) -> String {
+    /// A certificate revocation list signed by this CA revoking these serial numbers, PEM.
+    pub fn crl(&self, revoked: &[u64]) -> String {
         // rcgen's default validity (1975 to 4096) without naming the `time` crate.
         let validity = CertificateParams::default();
+        let revoked_certs = revoked
+            .iter()
+            .map(|serial| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from(*serial),
+                revocation_time: validity.not_before,
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect();
         rcgen::CertificateRevocationListParams {
             this_update: validity.not_before,
             next_update: validity.not_after,
             crl_number: rcgen::SerialNumber::from(1u64),
             issuing_distribution_point: None,
-            revoked_certs: Vec::new(),
+            revoked_certs,
             key_identifier_method: rcgen::KeyIdMethod::Sha256,
         }
         .signed_by(&self.issuer)
@@ -116,7 +125,13 @@ impl Ca {
 
     /// `(certificate PEM, key PEM)` for an agent whose CN is `cn`.
     pub fn client(&self, cn: &str) -> (String, String) {
+        self.client_with_serial(cn, None)
+    }
+
+    /// Same, with a chosen serial number (to revoke it).
+    pub fn client_with_serial(&self, cn: &str, serial: Option<u64>) -> (String, String) {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.serial_number = serial.map(rcgen::SerialNumber::from);
         params.distinguished_name.push(DnType::CommonName, cn);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let key = KeyPair::generate().unwrap();
@@ -165,7 +180,7 @@ impl Broker {
         std::fs::write(d.join("ca.crt"), &ca.pem).unwrap();
         std::fs::write(d.join("server.crt"), cert).unwrap();
         std::fs::write(d.join("server.key"), key).unwrap();
-        std::fs::write(d.join("crl.pem"), ca.crl()).unwrap();
+        std::fs::write(d.join("crl.pem"), ca.crl(&[])).unwrap();
         std::fs::write(d.join("acl"), SHIPPED_ACL).unwrap();
         let port = free_port();
         let config = d.join("mosquitto.conf");
@@ -232,6 +247,12 @@ impl Broker {
             }
         }
         self.launch();
+    }
+
+    /// Publishes a revocation list revoking these serial numbers; it applies from the next
+    /// [`Broker::restart`].
+    pub fn revoke(&self, serials: &[u64]) {
+        std::fs::write(self.dir.path().join("crl.pem"), self.ca.crl(serials)).unwrap();
     }
 
     pub fn stop(&mut self) {
