@@ -583,15 +583,15 @@ impl<K: Eq + std::hash::Hash + Clone> QuietPeriods<K> {
         if until <= now {
             return;
         }
-        if !self.until.contains_key(&key) && self.until.len() >= self.max_entries {
-            if let Some(first) = self
+        if !self.until.contains_key(&key)
+            && self.until.len() >= self.max_entries
+            && let Some(first) = self
                 .until
                 .iter()
                 .min_by_key(|(_, u)| **u)
                 .map(|(k, _)| k.clone())
-            {
-                self.until.remove(&first);
-            }
+        {
+            self.until.remove(&first);
         }
         let entry = self.until.entry(key).or_insert(until);
         if *entry < until {
