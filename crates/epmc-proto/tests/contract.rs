@@ -656,3 +656,21 @@ fn setting_value_patterns_agree_with_the_decoder() {
         }
     }
 }
+
+/// Where the decoder is looser than the schema (documented in the README): it also reads a
+/// UUID without hyphens, which the schema's `uuid` format refuses. Producers send the
+/// hyphenated form, and whatever decodes re-encodes hyphenated (and schema-valid).
+#[test]
+fn the_decoder_also_reads_uuids_without_hyphens() {
+    let mut doc = example(Kind::Snapshot);
+    doc["id"] = serde_json::json!("123456789abc4def8123456789abcdef");
+    let verdict = judge("unhyphenated id", &doc, false).unwrap_err();
+    assert!(
+        verdict.contains("decoder accepts") && !verdict.contains("schema accepts"),
+        "{verdict}"
+    );
+    let envelope = Envelope::from_json(&serde_json::to_vec(&doc).unwrap()).unwrap();
+    let again: serde_json::Value = serde_json::from_slice(&envelope.to_json().unwrap()).unwrap();
+    assert_eq!(again["id"], "12345678-9abc-4def-8123-456789abcdef");
+    judge("re-encoded", &again, true).unwrap();
+}
