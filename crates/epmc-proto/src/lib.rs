@@ -203,13 +203,34 @@ pub enum ProtoError {
 }
 
 #[derive(Deserialize)]
-struct RawEnvelope<'a> {
+struct RawEnvelope {
     schema: u64,
     id: Uuid,
     sent_at: Timestamp,
-    #[serde(borrow)]
-    kind: std::borrow::Cow<'a, str>,
+    kind: String,
     body: serde_json::Value,
+}
+
+/// Turns numbers with no fractional part (`2.0`, `1e2`) into integers. JSON (and JSON Schema's
+/// `integer`) does not tell `2.0` from `2`, serde's integer fields do: without this, a
+/// schema-valid `"connected_device_count": 2.0` would be refused. Finite-number fields take
+/// integers as they take any number. Recursion is bounded by serde_json's nesting limit.
+fn integral_floats_to_integers(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if f.fract() == 0.0 {
+                if f >= 0.0 && f < 18_446_744_073_709_551_616.0 {
+                    *value = serde_json::Value::from(f as u64);
+                } else if f < 0.0 && f >= -9_223_372_036_854_775_808.0 {
+                    *value = serde_json::Value::from(f as i64);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral_floats_to_integers),
+        serde_json::Value::Object(map) => map.values_mut().for_each(integral_floats_to_integers),
+        _ => {}
+    }
 }
 
 impl Envelope {
@@ -248,11 +269,13 @@ impl Envelope {
                 max: MAX_PAYLOAD_BYTES,
             });
         }
-        let raw: RawEnvelope<'_> =
-            serde_json::from_slice(bytes).map_err(|source| ProtoError::Invalid {
-                kind: "envelope",
-                source,
-            })?;
+        let invalid = |source| ProtoError::Invalid {
+            kind: "envelope",
+            source,
+        };
+        let mut document: serde_json::Value = serde_json::from_slice(bytes).map_err(invalid)?;
+        integral_floats_to_integers(&mut document);
+        let raw: RawEnvelope = serde_json::from_value(document).map_err(invalid)?;
         if raw.schema > u64::from(SCHEMA_VERSION) || raw.schema == 0 {
             return Err(ProtoError::UnsupportedSchema { found: raw.schema });
         }

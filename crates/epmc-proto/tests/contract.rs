@@ -254,6 +254,9 @@ fn good_documents() -> Vec<(&'static str, Kind, Edit)> {
             ("an unknown top-level field", kind, |v| {
                 v["future"] = json!({"x": 1})
             }),
+            ("schema version written 1.0", kind, |v| {
+                v["schema"] = json!(1.0)
+            }),
         ]);
     }
     cases.extend([
@@ -269,6 +272,9 @@ fn good_documents() -> Vec<(&'static str, Kind, Edit)> {
         ("body: luminance level 007", Kind::Order, |v| v["body"] = json!({"order_id": "0c6b9d10-4f0e-4a8e-9a4e-6b2d8f0f1a22", "action": "change_setting", "name": "luminance_constant_level", "value": "007", "issued_by": "user:1"})),
         ("body: colour mode 0a", Kind::Order, |v| v["body"] = json!({"order_id": "0c6b9d10-4f0e-4a8e-9a4e-6b2d8f0f1a22", "action": "change_setting", "name": "color_mode", "value": "0a", "issued_by": "user:1"})),
         ("body: projector name of 16 characters", Kind::Order, |v| v["body"] = json!({"order_id": "0c6b9d10-4f0e-4a8e-9a4e-6b2d8f0f1a22", "action": "change_setting", "name": "projector_name", "value": "Hall-1_(north)~!", "issued_by": "user:1"})),
+        ("body: a count written 2.0", Kind::Hello, |v| v["body"]["connected_device_count"] = json!(2.0)),
+        ("body: hours written 1.8e3", Kind::Snapshot, |v| v["body"]["status"]["total_operation_time_hours"] = json!(1.8e3)),
+        ("body: an integer for a real", Kind::Snapshot, |v| v["body"]["status"]["luminance_sensor"] = json!(812)),
         ("body: power on for the whole agent", Kind::Order, |v| v["body"] = json!({"order_id": "0c6b9d10-4f0e-4a8e-9a4e-6b2d8f0f1a22", "action": "power_on", "issued_by": "user:1"})),
     ]);
     cases
