@@ -15,7 +15,10 @@
 //!   [`Event::Status`], never a reply. A reply that fits no command (a late answer to one that
 //!   timed out) is reported as [`Event::Unexpected`].
 //! - Each command has a deadline from the ESC/VP21 timing rules ([`Timing`](crate::value::Timing)); after `PWR OFF`
-//!   nothing is sent during the quiet period.
+//!   nothing is sent during the quiet period, and the period outlives the session:
+//!   [`Session::quiet_until`] reports it, [`Session::hold_until`] carries it into the next
+//!   session to the same projector, [`QuietPeriods`] remembers it per projector meanwhile (the
+//!   async client does this by address).
 //! - A command timeout, malformed bytes or a refused handshake close the session: after a
 //!   timeout a late `:` could otherwise be paired with the wrong command.
 //!
