@@ -9,4 +9,5 @@
 pub mod ca;
 pub mod datadir;
 pub mod ingest;
+pub mod server;
 pub mod store;

@@ -127,3 +127,9 @@ pub(crate) fn verified_public_key(pem: &[u8]) -> Result<CsrPublicKey, CsrError> 
         alg,
     })
 }
+
+/// Checks a PEM certificate request (size, PEM, PKCS#10, a supported key, a valid
+/// self-signature) without issuing anything, so a bad request costs no enrollment token.
+pub fn verify_csr(pem: &[u8]) -> Result<(), CsrError> {
+    verified_public_key(pem).map(|_| ())
+}

@@ -26,7 +26,7 @@ pub use authority::{
     AGENT_CERT_VALIDITY, AgentBundle, CA_VALIDITY, CaError, CaFingerprint, CertSerial,
     CertificateAuthority, IssuedCertificate, RevokedCert, SERVER_CERT_VALIDITY, ServerCertificate,
 };
-pub use csr::{CsrError, MAX_CSR_PEM_LEN};
+pub use csr::{CsrError, MAX_CSR_PEM_LEN, verify_csr};
 pub use tls::{
     ALPN_MQTT, AgentIdentity, IdentityError, TlsConfigError, crypto_provider,
     install_crypto_provider, mqtt_server_config,

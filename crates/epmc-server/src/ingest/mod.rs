@@ -195,6 +195,8 @@ pub(crate) struct Shared {
     pub(crate) control: mpsc::UnboundedSender<writer::Control>,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) slots: Arc<Semaphore>,
+    /// The TLS configuration for the next handshakes (replaced when the CRL changes).
+    pub(crate) tls: Mutex<Arc<rustls::ServerConfig>>,
 }
 
 impl Shared {
@@ -279,10 +281,10 @@ impl Endpoint {
             data: data_tx,
             control: control_tx,
             shutdown: watch::channel(false).0,
+            tls: Mutex::new(tls),
         });
         let (done_tx, done_rx) = mpsc::channel(1);
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        let accept = tokio::spawn(accept_loop(shared.clone(), listener, acceptor, done_tx));
+        let accept = tokio::spawn(accept_loop(shared.clone(), listener, done_tx));
         Ok(Endpoint {
             shared,
             local_addr,
@@ -292,6 +294,16 @@ impl Endpoint {
                 done: done_rx,
             }))),
         })
+    }
+
+    /// Replaces the TLS configuration for the handshakes from now on (e.g. with a new CRL
+    /// after a revocation); open connections keep theirs (see [`Endpoint::kick`]).
+    pub fn set_tls(&self, tls: Arc<rustls::ServerConfig>) {
+        *self
+            .shared
+            .tls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = tls;
     }
 
     /// The address it listens on.
@@ -392,12 +404,7 @@ impl Endpoint {
     }
 }
 
-async fn accept_loop(
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    done: mpsc::Sender<()>,
-) {
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, done: mpsc::Sender<()>) {
     let mut stop = shared.shutdown.subscribe();
     loop {
         let accepted = tokio::select! {
@@ -407,9 +414,14 @@ async fn accept_loop(
         match accepted {
             Ok((tcp, peer)) => match shared.slots.clone().try_acquire_owned() {
                 Ok(slot) => {
+                    let tls = shared
+                        .tls
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone();
                     tokio::spawn(conn::serve(
                         shared.clone(),
-                        acceptor.clone(),
+                        tokio_rustls::TlsAcceptor::from(tls),
                         tcp,
                         peer,
                         slot,

@@ -75,6 +75,24 @@ impl AdminHandle {
         getrandom::fill(&mut bytes)
             .map_err(|e| StoreError::Invalid(format!("no randomness: {e}")))?;
         let secret = hex(&bytes);
+        let id = self
+            .register_token(tenant, expires_at, &secret_hash(&secret))
+            .await?;
+        Ok(NewToken {
+            id,
+            secret,
+            expires_at,
+        })
+    }
+
+    /// Records a one-time enrollment token made elsewhere (the CA's token format), by the
+    /// lowercase hex SHA-256 of its secret; returns the token's row id.
+    pub async fn register_token(
+        &self,
+        tenant: TenantId,
+        expires_at: Timestamp,
+        secret_sha256_hex: &str,
+    ) -> Result<Uuid, StoreError> {
         let id = Uuid::new_v4();
         sqlx::query(
             "INSERT INTO enrollment_tokens (id, tenant_id, secret_hash, created_at, expires_at) \
@@ -82,17 +100,13 @@ impl AdminHandle {
         )
         .bind(id.to_string())
         .bind(tenant.to_string())
-        .bind(secret_hash(&secret))
+        .bind(secret_sha256_hex)
         .bind(now_unix())
         .bind(expires_at.unix())
         .execute(self.store.pool())
         .await
         .map_err(|e| foreign_key_to_not_found(e.into()))?;
-        Ok(NewToken {
-            id,
-            secret,
-            expires_at,
-        })
+        Ok(id)
     }
 
     /// Creates an agent of `tenant` (normally done by enrollment).

@@ -27,11 +27,21 @@ impl EnrollmentHandle {
         secret: &str,
         now: Timestamp,
     ) -> Result<TenantId, StoreError> {
+        self.consume_token_hash(&secret_hash(secret), now).await
+    }
+
+    /// [`EnrollmentHandle::consume_token`] for a token given by the lowercase hex SHA-256 of
+    /// its secret (see [`super::AdminHandle::register_token`]).
+    pub async fn consume_token_hash(
+        &self,
+        secret_sha256_hex: &str,
+        now: Timestamp,
+    ) -> Result<TenantId, StoreError> {
         let row = sqlx::query(
             "UPDATE enrollment_tokens SET used_at = $2 \
              WHERE secret_hash = $1 AND used_at IS NULL AND expires_at > $2 RETURNING tenant_id",
         )
-        .bind(secret_hash(secret))
+        .bind(secret_sha256_hex)
         .bind(now.unix())
         .fetch_optional(self.store.pool())
         .await?
