@@ -28,6 +28,8 @@ use crate::store::{IngestItem, IngestOutcome, Store, StoreError, StoreOptions};
 
 mod enroll;
 
+pub use enroll::{EnrollRequest, EnrollResponse};
+
 /// What [`Server::start`] needs.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -307,22 +309,23 @@ impl Server {
         let mqtt_addr = endpoint.local_addr();
         let (stop, stop_rx) = watch::channel(false);
         let orders_wake = Arc::new(Notify::new());
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(dispatch_orders(
-            store.clone(),
-            endpoint.clone(),
-            orders_wake.clone(),
-            config.poll,
-            stop_rx.clone(),
-        )));
-        tasks.push(tokio::spawn(watch_revocations(
-            store.clone(),
-            endpoint.clone(),
-            pki.clone(),
-            revoked,
-            config.poll,
-            stop_rx.clone(),
-        )));
+        let tasks = vec![
+            tokio::spawn(dispatch_orders(
+                store.clone(),
+                endpoint.clone(),
+                orders_wake.clone(),
+                config.poll,
+                stop_rx.clone(),
+            )),
+            tokio::spawn(watch_revocations(
+                store.clone(),
+                endpoint.clone(),
+                pki.clone(),
+                revoked,
+                config.poll,
+                stop_rx.clone(),
+            )),
+        ];
         let (https, https_addr) =
             enroll::serve(config.https, pki.clone(), store.clone(), mqtt_addr.port()).await?;
         tracing::info!(%mqtt_addr, %https_addr, backend = ?store.backend(), "server started");
@@ -456,10 +459,10 @@ async fn dispatch_orders(
                 let orders = orders.clone();
                 let in_flight = in_flight.clone();
                 tokio::spawn(async move {
-                    if ack.await.is_ok() {
-                        if let Err(e) = orders.mark_delivered(order.id).await {
-                            tracing::warn!(order = %order.id, error = %e, "marking delivered failed");
-                        }
+                    if ack.await.is_ok()
+                        && let Err(e) = orders.mark_delivered(order.id).await
+                    {
+                        tracing::warn!(order = %order.id, error = %e, "marking delivered failed");
                     }
                     if let Ok(mut s) = in_flight.lock() {
                         s.remove(&order.id);

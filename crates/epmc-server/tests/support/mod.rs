@@ -292,7 +292,7 @@ impl Server {
     pub async fn agent(
         &self,
         agent: AgentId,
-    ) -> (MqttClient, mpsc::Receiver<epmc_transport::InboundMessage>) {
+    ) -> (MqttClient, mpsc::Receiver<epmc_transport::ReceivedOrder>) {
         let (c, _, rx) = within(MqttClient::connect(
             &self.options(agent),
             &self.ca.identity(&agent.to_string()),

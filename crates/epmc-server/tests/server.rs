@@ -1,0 +1,357 @@
+//! The whole server in-process on random loopback ports, as an agent sees it: enrollment over
+//! HTTPS with a one-time token, MQTT over TLS with the issued certificate, telemetry into the
+//! database, an order out and its result back, and revocation closing the connection.
+
+use std::time::Duration;
+
+use epmc_proto::model::{AgentHello, DeviceSnapshot};
+use epmc_proto::order::{OrderAction, OrderOutcome, OrderResult};
+use epmc_proto::topic::{self, AgentId, Channel};
+use epmc_proto::{Envelope, Message, sample};
+use epmc_server::ca::EnrollmentToken;
+use epmc_server::datadir;
+use epmc_server::server::EnrollResponse;
+use epmc_server::server::{ServeConfig, Server};
+use epmc_server::store::{OrderState, OrderTarget};
+use epmc_transport::client::{MqttClient, MqttOptions, TlsIdentity};
+use epmc_transport::mqtt::QoS;
+
+const BOUND: Duration = Duration::from_secs(20);
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(BOUND, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {BOUND:?}"))
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    server: Server,
+    ca_pem: String,
+    http: reqwest::Client,
+}
+
+async fn start() -> Fixture {
+    epmc_server::ca::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    datadir::init(&data, &[]).unwrap();
+    let mut config = ServeConfig::new(&data);
+    config.mqtt = "127.0.0.1:0".parse().unwrap();
+    config.https = "127.0.0.1:0".parse().unwrap();
+    config.poll = Duration::from_millis(100);
+    let server = Server::start(config).await.unwrap();
+    let ca_pem = datadir::load(&data).unwrap().ca.cert_pem();
+    let http = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    Fixture {
+        _dir: dir,
+        server,
+        ca_pem,
+        http,
+    }
+}
+
+impl Fixture {
+    fn url(&self, path: &str) -> String {
+        format!(
+            "https://localhost:{}{path}",
+            self.server.https_addr().port()
+        )
+    }
+
+    async fn token(&self, tenant: &str, valid_for: i64) -> String {
+        let admin = self.server.store().admin();
+        let tenant = match admin
+            .tenants()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|t| t.name == tenant)
+        {
+            Some(t) => t.id,
+            None => admin.add_tenant(tenant).await.unwrap(),
+        };
+        let fp = datadir::load(&self.server_data()).unwrap().ca.fingerprint();
+        let token = EnrollmentToken::generate(fp).unwrap();
+        let expires = epmc_proto::bounded::Timestamp::from_unix(
+            epmc_proto::bounded::Timestamp::now().unix() + valid_for,
+        )
+        .unwrap();
+        admin
+            .register_token(tenant, expires, &token.secret_hash().to_hex())
+            .await
+            .unwrap();
+        token.to_token_string()
+    }
+
+    fn server_data(&self) -> std::path::PathBuf {
+        self._dir.path().join("data")
+    }
+
+    async fn enroll(&self, token: &str, csr: &str) -> reqwest::Response {
+        self.http
+            .post(self.url("/api/v1/enroll"))
+            .json(&serde_json::json!({ "token": token, "csr": csr, "name": "test agent" }))
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+fn make_csr() -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(vec!["ignored".into()])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap();
+    (csr.pem().unwrap(), key.serialize_pem())
+}
+
+fn options(server: &Server, agent: &str) -> MqttOptions {
+    let mut o = MqttOptions::new(server.mqtt_addr(), "localhost", agent);
+    o.keep_alive = Duration::from_secs(5);
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_connect_publish_order_and_revoke() {
+    let f = start().await;
+    // The CA the server hands out is the one the token names.
+    let ca = f.http.get(f.url("/api/v1/ca")).send().await.unwrap();
+    assert_eq!(ca.text().await.unwrap(), f.ca_pem);
+
+    let token = f.token("acme", 3600).await;
+    let (csr, key) = make_csr();
+    let answer = f.enroll(&token, &csr).await;
+    assert_eq!(answer.status(), 200);
+    let answer: EnrollResponse = answer.json().await.unwrap();
+    assert_eq!(answer.mqtt_port, f.server.mqtt_addr().port());
+    let agent = AgentId::parse(&answer.agent_id).unwrap();
+
+    // The token is single use.
+    let (csr2, _) = make_csr();
+    let again = f.enroll(&token, &csr2).await;
+    assert_eq!(again.status(), 403, "a used token is refused");
+
+    // Connect with the issued certificate and publish.
+    let tls = TlsIdentity::from_pem(
+        answer.ca.as_bytes(),
+        answer.certificate.as_bytes(),
+        key.as_bytes(),
+    )
+    .unwrap();
+    let (client, _, mut orders) = within(
+        "connect",
+        MqttClient::connect(&options(&f.server, &answer.agent_id), &tls),
+    )
+    .await
+    .unwrap();
+    let orders_topic = topic::topic(&agent, Channel::Orders);
+    within(
+        "subscribe",
+        client.subscribe(&[(&orders_topic, QoS::AtLeastOnce)]),
+    )
+    .await
+    .unwrap();
+    let Message::Hello(mut hello) = sample::sample(epmc_proto::Kind::Hello).message else {
+        unreachable!()
+    };
+    hello.agent_id = agent.uuid();
+    let hello: AgentHello = hello;
+    let Message::Snapshot(snapshot) = sample::sample(epmc_proto::Kind::Snapshot).message else {
+        unreachable!()
+    };
+    let snapshot: DeviceSnapshot = snapshot;
+    for (channel, message) in [
+        (Channel::Hello, Message::Hello(hello)),
+        (Channel::Telemetry, Message::Snapshot(snapshot)),
+    ] {
+        let json = Envelope::new(message).to_json().unwrap();
+        within(
+            "publish",
+            client.publish(
+                &topic::topic(&agent, channel),
+                json.into(),
+                QoS::AtLeastOnce,
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    // PUBACK came after the commit: the device is in the database now.
+    let devices = f.server.store().admin().devices().await.unwrap();
+    assert_eq!(devices.len(), 1, "{devices:?}");
+    assert_eq!(devices[0].key, "X8JK0000001");
+    assert_eq!(devices[0].agent, agent);
+    let agents = f.server.store().admin().agents(None).await.unwrap();
+    assert_eq!(agents[0].version.as_deref(), Some("0.1.0"));
+
+    // An order goes out, is acknowledged by the agent, and its result comes back.
+    let order_id = f
+        .server
+        .store()
+        .orders()
+        .create(
+            OrderTarget::Device(devices[0].id),
+            &OrderAction::PowerOn,
+            "test",
+            epmc_proto::bounded::Timestamp::from_unix(
+                epmc_proto::bounded::Timestamp::now().unix() + 600,
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    f.server.notify_orders();
+    let received = within("order", orders.recv()).await.expect("an order");
+    let envelope = Envelope::from_json(&received.message.payload).unwrap();
+    let Message::Order(order) = envelope.message else {
+        panic!("not an order: {envelope:?}")
+    };
+    assert_eq!(order.order_id, order_id);
+    assert_eq!(order.action, OrderAction::PowerOn);
+    received.ack();
+    within("delivered", async {
+        loop {
+            let state = f.server.store().orders().get(order_id).await.unwrap().state;
+            if state == OrderState::Delivered {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let result = Envelope::new(Message::OrderResult(OrderResult {
+        order_id,
+        at: epmc_proto::bounded::Timestamp::now(),
+        outcome: OrderOutcome::Done,
+        device_reply: None,
+    }));
+    within(
+        "publish result",
+        client.publish(
+            &topic::topic(&agent, Channel::Results),
+            result.to_json().unwrap().into(),
+            QoS::AtLeastOnce,
+            false,
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        f.server.store().orders().get(order_id).await.unwrap().state,
+        OrderState::Done
+    );
+
+    // Revocation closes the open connection and refuses the next one.
+    f.server
+        .store()
+        .admin()
+        .revoke_agent(agent, "test")
+        .await
+        .unwrap();
+    within("kicked", client.closed()).await;
+    let refused = tokio::time::timeout(
+        BOUND,
+        MqttClient::connect(&options(&f.server, &answer.agent_id), &tls),
+    )
+    .await
+    .expect("an answer in time");
+    assert!(
+        refused.is_err(),
+        "a revoked certificate cannot connect again"
+    );
+    // The kick is recorded as the connection task ends, which may be just after the close.
+    within("kick recorded", async {
+        loop {
+            let events = f.server.store().admin().security_events(50).await.unwrap();
+            if events.iter().any(|e| e.kind == "kicked") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    f.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_refuses_forged_expired_and_foreign_tokens() {
+    let f = start().await;
+    let (csr, _) = make_csr();
+
+    // Expired.
+    let expired = f.token("acme", -10).await;
+    assert_eq!(f.enroll(&expired, &csr).await.status(), 403);
+
+    // Well-formed, right CA, but never issued.
+    let fp = datadir::load(&f.server_data()).unwrap().ca.fingerprint();
+    let forged = EnrollmentToken::generate(fp).unwrap().to_token_string();
+    assert_eq!(f.enroll(&forged, &csr).await.status(), 403);
+
+    // Issued for another server's CA: the agent would refuse that server, and so does this one.
+    let other = tempfile::tempdir().unwrap();
+    datadir::init(other.path(), &[]).unwrap();
+    let other_fp = datadir::load(other.path()).unwrap().ca.fingerprint();
+    let foreign = EnrollmentToken::generate(other_fp)
+        .unwrap()
+        .to_token_string();
+    let answer = f.enroll(&foreign, &csr).await;
+    assert_eq!(answer.status(), 400);
+    assert!(answer.text().await.unwrap().contains("token"));
+
+    // Not a token, and a bad CSR: refused, and the good token is not used up by the bad CSR.
+    assert_eq!(f.enroll("hello", &csr).await.status(), 400);
+    let good = f.token("acme", 3600).await;
+    let bad_csr = csr.replace('A', "B");
+    assert_eq!(f.enroll(&good, &bad_csr).await.status(), 400);
+    assert_eq!(
+        f.enroll(&good, &csr).await.status(),
+        200,
+        "the token survived the bad CSR"
+    );
+
+    let events = f.server.store().admin().security_events(50).await.unwrap();
+    let text = format!("{events:?}");
+    assert!(text.contains("enroll_token_refused"), "{text}");
+    assert!(text.contains("enroll_wrong_ca"), "{text}");
+    f.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_other_than_the_certificate_is_refused_and_recorded() {
+    let f = start().await;
+    let token = f.token("acme", 3600).await;
+    let (csr, key) = make_csr();
+    let answer: EnrollResponse = f.enroll(&token, &csr).await.json().await.unwrap();
+    let tls = TlsIdentity::from_pem(
+        answer.ca.as_bytes(),
+        answer.certificate.as_bytes(),
+        key.as_bytes(),
+    )
+    .unwrap();
+    let other = uuid::Uuid::new_v4().to_string();
+    let refused = within(
+        "connect",
+        MqttClient::connect(&options(&f.server, &other), &tls),
+    )
+    .await;
+    assert!(refused.is_err());
+    let events = f.server.store().admin().security_events(50).await.unwrap();
+    assert!(
+        format!("{events:?}").contains("client_id_mismatch"),
+        "{events:?}"
+    );
+    // The right id still works.
+    let ok = within(
+        "connect",
+        MqttClient::connect(&options(&f.server, &answer.agent_id), &tls),
+    )
+    .await;
+    assert!(ok.is_ok());
+    f.server.shutdown().await;
+}
