@@ -41,7 +41,7 @@ use epmc_proto::model::{
     DeviceStatus, FullCollection, History, PowerState, SignalState as ProtoSignal, SourceRef,
     Warning,
 };
-use escvp::client::{Client, ClientConfig, ClientError};
+use escvp::client::{Client, ClientConfig, ClientError, ClientEvent};
 use escvp::event::{Alarms, Warnings};
 use escvp::session::{CloseReason, CommandError, ConnectError, SendError};
 use escvp::value::{
@@ -68,6 +68,9 @@ impl Property for NetworkName {
     const NAME: &'static str = "NWPNAME";
     type Value = Text;
 }
+
+/// Longest wait for a session to close in [`Projector::close`].
+pub const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Timeouts of one collection.
 #[derive(Clone, Debug)]
@@ -325,9 +328,21 @@ impl Projector {
         &self.client
     }
 
-    /// Closes the session.
-    pub fn close(self) {
+    /// Closes the session and waits (at most [`CLOSE_WAIT`]) until the client has let go of
+    /// it, so that the next controller, or our own next poll, does not find the projector
+    /// still busy with this session.
+    pub async fn close(self) {
+        let mut events = self.client.events();
         self.client.close();
+        let closed = async {
+            // Bounded: the receiver yields `None` once the client task is gone.
+            while let Some(event) = events.recv().await {
+                if matches!(event, ClientEvent::Closed(_)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_WAIT, closed).await;
     }
 
     async fn get<P: Property>(&mut self, report: &mut Report) -> Step<P::Value> {
@@ -607,7 +622,7 @@ pub async fn collect_once(
     let work = async {
         let mut projector = Projector::connect(endpoint, options).await?;
         let collected = projector.read_full(&endpoint.meta).await;
-        projector.close();
+        projector.close().await;
         collected
     };
     tokio::time::timeout(options.deadline, work)

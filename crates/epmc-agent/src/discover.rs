@@ -61,7 +61,7 @@ pub async fn probe(endpoint: &Endpoint, options: &CollectOptions) -> Probe {
                 problem: Some(e),
             },
         };
-        projector.close();
+        projector.close().await;
         outcome
     };
     let outcome = tokio::time::timeout(options.deadline, work)

@@ -246,7 +246,7 @@ async fn status_read_on_a_held_session_matches_the_emulator() {
             Some(0x06)
         );
         assert!(second.report.unsupported.is_empty());
-        projector.close();
+        projector.close().await;
     })
     .await;
 }
