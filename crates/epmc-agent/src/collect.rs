@@ -470,10 +470,6 @@ impl Projector {
         if let Some(fw) = self.get::<FirmwareVersion>(&mut report).await? {
             info.firmware_version = name(fw.as_str(), FirmwareVersion::NAME, &mut report);
         }
-        // SOURCELIST is read before SOURCE so the source gets its name.
-        if self.sources.is_none() {
-            self.sources = self.get::<SourceListProperty>(&mut report).await?;
-        }
         let status = self.status(&mut report).await?;
         let mut settings = DeviceSettings {
             ip_address: Some(self.addr.ip()),

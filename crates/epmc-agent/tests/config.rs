@@ -372,3 +372,11 @@ fn load_names_the_file() {
     assert_eq!(AgentConfig::load(&path).expect("valid").targets.len(), 3);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_shipped_example_is_valid() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("agent.example.toml");
+    let c = AgentConfig::load(&path).expect("agent.example.toml is valid");
+    assert_eq!(c.targets.len(), 2);
+    assert_eq!(c.endpoints().len(), 1 + 254);
+}
