@@ -927,6 +927,8 @@ mod tests {
         );
         assert!(parse_url("mqtt://x", "mqtts", Some(8883)).is_err());
         assert!(parse_url("mqtts://u:p@x", "mqtts", Some(8883)).is_err());
+        assert!(parse_url("mqtts://user@x", "mqtts", Some(8883)).is_err());
+        assert!(parse_url("mqtts://x/path", "mqtts", Some(8883)).is_err());
         assert!(parse_url("http://proxy", "http", None).is_err());
         assert!(parse_url("http://:80", "http", None).is_err());
     }
