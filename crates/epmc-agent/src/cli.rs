@@ -124,7 +124,7 @@ fn parse_spec(s: &str) -> Result<TargetSpec, String> {
 fn parse_single(s: &str) -> Result<SocketAddr, String> {
     match parse_spec(s)? {
         TargetSpec::Single(a) => Ok(a),
-        TargetSpec::Range { .. } => {
+        TargetSpec::Range(_) => {
             Err("a range; collect takes single addresses (use discover to sweep a range)".into())
         }
     }

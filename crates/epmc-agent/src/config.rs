@@ -137,16 +137,85 @@ pub enum SessionMode {
 pub enum TargetSpec {
     /// One address.
     Single(SocketAddr),
-    /// Every host address of a network (for IPv4 ranges up to /30, the network and
-    /// broadcast addresses are left out).
-    Range {
-        /// Network address (host bits zero).
-        network: IpAddr,
-        /// Prefix length.
-        prefix: u8,
-        /// Port.
-        port: u16,
-    },
+    /// Every host address of a network.
+    Range(CidrRange),
+}
+
+/// A validated CIDR range with a port: host bits zero, at most [`MAX_RANGE_ADDRESSES`]
+/// addresses. For IPv4 ranges up to /30 the network and broadcast addresses are left out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidrRange {
+    network: IpAddr,
+    prefix: u8,
+    port: u16,
+}
+
+impl CidrRange {
+    /// Validates a range: the prefix fits the address family, the range holds at most
+    /// [`MAX_RANGE_ADDRESSES`] addresses and `network` has no host bits set.
+    pub fn new(network: IpAddr, prefix: u8, port: u16) -> Result<CidrRange, TargetError> {
+        let width: u8 = if network.is_ipv4() { 32 } else { 128 };
+        if prefix > width {
+            return Err(TargetError::BadPrefix(prefix.to_string(), width));
+        }
+        if port == 0 {
+            return Err(TargetError::BadPort(port.to_string()));
+        }
+        let host_bits = u32::from(width - prefix);
+        let count = 1u128.checked_shl(host_bits).unwrap_or(u128::MAX);
+        if count > u128::from(MAX_RANGE_ADDRESSES) {
+            return Err(TargetError::RangeTooLarge {
+                prefix,
+                count,
+                max: MAX_RANGE_ADDRESSES,
+            });
+        }
+        let bits = ip_bits(network);
+        let base = bits & !(count - 1);
+        if base != bits {
+            return Err(TargetError::HostBitsSet {
+                given: network,
+                network: ip_from_bits(network, base),
+                prefix,
+            });
+        }
+        Ok(CidrRange {
+            network,
+            prefix,
+            port,
+        })
+    }
+
+    /// The network address.
+    pub fn network(&self) -> IpAddr {
+        self.network
+    }
+
+    /// The prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn skips_edges(&self) -> bool {
+        self.network.is_ipv4() && self.prefix <= 30
+    }
+
+    /// How many addresses the range yields (at most [`MAX_RANGE_ADDRESSES`]).
+    pub fn len(&self) -> usize {
+        let width: u32 = if self.network.is_ipv4() { 32 } else { 128 };
+        let count = 1usize << (width - u32::from(self.prefix));
+        if self.skips_edges() { count - 2 } else { count }
+    }
+
+    /// Always false: a range names at least one address.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
 }
 
 /// Why a target string is not valid.
@@ -236,35 +305,12 @@ impl FromStr for TargetSpec {
             .ok()
             .filter(|p| *p <= width)
             .ok_or_else(|| TargetError::BadPrefix(prefix_text.to_owned(), width))?;
-        let host_bits = u32::from(width - prefix);
-        let count = 1u128.checked_shl(host_bits).unwrap_or(u128::MAX);
-        if count > u128::from(MAX_RANGE_ADDRESSES) {
-            return Err(TargetError::RangeTooLarge {
-                prefix,
-                count,
-                max: MAX_RANGE_ADDRESSES,
-            });
-        }
-        let bits = ip_bits(ip);
-        let mask = (count - 1) as u32;
-        let network = bits & !u128::from(mask);
-        let network_ip = ip_from_bits(ip, network);
-        if network != bits {
-            return Err(TargetError::HostBitsSet {
-                given: ip,
-                network: network_ip,
-                prefix,
-            });
-        }
+        let range = CidrRange::new(ip, prefix, port)?;
         if prefix == width {
             check_unicast(ip)?;
             return Ok(TargetSpec::Single(SocketAddr::new(ip, port)));
         }
-        Ok(TargetSpec::Range {
-            network: network_ip,
-            prefix,
-            port,
-        })
+        Ok(TargetSpec::Range(range))
     }
 }
 
@@ -305,7 +351,7 @@ impl TargetSpec {
     pub fn port(&self) -> u16 {
         match self {
             TargetSpec::Single(a) => a.port(),
-            TargetSpec::Range { port, .. } => *port,
+            TargetSpec::Range(r) => r.port,
         }
     }
 
@@ -313,17 +359,7 @@ impl TargetSpec {
     pub fn len(&self) -> usize {
         match *self {
             TargetSpec::Single(_) => 1,
-            TargetSpec::Range {
-                network, prefix, ..
-            } => {
-                let width = if network.is_ipv4() { 32 } else { 128 };
-                let count = 1usize << (width - u32::from(prefix));
-                if network.is_ipv4() && prefix <= 30 {
-                    count - 2
-                } else {
-                    count
-                }
-            }
+            TargetSpec::Range(r) => r.len(),
         }
     }
 
@@ -336,14 +372,9 @@ impl TargetSpec {
     pub fn addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         let (first, count, port, family) = match *self {
             TargetSpec::Single(a) => (ip_bits(a.ip()), 1usize, a.port(), a.ip()),
-            TargetSpec::Range {
-                network,
-                prefix,
-                port,
-            } => {
-                let skip_edges = network.is_ipv4() && prefix <= 30;
-                let first = ip_bits(network) + u128::from(skip_edges);
-                (first, self.len(), port, network)
+            TargetSpec::Range(r) => {
+                let first = ip_bits(r.network) + u128::from(r.skips_edges());
+                (first, r.len(), r.port, r.network)
             }
         };
         (0..count).map(move |i| SocketAddr::new(ip_from_bits(family, first + i as u128), port))
@@ -354,16 +385,10 @@ impl fmt::Display for TargetSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             TargetSpec::Single(a) => write!(f, "{a}"),
-            TargetSpec::Range {
-                network: IpAddr::V4(n),
-                prefix,
-                port,
-            } => write!(f, "{n}/{prefix}:{port}"),
-            TargetSpec::Range {
-                network,
-                prefix,
-                port,
-            } => write!(f, "[{network}/{prefix}]:{port}"),
+            TargetSpec::Range(r) if r.network.is_ipv4() => {
+                write!(f, "{}/{}:{}", r.network, r.prefix, r.port)
+            }
+            TargetSpec::Range(r) => write!(f, "[{}/{}]:{}", r.network, r.prefix, r.port),
         }
     }
 }
@@ -906,6 +931,26 @@ mod tests {
             spec("10.0.0.0/x"),
             Err(TargetError::BadPrefix(..))
         ));
+    }
+
+    #[test]
+    fn display_parses_back() {
+        for text in [
+            "10.0.0.7:3629",
+            "10.0.0.0/24:4000",
+            "[fd00::1]:3629",
+            "[fd00::/120]:3629",
+        ] {
+            let s = spec(text).unwrap();
+            assert_eq!(s.to_string(), text);
+            assert_eq!(spec(&s.to_string()).unwrap(), s);
+        }
+        assert!(CidrRange::new("10.0.0.0".parse().unwrap(), 8, 3629).is_err());
+        assert!(CidrRange::new("10.0.0.1".parse().unwrap(), 24, 3629).is_err());
+        assert!(CidrRange::new("10.0.0.0".parse().unwrap(), 24, 0).is_err());
+        assert!(CidrRange::new("10.0.0.0".parse().unwrap(), 33, 1).is_err());
+        let r = CidrRange::new("10.0.0.0".parse().unwrap(), 24, 1).unwrap();
+        assert_eq!((r.prefix(), r.port(), r.len()), (24, 1, 254));
     }
 
     #[test]
