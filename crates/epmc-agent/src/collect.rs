@@ -37,13 +37,13 @@ use std::time::Duration;
 
 use epmc_proto::bounded::{BoundedString, BoundedVec, HexCode, Timestamp};
 use epmc_proto::model::{
-    AgentDeviceSettings, Alarm, DeviceId, DeviceInfo, DeviceLogs, DeviceSettings, DeviceSnapshot,
-    DeviceStatus, FullCollection, History, PowerState, SignalState as ProtoSignal, SourceRef,
-    Warning,
+    AgentDeviceSettings, Alarm, DeviceEvent, DeviceEventKind, DeviceId, DeviceInfo, DeviceLogs,
+    DeviceSettings, DeviceSnapshot, DeviceStatus, FullCollection, History, PowerState,
+    SignalState as ProtoSignal, SourceRef, Warning,
 };
-use escvp::client::{Client, ClientConfig, ClientError, ClientEvent};
+use escvp::client::{Client, ClientConfig, ClientError, ClientEvent, Events};
 use escvp::event::{Alarms, Warnings};
-use escvp::session::{CloseReason, CommandError, ConnectError, SendError};
+use escvp::session::{CloseReason, CommandError, ConnectError, SendError, StatusChange};
 use escvp::value::{
     ColorModeProperty, Error as ErrProperty, Lamp, LumLevel, Luminance, Mute, OnTime, Power,
     ProjectorInfo, Property, PwStatus, SerialNumber, Signal, SignalState, Source, SourceList,
@@ -328,6 +328,16 @@ impl Projector {
         &self.client
     }
 
+    /// Status-change notifications (IMEVENT) pushed on this session from now on, as `event`
+    /// messages for this device (call after [`Self::identify`] so they carry the serial
+    /// number).
+    pub fn notifications(&self) -> Notifications {
+        Notifications {
+            events: self.client.events(),
+            device_id: self.device_id(),
+        }
+    }
+
     /// Closes the session and waits (at most [`CLOSE_WAIT`]) until the client has let go of
     /// it, so that the next controller, or our own next poll, does not find the projector
     /// still busy with this session.
@@ -525,6 +535,49 @@ impl Projector {
             },
             report,
         })
+    }
+}
+
+/// IMEVENT notifications of one held session, as `event` messages.
+#[derive(Debug)]
+pub struct Notifications {
+    events: Events,
+    device_id: DeviceId,
+}
+
+impl Notifications {
+    /// The next status change; `None` once the session has closed.
+    pub async fn next(&mut self) -> Option<DeviceEvent> {
+        loop {
+            match self.events.recv().await? {
+                ClientEvent::Status(change) => {
+                    return Some(status_event(self.device_id.clone(), &change));
+                }
+                ClientEvent::Closed(_) => return None,
+                ClientEvent::MalformedStatus(raw) => {
+                    tracing::warn!(device = %self.device_id, %raw, "undecodable IMEVENT ignored");
+                }
+                other => tracing::debug!(?other, "client event ignored"),
+            }
+        }
+    }
+}
+
+/// The `event` message for an IMEVENT status change. The IMEVENT status codes are not the
+/// `PWR?` codes; "abnormal" has no power state and leaves `power` absent.
+pub fn status_event(device_id: DeviceId, change: &StatusChange) -> DeviceEvent {
+    let mut ignored = Report::default();
+    DeviceEvent {
+        device_id,
+        at: Timestamp::now(),
+        event: DeviceEventKind::StatusChange {
+            power: change
+                .status
+                .to_power_code()
+                .map(|c| PowerState::from_code(c.get())),
+            warnings: warnings(change.warnings, &mut ignored),
+            alarms: alarms(change.alarms, &mut ignored),
+        },
     }
 }
 

@@ -10,7 +10,8 @@ use epmc_agent::collect::{
     CollectError, CollectOptions, Collected, Projector, Stage, collect_once,
 };
 use epmc_agent::config::{Endpoint, TargetMeta};
-use epmc_proto::model::{Alarm, PowerState, SignalState as ProtoSignal, Warning};
+use epmc_proto::bounded::BoundedVec;
+use epmc_proto::model::{Alarm, DeviceEventKind, PowerState, SignalState as ProtoSignal, Warning};
 use epmc_proto::{Envelope, Message};
 use escvp::client::{Client, ClientConfig};
 use escvp::emulator::{Faults, Fleet, ProjectorConfig, ProjectorHandle};
@@ -581,6 +582,48 @@ async fn imevent_before_every_reply_does_not_disturb_the_values() {
         assert_eq!(c.collection.status.total_operation_time_hours, Some(5021));
         assert_eq!(c.collection.settings.volume, Some(120));
         assert_eq!(c.report.unsupported, ["VER", "NWPNAME"]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn held_session_turns_imevents_into_event_messages() {
+    bounded(async {
+        let (_fleet, p) = one(healthy_config()).await;
+        let mut projector = Projector::connect(&Endpoint::new(p.tcp_addr()), &quick())
+            .await
+            .expect("session");
+        let mut report = epmc_agent::collect::Report::default();
+        projector.identify(&mut report).await.expect("serial");
+        let mut notes = projector.notifications();
+
+        p.set_warnings(Warnings::AIR_FILTER);
+        let e = notes.next().await.expect("an event");
+        assert_eq!(e.device_id.as_str(), "X8JK0000042");
+        assert_eq!(
+            e.event,
+            DeviceEventKind::StatusChange {
+                power: Some(PowerState::On),
+                warnings: BoundedVec::new(vec![Warning::AirFilter]).expect("list"),
+                alarms: BoundedVec::empty(),
+            }
+        );
+
+        p.set_alarms(Alarms::FAN);
+        let e = notes.next().await.expect("an event");
+        assert_eq!(
+            e.event,
+            DeviceEventKind::StatusChange {
+                power: None, // abnormal: no power state
+                warnings: BoundedVec::new(vec![Warning::AirFilter]).expect("list"),
+                alarms: BoundedVec::new(vec![Alarm::Fan]).expect("list"),
+            }
+        );
+
+        // The session ends: the notifications end too, instead of waiting forever.
+        p.drop_connection();
+        assert_eq!(notes.next().await, None);
+        projector.close().await;
     })
     .await;
 }
