@@ -386,6 +386,9 @@ fn run_check(args: CheckArgs, out: &mut impl Write, err: &mut impl Write) -> std
                     .map(|p| format!(" via proxy {}:{}", p.host, p.port))
                     .unwrap_or_default(),
             )?;
+            for note in c.notes(Some(&args.config)) {
+                writeln!(out, "note: {note}")?;
+            }
             Ok(0)
         }
         Err(e) => {

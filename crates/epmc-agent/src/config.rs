@@ -792,17 +792,65 @@ impl AgentConfig {
         })
     }
 
-    /// Reads and validates a configuration file; errors name the file and line.
+    /// Reads and validates a configuration file; errors name the file and line. Relative
+    /// certificate paths are taken relative to the file's directory.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: Some(path.to_owned()),
             line: None,
             message: format!("cannot read: {e}"),
         })?;
-        AgentConfig::parse(&text).map_err(|mut e| {
+        let mut config = AgentConfig::parse(&text).map_err(|mut e| {
             e.file = Some(path.to_owned());
             e
-        })
+        })?;
+        if let Some(dir) = path.parent() {
+            for p in [
+                &mut config.server.ca_cert,
+                &mut config.server.client_cert,
+                &mut config.server.client_key,
+            ] {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// Things an operator should know before starting with this configuration (files that
+    /// do not exist yet, a configuration holding passwords that others may read). Not
+    /// errors: certificates, for instance, appear only after enrollment.
+    pub fn notes(&self, file: Option<&Path>) -> Vec<String> {
+        let mut notes = Vec::new();
+        for (key, p) in [
+            ("ca_cert", &self.server.ca_cert),
+            ("client_cert", &self.server.client_cert),
+            ("client_key", &self.server.client_key),
+        ] {
+            if !p.exists() {
+                notes.push(format!(
+                    "{key} {} does not exist (yet): enroll the agent first",
+                    p.display()
+                ));
+            }
+        }
+        #[cfg(unix)]
+        if let Some(file) = file
+            && self.targets.iter().any(|t| t.password.is_some())
+            && let Ok(meta) = std::fs::metadata(file)
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o004 != 0 {
+                notes.push(format!(
+                    "{} holds projector passwords and is readable by every user: chmod o-r",
+                    file.display()
+                ));
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = file;
+        notes
     }
 
     /// Every address the agent may contact, each once, in target order: the exact list and

@@ -223,6 +223,15 @@ async fn check_validates_a_file() {
         out.contains(": ok: 1 target(s) (1 held), 2 address(es); monitor-only;"),
         "{out}"
     );
+    // Relative certificate paths are beside the file; they do not exist yet.
+    let dir = good.parent().expect("dir");
+    assert!(
+        out.contains(&format!(
+            "note: client_key {} does not exist (yet)",
+            dir.join("a.key").display()
+        )),
+        "{out}"
+    );
     let bad = temp_file(
         "bad.toml",
         "[server]\nurl = \"mqtts://s.example\"\nca_cert = \"ca.pem\"\nclient_cert = \"a.pem\"\nclient_key = \"a.key\"\n[[target]]\naddress = \"10.0.0.0/30\"\nsesion = \"hold\"\n",

@@ -370,6 +370,44 @@ fn load_names_the_file() {
     assert!(missing.to_string().contains("cannot read"), "{missing}");
     std::fs::write(&path, GOOD).expect("write");
     assert_eq!(AgentConfig::load(&path).expect("valid").targets.len(), 3);
+
+    // Relative certificate paths are taken relative to the file; notes name what is missing
+    // and a world-readable file that holds passwords.
+    std::fs::write(
+        &path,
+        GOOD.replacen("/etc/epmc-agent/server-ca.pem", "ca.pem", 1),
+    )
+    .expect("write");
+    std::fs::write(dir.join("ca.pem"), "not checked here").expect("write");
+    let c = AgentConfig::load(&path).expect("valid");
+    assert_eq!(c.server.ca_cert, dir.join("ca.pem"));
+    assert_eq!(
+        c.server.client_cert,
+        std::path::PathBuf::from("/etc/epmc-agent/agent.pem")
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let notes = c.notes(Some(&path));
+        assert!(!notes.iter().any(|n| n.starts_with("ca_cert")), "{notes:?}");
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.starts_with("client_cert /etc/epmc-agent/agent.pem does not exist")),
+            "{notes:?}"
+        );
+        assert!(
+            notes.iter().any(|n| n.contains("readable by every user")),
+            "{notes:?}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let notes = c.notes(Some(&path));
+        assert!(
+            !notes.iter().any(|n| n.contains("readable by every user")),
+            "{notes:?}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
