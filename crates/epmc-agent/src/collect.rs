@@ -338,21 +338,16 @@ impl Projector {
         }
     }
 
-    /// Closes the session and waits (at most [`CLOSE_WAIT`]) until the client has let go of
-    /// it, so that the next controller, or our own next poll, does not find the projector
-    /// still busy with this session.
+    /// Closes the session and waits (at most [`CLOSE_WAIT`]) until the client task has shut
+    /// the connection down, so that the next controller, or our own next poll, does not find
+    /// the projector still busy with this session.
     pub async fn close(self) {
         let mut events = self.client.events();
         self.client.close();
-        let closed = async {
-            // Bounded: the receiver yields `None` once the client task is gone.
-            while let Some(event) = events.recv().await {
-                if matches!(event, ClientEvent::Closed(_)) {
-                    break;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(CLOSE_WAIT, closed).await;
+        // `recv` yields `None` once the client task, the last sender, has ended, which it
+        // does after shutting the connection down.
+        let ended = async { while events.recv().await.is_some() {} };
+        let _ = tokio::time::timeout(CLOSE_WAIT, ended).await;
     }
 
     async fn get<P: Property>(&mut self, report: &mut Report) -> Step<P::Value> {

@@ -5,6 +5,8 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use epmc_agent::collect::{CollectError, CollectOptions, Stage, collect_all};
@@ -13,6 +15,9 @@ use epmc_agent::discover::{ProbeOutcome, discover};
 use epmc_proto::model::PowerState;
 use escvp::emulator::{Fleet, ProjectorConfig, fleet_plan};
 use escvp::net::Password;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
 
 const BOUND: Duration = Duration::from_secs(60);
 const FLEET: usize = 50;
@@ -281,6 +286,108 @@ async fn a_cidr_range_is_swept_address_by_address() {
             .find(|p| p.tcp_addr().ip() == IpAddr::V4(Ipv4Addr::new(127, 0, 0, 23)))
             .expect("emulator on .23");
         assert_eq!(bcast.commands_seen(), 0);
+        fleet.shutdown().await;
+    })
+    .await;
+}
+
+/// Counts the connections open through it at once.
+#[derive(Default)]
+struct Gauge {
+    open: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Gauge {
+    fn take_peak(&self) -> usize {
+        self.peak.swap(0, Ordering::SeqCst)
+    }
+}
+
+/// A TCP forwarder to `target` that counts in `gauge` the connections whose client has not
+/// closed its side yet.
+async fn counting_proxy(target: SocketAddr, gauge: Arc<Gauge>) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((inbound, _)) = listener.accept().await {
+            let gauge = gauge.clone();
+            let now = gauge.open.fetch_add(1, Ordering::SeqCst) + 1;
+            gauge.peak.fetch_max(now, Ordering::SeqCst);
+            conns.spawn(async move {
+                let Ok(outbound) = TcpStream::connect(target).await else {
+                    gauge.open.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                };
+                let (mut in_read, mut in_write) = inbound.into_split();
+                let (mut out_read, mut out_write) = outbound.into_split();
+                let back = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut out_read, &mut in_write).await;
+                });
+                let _ = tokio::io::copy(&mut in_read, &mut out_write).await;
+                // The client has closed its side.
+                gauge.open.fetch_sub(1, Ordering::SeqCst);
+                let _ = out_write.shutdown().await;
+                let _ = back.await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_and_collection_keep_to_the_concurrency_limit() {
+    bounded(async {
+        const N: usize = 12;
+        const LIMIT: usize = 3;
+        // Slow answers make every session last long against the instant between one session
+        // closing and the next opening, which is the only slack allowed below.
+        let template = ProjectorConfig {
+            hours_per_second: 0.0,
+            start_on: true,
+            faults: escvp::emulator::Faults {
+                reply_delay: Duration::from_millis(30),
+                ..Default::default()
+            },
+            ..ProjectorConfig::default()
+        };
+        let fleet = Fleet::spawn_consecutive("127.0.0.1:0".parse().expect("address"), N, template)
+            .await
+            .expect("fleet starts");
+        let gauge = Arc::new(Gauge::default());
+        let mut endpoints = Vec::new();
+        let mut proxies = Vec::new();
+        for p in fleet.projectors() {
+            let (addr, task) = counting_proxy(p.tcp_addr(), gauge.clone()).await;
+            endpoints.push(Endpoint::new(addr));
+            proxies.push(task);
+        }
+
+        // The agent opens its next session only after the previous one has shut its side of
+        // the connection down; the proxy may notice that shutdown a moment after the next
+        // connection arrives, hence the slack up to twice the limit. Without a limit all 12
+        // would be open at once; with a limit of one, the peak would be 1.
+        let probes = discover(&endpoints, &quick(), LIMIT).await;
+        assert!(
+            probes
+                .iter()
+                .all(|p| matches!(p.outcome, ProbeOutcome::Projector { problem: None, .. }))
+        );
+        let peak = gauge.take_peak();
+        assert!((LIMIT..=2 * LIMIT).contains(&peak), "discovery peak {peak}");
+
+        let results = collect_all(&endpoints, &quick(), LIMIT).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let peak = gauge.take_peak();
+        assert!(
+            (LIMIT..=2 * LIMIT).contains(&peak),
+            "collection peak {peak}"
+        );
+
+        for t in proxies {
+            t.abort();
+        }
         fleet.shutdown().await;
     })
     .await;
