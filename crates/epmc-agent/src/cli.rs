@@ -92,7 +92,8 @@ pub struct CollectArgs {
 /// `discover`.
 #[derive(Debug, Args)]
 pub struct DiscoverArgs {
-    /// Addresses to sweep: CIDR[:PORT] or ADDR[:PORT] (repeatable, or several after one flag).
+    /// Addresses to sweep: CIDR ranges or single addresses, each with an optional :PORT
+    /// (repeatable, or several after one flag).
     #[arg(long = "range", value_name = "CIDR|ADDR[:PORT]", required = true, num_args = 1.., value_parser = parse_spec)]
     pub ranges: Vec<TargetSpec>,
     /// ESC/VP.net password (at most 16 characters), used for every address.
