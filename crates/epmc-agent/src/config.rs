@@ -170,6 +170,9 @@ impl CidrRange {
                 max: MAX_RANGE_ADDRESSES,
             });
         }
+        // A range in multicast space, or starting at the unspecified address, holds no
+        // projectors.
+        check_unicast(network)?;
         let bits = ip_bits(network);
         let base = bits & !(count - 1);
         if base != bits {
@@ -997,6 +1000,18 @@ mod tests {
         assert!(CidrRange::new("10.0.0.1".parse().unwrap(), 24, 3629).is_err());
         assert!(CidrRange::new("10.0.0.0".parse().unwrap(), 24, 0).is_err());
         assert!(CidrRange::new("10.0.0.0".parse().unwrap(), 33, 1).is_err());
+        assert!(matches!(
+            spec("224.0.0.0/24"),
+            Err(TargetError::NotUnicast(_))
+        ));
+        assert!(matches!(
+            spec("0.0.0.0/16"),
+            Err(TargetError::NotUnicast(_))
+        ));
+        assert!(matches!(
+            spec("[ff02::/120]:1"),
+            Err(TargetError::NotUnicast(_))
+        ));
         let r = CidrRange::new("10.0.0.0".parse().unwrap(), 24, 1).unwrap();
         assert_eq!((r.prefix(), r.port(), r.len()), (24, 1, 254));
     }
