@@ -40,6 +40,10 @@ pub enum BoundError {
     Malformed(&'static str),
 }
 
+/// The JSON Schema pattern of text without control characters (Unicode category Cc) other
+/// than tab and newline: what [`BoundedString::new`] accepts.
+pub const NO_CONTROL_CHARS: &str = "^[^\\x00-\\x08\\x0B-\\x1F\\x7F-\\x9F]*$";
+
 /// A string of at most `MAX` characters without control characters.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct BoundedString<const MAX: usize>(String);
@@ -104,7 +108,7 @@ impl<const MAX: usize> JsonSchema for BoundedString<MAX> {
         true
     }
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({ "type": "string", "maxLength": MAX })
+        json_schema!({ "type": "string", "maxLength": MAX, "pattern": NO_CONTROL_CHARS })
     }
 }
 

@@ -147,6 +147,7 @@ impl Message {
 #[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
 pub struct Envelope {
     /// Contract major version ([`SCHEMA_VERSION`] when sent by this crate).
+    #[schemars(range(min = 1, max = SCHEMA_VERSION))]
     pub schema: u32,
     /// Unique message id (idempotent delivery).
     pub id: Uuid,
@@ -202,13 +203,34 @@ pub enum ProtoError {
 }
 
 #[derive(Deserialize)]
-struct RawEnvelope<'a> {
+struct RawEnvelope {
     schema: u64,
     id: Uuid,
     sent_at: Timestamp,
-    #[serde(borrow)]
-    kind: std::borrow::Cow<'a, str>,
+    kind: String,
     body: serde_json::Value,
+}
+
+/// Turns numbers with no fractional part (`2.0`, `1e2`) into integers. JSON (and JSON Schema's
+/// `integer`) does not tell `2.0` from `2`, serde's integer fields do: without this, a
+/// schema-valid `"connected_device_count": 2.0` would be refused. Finite-number fields take
+/// integers as they take any number. Recursion is bounded by serde_json's nesting limit.
+fn integral_floats_to_integers(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if f.fract() == 0.0 {
+                if (0.0..18_446_744_073_709_551_616.0).contains(&f) {
+                    *value = serde_json::Value::from(f as u64);
+                } else if (-9_223_372_036_854_775_808.0..0.0).contains(&f) {
+                    *value = serde_json::Value::from(f as i64);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral_floats_to_integers),
+        serde_json::Value::Object(map) => map.values_mut().for_each(integral_floats_to_integers),
+        _ => {}
+    }
 }
 
 impl Envelope {
@@ -247,11 +269,13 @@ impl Envelope {
                 max: MAX_PAYLOAD_BYTES,
             });
         }
-        let raw: RawEnvelope<'_> =
-            serde_json::from_slice(bytes).map_err(|source| ProtoError::Invalid {
-                kind: "envelope",
-                source,
-            })?;
+        let invalid = |source| ProtoError::Invalid {
+            kind: "envelope",
+            source,
+        };
+        let mut document: serde_json::Value = serde_json::from_slice(bytes).map_err(invalid)?;
+        integral_floats_to_integers(&mut document);
+        let raw: RawEnvelope = serde_json::from_value(document).map_err(invalid)?;
         if raw.schema > u64::from(SCHEMA_VERSION) || raw.schema == 0 {
             return Err(ProtoError::UnsupportedSchema { found: raw.schema });
         }
@@ -290,9 +314,18 @@ impl Envelope {
 
 /// The JSON Schemas generated from the types: `(file name, schema)` for the envelope and for
 /// each body kind. The committed copies live in `crates/epmc-proto/schema/`.
+///
+/// The schemas are as strict as the decoder wherever JSON Schema can say so: formats
+/// (`date-time`, `uuid`, `ipv4`/`ipv6`), lengths, integer ranges, patterns (no control
+/// characters, a setting value that fits its setting), enumerations, and the contract version.
+/// Validate with format checking switched on: `format` is only an annotation otherwise.
 pub fn schemas() -> Vec<(String, serde_json::Value)> {
     fn one<T: JsonSchema>() -> serde_json::Value {
-        serde_json::to_value(schemars::schema_for!(T)).unwrap_or(serde_json::Value::Null)
+        let schema = schemars::generate::SchemaSettings::draft2020_12()
+            .with_transform(schemars::transform::RecursiveTransform(tighten))
+            .into_generator()
+            .into_root_schema_for::<T>();
+        serde_json::to_value(schema).unwrap_or(serde_json::Value::Null)
     }
     vec![
         ("envelope.schema.json".into(), one::<Envelope>()),
@@ -307,4 +340,38 @@ pub fn schemas() -> Vec<(String, serde_json::Value)> {
         ("order.schema.json".into(), one::<Order>()),
         ("order_result.schema.json".into(), one::<OrderResult>()),
     ]
+}
+
+/// Makes schemars' integer and IP-address schemas as strict as the decoder: `format: "uint32"`
+/// and the like are unknown to validators, so each gets its `maximum`; `format: "ip"` is
+/// unknown too, so it becomes "an IPv4 or an IPv6 address".
+fn tighten(schema: &mut schemars::Schema) {
+    let Some(object) = schema.as_object_mut() else {
+        return;
+    };
+    let maximum = match object.get("format").and_then(serde_json::Value::as_str) {
+        Some("uint8") => Some(u64::from(u8::MAX)),
+        Some("uint16") => Some(u64::from(u16::MAX)),
+        Some("uint32") => Some(u64::from(u32::MAX)),
+        Some("ip") => {
+            object.remove("format");
+            object.insert(
+                "anyOf".into(),
+                serde_json::json!([{ "format": "ipv4" }, { "format": "ipv6" }]),
+            );
+            None
+        }
+        _ => None,
+    };
+    if let Some(max) = maximum {
+        // Keep a tighter maximum set by an attribute.
+        let tighter = object
+            .get("maximum")
+            .and_then(serde_json::Value::as_u64)
+            .is_some_and(|m| m <= max);
+        if !tighter {
+            object.insert("maximum".into(), max.into());
+        }
+        object.entry("minimum").or_insert(0.into());
+    }
 }

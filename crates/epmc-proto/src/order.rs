@@ -26,6 +26,44 @@ pub enum SettingName {
 }
 
 impl SettingName {
+    /// Every setting.
+    pub const ALL: [SettingName; 6] = [
+        SettingName::ProjectorName,
+        SettingName::ColorMode,
+        SettingName::LuminanceMode,
+        SettingName::LuminanceConstantLevel,
+        SettingName::Volume,
+        SettingName::MuteScreen,
+    ];
+
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SettingName::ProjectorName => "projector_name",
+            SettingName::ColorMode => "color_mode",
+            SettingName::LuminanceMode => "luminance_mode",
+            SettingName::LuminanceConstantLevel => "luminance_constant_level",
+            SettingName::Volume => "volume",
+            SettingName::MuteScreen => "mute_screen",
+        }
+    }
+
+    /// The JSON Schema `pattern` of the values [`Self::validate`] accepts (the published
+    /// schema carries it, so a schema-valid order is never refused for its value).
+    pub fn value_pattern(self) -> &'static str {
+        match self {
+            // Printable ASCII without space and colon (0x21-0x39, 0x3B-0x7E).
+            SettingName::ProjectorName => "^[!-9;-~]{1,16}$",
+            SettingName::ColorMode | SettingName::LuminanceMode | SettingName::MuteScreen => {
+                "^[0-9A-Fa-f]{2}$"
+            }
+            // What `u8::from_str` accepts: an optional `+`, leading zeros, 0-255.
+            SettingName::LuminanceConstantLevel | SettingName::Volume => {
+                "^[+]?0*([0-9]{1,2}|1[0-9]{2}|2[0-4][0-9]|25[0-5])$"
+            }
+        }
+    }
+
     /// Checks that `value` is valid for this setting.
     pub fn validate(self, value: &str) -> Result<(), &'static str> {
         let hex2 = |v: &str| v.len() == 2 && v.bytes().all(|b| b.is_ascii_hexdigit());
@@ -60,6 +98,7 @@ impl SettingName {
 /// What an order asks the agent to do.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "action", rename_all = "snake_case")]
+#[schemars(transform = setting_value_rules)]
 pub enum OrderAction {
     /// Collect everything from the device now.
     CollectNow,
@@ -159,6 +198,34 @@ impl Order {
         match &self.action {
             OrderAction::ChangeSetting { name, value } => name.validate(value.as_str()),
             _ => Ok(()),
+        }
+    }
+}
+
+/// Adds each setting's value rule to the `change_setting` variant of the [`OrderAction`]
+/// schema: `if name is X then value matches X's pattern`.
+fn setting_value_rules(schema: &mut schemars::Schema) {
+    let Some(variants) = schema
+        .get_mut("oneOf")
+        .and_then(serde_json::Value::as_array_mut)
+    else {
+        return;
+    };
+    for variant in variants {
+        if variant["properties"]["action"]["const"] != "change_setting" {
+            continue;
+        }
+        let rules: Vec<serde_json::Value> = SettingName::ALL
+            .into_iter()
+            .map(|name| {
+                serde_json::json!({
+                    "if": { "properties": { "name": { "const": name.as_str() } } },
+                    "then": { "properties": { "value": { "pattern": name.value_pattern() } } }
+                })
+            })
+            .collect();
+        if let Some(object) = variant.as_object_mut() {
+            object.insert("allOf".into(), rules.into());
         }
     }
 }

@@ -1,7 +1,13 @@
 //! The EPMC-rs server.
 //!
-//! **Not implemented yet.** This crate is a placeholder in the workspace so that its place in
-//! the architecture is visible (see `DESIGN.md`): the MQTT/TLS ingest endpoint, storage
-//! (SQLite/PostgreSQL), the private CA and enrollment, order dispatch, the HTTPS portal and the
-//! audit log will live here. It exports nothing and does nothing today.
+//! What exists (see `DESIGN.md` for the whole): the storage layer over SQLite and
+//! PostgreSQL ([`store`]), the private certificate authority and enrollment tokens ([`ca`]),
+//! the data directory ([`datadir`]), and the embedded MQTT/TLS ingest endpoint ([`ingest`]).
+//! The HTTPS portal and the audit log are not built yet.
 #![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod datadir;
+pub mod ingest;
+pub mod server;
+pub mod store;

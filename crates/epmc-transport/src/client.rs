@@ -4,8 +4,15 @@
 //!   trusted) unless the operating system's roots are asked for ([`ServerTrust::SystemRoots`]);
 //!   the server name is checked; ALPN `mqtt`; the client certificate and key come from PEM.
 //! - [`MqttClient`]: one connection: CONNECT/CONNACK, QoS 1 publish resolving on PUBACK with
-//!   an in-flight window, subscriptions, incoming publishes (acknowledged after delivery to
-//!   the receiver), keep-alive with dead-peer detection, last will.
+//!   an in-flight window, subscriptions, incoming publishes, keep-alive with dead-peer
+//!   detection, last will.
+//! - Incoming publishes are handed over as [`ReceivedOrder`]s and a QoS 1 one is acknowledged
+//!   (PUBACK) only when the receiver calls [`ReceivedOrder::ack`], so the agent can record an
+//!   order on disk first. The connection never waits for the receiver: it keeps reading,
+//!   answering and sending keep-alives while orders wait to be read. What it holds is bounded:
+//!   more than [`MqttOptions::incoming_window`] unacknowledged QoS 1 deliveries (a broker
+//!   ignoring its own in-flight limit) end the connection with a protocol error, and QoS 0
+//!   publishes beyond that many waiting are dropped (at most once, as QoS 0 allows).
 //! - [`crate::session::MqttSession`] keeps one connected (reconnecting with back-off and
 //!   re-subscribing) and is the agent's [`crate::Uplink`] and [`crate::OrderSource`].
 
@@ -27,7 +34,7 @@ use crate::mqtt::{
     Connect, ConnectReturn, DEFAULT_MAX_PACKET, Packet, PacketError, Publish, QoS, TopicFilter,
     TopicName, Will,
 };
-use crate::{InboundMessage, TransportError};
+use crate::{InboundMessage, ReceivedOrder, TransportError};
 
 /// Which server certificates to trust.
 #[derive(Clone, Copy, Debug)]
@@ -170,6 +177,14 @@ pub struct MqttOptions {
     pub will: Option<Will>,
     /// Most QoS 1 publishes awaiting PUBACK at once.
     pub in_flight: usize,
+    /// Most incoming QoS 1 publishes handed over and not yet acknowledged; one more ends the
+    /// connection with a protocol error rather than growing our memory. Orders dropped
+    /// without `ack` count until the connection ends. A broker normally keeps to its own
+    /// in-flight limit (Mosquitto's `max_inflight_messages`, 20), but Mosquitto 2.0.11 sends
+    /// a resumed session's whole backlog at once (hundreds in the tests), so this must exceed
+    /// the largest backlog of orders an agent can have waiting; above it the agent cannot
+    /// get its orders (each connection ends before they are acknowledged).
+    pub incoming_window: usize,
     /// Largest packet sent or accepted.
     pub max_packet: usize,
     /// TCP + TLS + CONNACK must complete within this.
@@ -177,8 +192,8 @@ pub struct MqttOptions {
 }
 
 impl MqttOptions {
-    /// Defaults: keep-alive 30 s, persistent session, 32 in flight, 1 MiB packets, 10 s
-    /// connect timeout.
+    /// Defaults: keep-alive 30 s, persistent session, 32 in flight, 1000 incoming
+    /// unacknowledged, 1 MiB packets, 10 s connect timeout.
     pub fn new(addr: SocketAddr, server_name: &str, client_id: &str) -> Self {
         MqttOptions {
             addr,
@@ -188,6 +203,7 @@ impl MqttOptions {
             clean_session: false,
             will: None,
             in_flight: 32,
+            incoming_window: 1000,
             max_packet: DEFAULT_MAX_PACKET,
             connect_timeout: Duration::from_secs(10),
         }
@@ -272,11 +288,13 @@ impl PendingAck {
 impl MqttClient {
     /// Connects: TCP, TLS (pinned CA, name check, client certificate), CONNECT, CONNACK.
     /// Returns the client, whether the broker resumed a session, and the receiver of incoming
-    /// publishes.
+    /// publishes, in arrival order. Each QoS 1 publish is acknowledged only by its
+    /// [`ReceivedOrder::ack`]; one dropped unacknowledged comes again after a reconnection
+    /// with the persistent session.
     pub async fn connect(
         options: &MqttOptions,
         tls: &TlsIdentity,
-    ) -> Result<(MqttClient, bool, mpsc::Receiver<InboundMessage>), MqttError> {
+    ) -> Result<(MqttClient, bool, mpsc::Receiver<ReceivedOrder>), MqttError> {
         tokio::time::timeout(options.connect_timeout, Self::connect_inner(options, tls))
             .await
             .map_err(|_| MqttError::TimedOut)?
@@ -285,7 +303,7 @@ impl MqttClient {
     async fn connect_inner(
         options: &MqttOptions,
         tls: &TlsIdentity,
-    ) -> Result<(MqttClient, bool, mpsc::Receiver<InboundMessage>), MqttError> {
+    ) -> Result<(MqttClient, bool, mpsc::Receiver<ReceivedOrder>), MqttError> {
         let name = ServerName::try_from(options.server_name.clone())
             .map_err(|_| MqttError::ServerName(options.server_name.clone()))?;
         let connect = Packet::Connect(Connect {
@@ -321,11 +339,20 @@ impl MqttClient {
             }
         };
         let (tx, rx) = mpsc::channel(64);
-        let (in_tx, in_rx) = mpsc::channel(256);
+        let window = options.incoming_window.max(1);
+        // QoS 1 deliveries waiting here are at most `window` (each is unacknowledged); QoS 0
+        // ones use the other half. So handing over never waits.
+        let (in_tx, in_rx) = mpsc::channel(window.saturating_mul(2));
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let alive = Arc::new(AtomicBool::new(true));
         let driver = Driver {
             rx,
             incoming: in_tx,
+            incoming_window: window,
+            unacked: HashMap::new(),
+            next_delivery: 0,
+            ack_tx,
+            ack_rx,
             pending_pub: HashMap::new(),
             pending_sub: HashMap::new(),
             next_id: 1,
@@ -445,9 +472,20 @@ async fn read_packet<S: AsyncReadExt + Unpin>(
     }
 }
 
+/// An incoming QoS 1 publish to acknowledge: its packet id and which delivery it was (a
+/// packet id is reused once acknowledged, so a late second `ack` must not acknowledge a newer
+/// publish).
+type AckRequest = (u16, u64);
+
 struct Driver {
     rx: mpsc::Receiver<Request>,
-    incoming: mpsc::Sender<InboundMessage>,
+    incoming: mpsc::Sender<ReceivedOrder>,
+    incoming_window: usize,
+    /// Incoming QoS 1 packet ids handed over and not yet acknowledged → their delivery number.
+    unacked: HashMap<u16, u64>,
+    next_delivery: u64,
+    ack_tx: mpsc::UnboundedSender<AckRequest>,
+    ack_rx: mpsc::UnboundedReceiver<AckRequest>,
     pending_pub: HashMap<u16, (PubDone, OwnedSemaphorePermit)>,
     pending_sub: HashMap<u16, (SubDone, usize)>,
     next_id: u16,
@@ -519,7 +557,7 @@ impl Driver {
                     match Packet::decode(&buf, self.max_packet) {
                         Ok((packet, used)) => {
                             buf.drain(..used);
-                            if let Some(reply) = self.handle(packet).await? {
+                            if let Some(reply) = self.handle(packet)? {
                                 out.clear();
                                 reply.encode(&mut out, self.max_packet)?;
                                 wr.write_all(&out).await?;
@@ -541,7 +579,13 @@ impl Driver {
                     }
                     req = self.rx.recv() => {
                         let Some(req) = req else {
-                            let _ = wr.write_all(&[0xE0, 0]).await; // DISCONNECT
+                            // Acknowledgements asked for before the client went away first.
+                            out.clear();
+                            while let Ok(ack) = self.ack_rx.try_recv() {
+                                self.acknowledge(ack, &mut out)?;
+                            }
+                            out.extend_from_slice(&[0xE0, 0]); // DISCONNECT
+                            let _ = wr.write_all(&out).await;
                             return Ok(());
                         };
                         out.clear();
@@ -549,6 +593,17 @@ impl Driver {
                         // Whatever else is queued goes out in the same write.
                         while let Ok(req) = self.rx.try_recv() {
                             self.prepare(req, &mut out);
+                        }
+                        if !out.is_empty() {
+                            wr.write_all(&out).await?;
+                            last_sent = Instant::now();
+                        }
+                    }
+                    Some(ack) = self.ack_rx.recv() => {
+                        out.clear();
+                        self.acknowledge(ack, &mut out)?;
+                        while let Ok(ack) = self.ack_rx.try_recv() {
+                            self.acknowledge(ack, &mut out)?;
                         }
                         if !out.is_empty() {
                             wr.write_all(&out).await?;
@@ -578,8 +633,70 @@ impl Driver {
         }
     }
 
+    /// Appends the PUBACK the receiver asked for, unless it is stale (already sent).
+    fn acknowledge(
+        &mut self,
+        (id, delivery): AckRequest,
+        out: &mut Vec<u8>,
+    ) -> Result<(), MqttError> {
+        if self.unacked.get(&id) == Some(&delivery) {
+            self.unacked.remove(&id);
+            Packet::PubAck(id).encode(out, self.max_packet)?;
+        }
+        Ok(())
+    }
+
+    /// Hands an incoming publish to the receiver without waiting; a QoS 1 one is
+    /// acknowledged when the receiver says so.
+    fn deliver(&mut self, p: Publish) -> Result<(), MqttError> {
+        let message = InboundMessage {
+            topic: p.topic.as_str().to_owned(),
+            payload: p.payload,
+        };
+        let order = match p.packet_id {
+            None => {
+                // QoS 0: at most once. Dropped rather than held when the receiver is far
+                // behind, so that QoS 1 deliveries always find room.
+                if self.incoming.capacity() <= self.incoming_window {
+                    tracing::warn!(topic = %message.topic, "QoS 0 publish dropped: the receiver is behind");
+                    return Ok(());
+                }
+                ReceivedOrder::new(message, p.dup, || {})
+            }
+            Some(id) => {
+                if self.unacked.contains_key(&id) {
+                    // The broker may not resend within a connection (MQTT 3.1.1 4.4); the
+                    // first delivery stands and its `ack` answers both.
+                    tracing::debug!(id, "duplicate of an unacknowledged publish ignored");
+                    return Ok(());
+                }
+                if self.unacked.len() >= self.incoming_window {
+                    return Err(MqttError::Protocol(PacketError::Malformed(
+                        "more unacknowledged incoming publishes than the incoming window",
+                    )));
+                }
+                let delivery = self.next_delivery;
+                self.next_delivery += 1;
+                self.unacked.insert(id, delivery);
+                let acks = self.ack_tx.clone();
+                ReceivedOrder::new(message, p.dup, move || {
+                    // Fails only once the connection has ended: nothing to acknowledge then.
+                    let _ = acks.send((id, delivery));
+                })
+            }
+        };
+        match self.incoming.try_send(order) {
+            Ok(()) => Ok(()),
+            // Nobody reads incoming publishes: they stay unacknowledged.
+            Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(MqttError::Protocol(
+                PacketError::Malformed("incoming publishes beyond the receiver's room"),
+            )),
+        }
+    }
+
     /// Handles one incoming packet; returns a packet to send back, if any.
-    async fn handle(&mut self, packet: Packet) -> Result<Option<Packet>, MqttError> {
+    fn handle(&mut self, packet: Packet) -> Result<Option<Packet>, MqttError> {
         match packet {
             Packet::PubAck(id) => {
                 // The permit is dropped with the entry: a place in the window opens.
@@ -601,16 +718,8 @@ impl Driver {
                 Ok(None)
             }
             Packet::Publish(p) => {
-                let ack = p.packet_id.map(Packet::PubAck);
-                // Deliver before acknowledging: an order is PUBACKed only once the agent has it.
-                let _ = self
-                    .incoming
-                    .send(InboundMessage {
-                        topic: p.topic.as_str().to_owned(),
-                        payload: p.payload,
-                    })
-                    .await;
-                Ok(ack)
+                self.deliver(p)?;
+                Ok(None)
             }
             Packet::PingResp | Packet::UnsubAck(_) => Ok(None),
             // A broker never sends these to a client.

@@ -2,6 +2,8 @@
 //!
 //! - Object-safe async traits ([`Uplink`], [`OrderSource`], [`ProjectorLink`]) so the agent's
 //!   logic runs unchanged over MQTT/TLS in production and over [`memory`] transports in tests.
+//! - [`storage`]: the file operations durable logs use, with a simulated file system that
+//!   loses what was not synced, for power-loss tests.
 //! - [`outbox`]: the durable store-and-forward queue: written and synced before publishing,
 //!   removed only after the server's acknowledgement, replayed in order after a crash.
 //! - [`forward`]: drains the outbox through an uplink, pipelined in order, removing only
@@ -44,9 +46,11 @@
 //! // Collectors push (synced to disk before `push` returns), then wake the forwarder:
 //! // outbox.lock().unwrap().push(message)?; wake.notify_one();
 //! # let _ = wake;
-//! // Orders arrive on one stream across reconnections:
+//! // Orders arrive on one stream across reconnections. Each is acknowledged to the server
+//! // only once the agent has recorded it (redeliveries are possible: de-duplicate by id):
 //! let order = session.next_order().await?;
-//! # let _ = order;
+//! // journal.record(&order.message)?;  // written and synced to disk first
+//! order.ack(); // now the PUBACK goes out
 //! # running.stop().await;
 //! # Ok(())
 //! # }
@@ -60,6 +64,7 @@ pub mod memory;
 pub mod mqtt;
 pub mod outbox;
 pub mod session;
+pub mod storage;
 
 use std::fmt;
 use std::future::Future;
@@ -118,7 +123,7 @@ pub struct OutboundMessage {
     pub priority: Priority,
 }
 
-/// A message from the server (an order).
+/// A message from the server (an order), as carried inside a [`ReceivedOrder`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InboundMessage {
     /// The MQTT topic.
@@ -174,11 +179,69 @@ pub trait Uplink: Send + Sync {
     fn is_connected(&self) -> bool;
 }
 
+/// An order handed over by an [`OrderSource`], not yet acknowledged to the server.
+///
+/// The agent records the order (its on-disk journal) and then calls [`ReceivedOrder::ack`],
+/// which makes the transport acknowledge it (MQTT: the PUBACK). Dropping it without `ack`
+/// acknowledges nothing: the server (or broker, with the persistent session) delivers the
+/// order again after the next reconnection, possibly marked as a redelivery, possibly not. So
+/// the same order can arrive more than once: the agent de-duplicates by the envelope's order
+/// id, and acknowledges a duplicate too once it knows the order is recorded.
+///
+/// An `ack` after the connection that delivered the order has closed is a harmless no-op:
+/// that connection can no longer acknowledge anything, and the order comes again on a later
+/// one.
+#[must_use = "an order is acknowledged only by `ack()`; dropping it leaves it to be delivered again"]
+pub struct ReceivedOrder {
+    /// The order as received.
+    pub message: InboundMessage,
+    redelivered: bool,
+    ack: Box<dyn FnOnce() + Send + Sync>,
+}
+
+impl ReceivedOrder {
+    /// An order whose acknowledgement runs `ack` (for [`OrderSource`] implementations).
+    /// `redelivered`: the transport marked it as a possible duplicate (MQTT's DUP flag).
+    pub fn new(
+        message: InboundMessage,
+        redelivered: bool,
+        ack: impl FnOnce() + Send + Sync + 'static,
+    ) -> Self {
+        ReceivedOrder {
+            message,
+            redelivered,
+            ack: Box::new(ack),
+        }
+    }
+
+    /// Whether the transport marked it as a redelivery of an order sent before (MQTT's DUP
+    /// flag). A hint only: a duplicate may also arrive unmarked, so de-duplicate by order id.
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
+
+    /// Acknowledges the order to the server: call once it is recorded. Does not wait for the
+    /// acknowledgement to be written; a no-op when the delivering connection has closed.
+    pub fn ack(self) {
+        (self.ack)();
+    }
+}
+
+impl fmt::Debug for ReceivedOrder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReceivedOrder")
+            .field("message", &self.message)
+            .field("redelivered", &self.redelivered)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Receives orders from the server.
 #[async_trait]
 pub trait OrderSource: Send + Sync {
-    /// The next order; waits until one arrives or the source closes.
-    async fn next_order(&self) -> Result<InboundMessage, TransportError>;
+    /// The next order, in arrival order; waits until one arrives or the source closes. The
+    /// order is acknowledged to the server only by [`ReceivedOrder::ack`].
+    async fn next_order(&self) -> Result<ReceivedOrder, TransportError>;
 }
 
 /// Errors talking to a projector.

@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::{
-    InboundMessage, LinkError, OrderSource, OutboundMessage, ProjectorLink, TransportError, Uplink,
+    InboundMessage, LinkError, OrderSource, OutboundMessage, ProjectorLink, ReceivedOrder,
+    TransportError, Uplink,
 };
 
 /// What the server side of a [`MemoryUplink`] receives: the message and a way to acknowledge
@@ -91,18 +92,32 @@ impl Uplink for MemoryUplink {
     }
 }
 
-/// An order source fed by a test.
+/// An order source fed by a test, with the same acknowledgement contract as the MQTT
+/// session: [`ReceivedOrder::ack`] is recorded ([`MemoryOrders::acked`]), an order handed
+/// over and not acknowledged stays outstanding ([`MemoryOrders::unacked`]), and
+/// [`MemoryOrders::reconnect`] delivers the outstanding ones again, as a broker does after a
+/// reconnection.
 #[derive(Clone, Debug)]
 pub struct MemoryOrders {
-    queue: Arc<Mutex<VecDeque<InboundMessage>>>,
+    state: Arc<Mutex<OrdersState>>,
     notify: Arc<Notify>,
     closed: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Default)]
+struct OrdersState {
+    /// Waiting to be handed over, with whether each is a redelivery.
+    queue: VecDeque<(InboundMessage, bool)>,
+    /// Handed over, not acknowledged: delivery number and order, in delivery order.
+    outstanding: Vec<(u64, InboundMessage)>,
+    acked: Vec<InboundMessage>,
+    next_delivery: u64,
 }
 
 impl Default for MemoryOrders {
     fn default() -> Self {
         MemoryOrders {
-            queue: Arc::default(),
+            state: Arc::default(),
             notify: Arc::new(Notify::new()),
             closed: Arc::default(),
         }
@@ -110,12 +125,13 @@ impl Default for MemoryOrders {
 }
 
 impl MemoryOrders {
+    fn state(&self) -> std::sync::MutexGuard<'_, OrdersState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Queues an order.
     pub fn send(&self, order: InboundMessage) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(order);
+        self.state().queue.push_back((order, false));
         self.notify.notify_one();
     }
 
@@ -124,20 +140,59 @@ impl MemoryOrders {
         self.closed.store(true, Ordering::SeqCst);
         self.notify.notify_waiters();
     }
+
+    /// The orders acknowledged so far, in acknowledgement order.
+    pub fn acked(&self) -> Vec<InboundMessage> {
+        self.state().acked.clone()
+    }
+
+    /// The orders handed over and not acknowledged (held or dropped), in delivery order.
+    pub fn unacked(&self) -> Vec<InboundMessage> {
+        self.state()
+            .outstanding
+            .iter()
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
+    /// Simulates a reconnection with a persistent session: every order handed over and not
+    /// acknowledged is queued again, first and marked as a redelivery; acknowledging one of
+    /// the earlier handles is then a no-op, as for a closed MQTT connection.
+    pub fn reconnect(&self) {
+        let mut state = self.state();
+        let again: Vec<_> = state.outstanding.drain(..).map(|(_, m)| m).collect();
+        for m in again.into_iter().rev() {
+            state.queue.push_front((m, true));
+        }
+        drop(state);
+        self.notify.notify_one();
+    }
 }
 
 #[async_trait]
 impl OrderSource for MemoryOrders {
-    async fn next_order(&self) -> Result<InboundMessage, TransportError> {
+    async fn next_order(&self) -> Result<ReceivedOrder, TransportError> {
         loop {
             let notified = self.notify.notified();
-            if let Some(o) = self
-                .queue
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop_front()
             {
-                return Ok(o);
+                let mut state = self.state();
+                if let Some((message, redelivered)) = state.queue.pop_front() {
+                    let delivery = state.next_delivery;
+                    state.next_delivery += 1;
+                    state.outstanding.push((delivery, message.clone()));
+                    let shared = Arc::downgrade(&self.state);
+                    return Ok(ReceivedOrder::new(message, redelivered, move || {
+                        let Some(shared) = shared.upgrade() else {
+                            return;
+                        };
+                        let mut state = shared.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(i) = state.outstanding.iter().position(|(d, _)| *d == delivery)
+                        {
+                            let (_, m) = state.outstanding.remove(i);
+                            state.acked.push(m);
+                        }
+                    }));
+                }
             }
             if self.closed.load(Ordering::SeqCst) {
                 return Err(TransportError::Closed);

@@ -7,9 +7,14 @@
 //! the caller's durable outbox keeps the message and a [`crate::forward::Forwarder`] tries
 //! again later. Orders from every connection arrive, in order, on one stream.
 //!
-//! Orders are acknowledged (PUBACK) once they are on that stream, which holds 256: read them
-//! promptly, since a connection whose orders cannot be delivered stops reading, and its
-//! publishes wait with it.
+//! Each order is acknowledged (PUBACK) only when the reader calls [`ReceivedOrder::ack`]
+//! after recording it; one dropped without `ack` is delivered again after a reconnection
+//! (the session is persistent), possibly marked [`ReceivedOrder::redelivered`], so the agent
+//! de-duplicates by order id. An `ack` for an order whose connection has since closed sends
+//! nothing (that order comes again on the new connection). A slow reader never holds up a
+//! connection: it keeps reading, answering and sending keep-alives, and each connection holds
+//! at most [`MqttOptions::incoming_window`] unacknowledged orders besides the 256 the stream
+//! holds.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -19,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::client::{MqttClient, MqttError, MqttOptions, TlsIdentity};
 use crate::mqtt::{QoS, TopicFilter};
-use crate::{InboundMessage, OrderSource, OutboundMessage, PendingPublish, TransportError, Uplink};
+use crate::{OrderSource, OutboundMessage, PendingPublish, ReceivedOrder, TransportError, Uplink};
 
 /// Back-off after `failures` consecutive failures: 0.5 s doubling to at most 60 s, plus up to
 /// 25 % jitter (so a fleet of agents does not reconnect in step after a server restart).
@@ -62,7 +67,7 @@ impl Shared {
 /// A self-reconnecting MQTT session; see the [module docs](self).
 pub struct MqttSession {
     current: watch::Receiver<Option<MqttClient>>,
-    orders: tokio::sync::Mutex<mpsc::Receiver<InboundMessage>>,
+    orders: tokio::sync::Mutex<mpsc::Receiver<ReceivedOrder>>,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -156,7 +161,7 @@ async fn supervise(
     tls: TlsIdentity,
     subscriptions: Vec<(String, QoS)>,
     current: watch::Sender<Option<MqttClient>>,
-    orders: mpsc::Sender<InboundMessage>,
+    orders: mpsc::Sender<ReceivedOrder>,
     shared: Arc<Shared>,
 ) {
     let mut failures: u32 = 0;
@@ -181,7 +186,8 @@ async fn supervise(
         // Forward incoming publishes from the start: with a resumed session the broker may
         // deliver queued orders before the SUBACK, and the connection must not stall on them.
         // Each connection's forwarder first lets the previous one finish, so orders stay in
-        // arrival order, and the supervisor never waits for a slow order reader.
+        // arrival order, and neither the supervisor nor the connection waits for a slow order
+        // reader (the connection hands over without waiting; this task does the waiting).
         let forward = {
             let orders = orders.clone();
             let previous = previous_forward.take();
@@ -273,7 +279,7 @@ impl Uplink for MqttSession {
 
 #[async_trait]
 impl OrderSource for MqttSession {
-    async fn next_order(&self) -> Result<InboundMessage, TransportError> {
+    async fn next_order(&self) -> Result<ReceivedOrder, TransportError> {
         self.orders
             .lock()
             .await

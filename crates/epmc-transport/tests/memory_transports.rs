@@ -66,25 +66,66 @@ async fn disconnected_uplink_is_unavailable() {
     ));
 }
 
+fn order(payload: &'static [u8]) -> InboundMessage {
+    InboundMessage {
+        topic: "o".into(),
+        payload: Bytes::from_static(payload),
+    }
+}
+
 #[tokio::test]
 async fn orders_arrive_in_order_and_close() {
     let orders = MemoryOrders::default();
     let source: &dyn OrderSource = &orders;
-    orders.send(InboundMessage {
-        topic: "o".into(),
-        payload: Bytes::from_static(b"1"),
-    });
-    orders.send(InboundMessage {
-        topic: "o".into(),
-        payload: Bytes::from_static(b"2"),
-    });
-    assert_eq!(&source.next_order().await.unwrap().payload[..], b"1");
-    assert_eq!(&source.next_order().await.unwrap().payload[..], b"2");
+    orders.send(order(b"1"));
+    orders.send(order(b"2"));
+    let first = source.next_order().await.unwrap();
+    assert_eq!(&first.message.payload[..], b"1");
+    assert!(!first.redelivered());
+    let second = source.next_order().await.unwrap();
+    assert_eq!(&second.message.payload[..], b"2");
+    second.ack();
+    first.ack();
+    assert_eq!(orders.acked(), vec![order(b"2"), order(b"1")]);
     orders.close();
     assert!(matches!(
         source.next_order().await,
         Err(TransportError::Closed)
     ));
+}
+
+/// Only `ack` acknowledges; what was handed over and not acknowledged (held or dropped) comes
+/// again, first and marked, after a reconnection; an `ack` from before it is a no-op.
+#[tokio::test]
+async fn orders_are_acknowledged_only_by_ack_and_redelivered_after_a_reconnection() {
+    let orders = MemoryOrders::default();
+    let source: &dyn OrderSource = &orders;
+    for p in [&b"1"[..], b"2", b"3", b"4"] {
+        orders.send(InboundMessage {
+            topic: "o".into(),
+            payload: Bytes::from_static(p),
+        });
+    }
+    let one = source.next_order().await.unwrap();
+    let two = source.next_order().await.unwrap();
+    drop(source.next_order().await.unwrap()); // 3: dropped without ack
+    one.ack();
+    assert_eq!(orders.acked(), vec![order(b"1")]);
+    assert_eq!(orders.unacked(), vec![order(b"2"), order(b"3")]);
+    orders.reconnect();
+    two.ack(); // from before the reconnection: nothing
+    assert_eq!(orders.acked(), vec![order(b"1")]);
+    for expected in [&b"2"[..], b"3"] {
+        let again = source.next_order().await.unwrap();
+        assert_eq!(&again.message.payload[..], expected);
+        assert!(again.redelivered());
+        again.ack();
+    }
+    let four = source.next_order().await.unwrap();
+    assert_eq!(&four.message.payload[..], b"4");
+    assert!(!four.redelivered());
+    assert_eq!(orders.acked(), vec![order(b"1"), order(b"2"), order(b"3")]);
+    assert_eq!(orders.unacked(), vec![order(b"4")]);
 }
 
 #[tokio::test(start_paused = true)]

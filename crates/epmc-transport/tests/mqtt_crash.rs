@@ -118,8 +118,8 @@ async fn sigkilled_publisher_loses_nothing_it_accepted() {
     std::fs::write(dir.join("agent.key"), key).unwrap();
     let last = (SECOND_START + SECOND_COUNT - 1).to_be_bytes();
     let watcher = tokio::spawn({
-        let (addr, id) = (broker.addr, broker.ca.identity(A));
-        async move { support::collect_until(addr, id, &format!("{A}-watch"), &topic(), &last).await }
+        let (addr, id) = (broker.addr, broker.ca.identity(support::SERVER));
+        async move { support::collect_until(addr, id, &topic(), &last).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await; // let the watcher subscribe
 

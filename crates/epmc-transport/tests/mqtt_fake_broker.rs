@@ -288,27 +288,198 @@ async fn an_unsendable_publish_fails_alone() {
     assert!(c.is_connected());
 }
 
+fn order(id: u16, payload: Vec<u8>) -> Packet {
+    Packet::Publish(Publish {
+        topic: TopicName::new("epmc/v1/agents/x/orders").unwrap(),
+        qos: QoS::AtLeastOnce,
+        packet_id: Some(id),
+        retain: false,
+        dup: false,
+        payload: Bytes::from(payload),
+    })
+}
+
+/// An incoming QoS 1 publish is acknowledged only by `ack()`: no PUBACK before, one with the
+/// right packet id after, each answered on its own (here out of order), and a second `ack`
+/// or an `ack` after the connection closed sends nothing.
 #[tokio::test]
-async fn an_incoming_publish_is_acknowledged_after_delivery() {
+async fn an_incoming_publish_is_acknowledged_only_by_ack() {
     let fake = Fake::start(&[&rustls::version::TLS13]).await;
     let id = fake.ca.identity(A);
     let opts = fake.options();
     let client = tokio::spawn(async move { MqttClient::connect(&opts, &id).await });
     let (mut conn, _) = within(fake.accept()).await;
     conn.connack(ConnectReturn::Accepted).await;
-    let (_c, _, mut incoming) = within(client).await.unwrap().unwrap();
-    conn.send(&Packet::Publish(Publish {
-        topic: TopicName::new("epmc/v1/agents/x/orders").unwrap(),
-        qos: QoS::AtLeastOnce,
-        packet_id: Some(7),
-        retain: false,
-        dup: false,
-        payload: Bytes::from_static(b"order"),
-    }))
-    .await;
-    let got = within(incoming.recv()).await.unwrap();
-    assert_eq!(&got.payload[..], b"order");
+    let (c, _, mut incoming) = within(client).await.unwrap().unwrap();
+    conn.send(&order(7, b"order-7".to_vec())).await;
+    let mut dup = order(9, b"order-9".to_vec());
+    if let Packet::Publish(p) = &mut dup {
+        p.dup = true;
+    }
+    conn.send(&dup).await;
+    let seven = within(incoming.recv()).await.unwrap();
+    assert_eq!(&seven.message.payload[..], b"order-7");
+    assert_eq!(seven.message.topic, "epmc/v1/agents/x/orders");
+    assert!(!seven.redelivered());
+    let nine = within(incoming.recv()).await.unwrap();
+    assert_eq!(&nine.message.payload[..], b"order-9");
+    assert!(nine.redelivered(), "the DUP flag is passed on");
+    // Received, not acknowledged: the broker hears nothing.
+    assert_eq!(conn.read_within(Duration::from_millis(500)).await, None);
+    nine.ack();
+    assert_eq!(within(conn.read()).await, Some(Packet::PubAck(9)));
+    assert_eq!(conn.read_within(Duration::from_millis(200)).await, None);
+    seven.ack();
     assert_eq!(within(conn.read()).await, Some(Packet::PubAck(7)));
+    // The broker reuses id 7 for a new order: acknowledged by its own handle only.
+    conn.send(&order(7, b"order-7b".to_vec())).await;
+    let again = within(incoming.recv()).await.unwrap();
+    assert_eq!(&again.message.payload[..], b"order-7b");
+    assert_eq!(conn.read_within(Duration::from_millis(300)).await, None);
+    // The connection ends; a late `ack` is a no-op.
+    drop(conn);
+    within(c.closed()).await;
+    again.ack();
+}
+
+/// A reader that leaves orders unread for 3 × the keep-alive while the broker sends 400 of
+/// them (more than any channel the connection could wait on) does not stall the connection:
+/// it keeps sending PINGREQs and stays up; then every order arrives, in order, and each `ack`
+/// sends the PUBACK with its packet id, in order.
+#[tokio::test]
+async fn a_slow_order_reader_does_not_stall_the_keep_alive() {
+    const N: u16 = 400;
+    let fake = Fake::start(&[&rustls::version::TLS13]).await;
+    let id = fake.ca.identity(A);
+    let mut opts = fake.options();
+    opts.keep_alive = Duration::from_secs(1);
+    opts.incoming_window = 1000; // a broker with a large in-flight limit
+    let client = tokio::spawn(async move { MqttClient::connect(&opts, &id).await });
+    let (mut conn, _) = within(fake.accept()).await;
+    conn.connack(ConnectReturn::Accepted).await;
+    let (c, _, mut incoming) = within(client).await.unwrap().unwrap();
+    let mut all = Vec::new();
+    for n in 1..=N {
+        order(n, n.to_be_bytes().to_vec())
+            .encode(&mut all, DEFAULT_MAX_PACKET)
+            .unwrap();
+    }
+    conn.send_raw(&all).await;
+    // Nobody reads `incoming` for 3 s; the broker answers each PINGREQ.
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut pings = 0;
+    while let Ok(p) = tokio::time::timeout_at(until, conn.read()).await {
+        match p {
+            Some(Packet::PingReq) => {
+                pings += 1;
+                conn.send(&Packet::PingResp).await;
+            }
+            other => panic!("expected only PINGREQs, got {other:?}"),
+        }
+    }
+    assert!(pings >= 2, "{pings} PINGREQs in 3 s with a 1 s keep-alive");
+    assert!(c.is_connected());
+    for n in 1..=N {
+        let o = within(incoming.recv()).await.unwrap();
+        assert_eq!(&o.message.payload[..], &n.to_be_bytes());
+        o.ack();
+    }
+    let mut acked = Vec::new();
+    while acked.len() < usize::from(N) {
+        match within(conn.read()).await {
+            Some(Packet::PubAck(id)) => acked.push(id),
+            Some(Packet::PingReq) => conn.send(&Packet::PingResp).await,
+            other => panic!("expected PUBACKs, got {other:?}"),
+        }
+    }
+    assert_eq!(acked, (1..=N).collect::<Vec<u16>>());
+    assert!(c.is_connected());
+}
+
+/// A broker that ignores its in-flight limit and keeps sending while nothing is acknowledged
+/// ends the connection with a protocol error once the incoming window is exceeded, rather
+/// than being buffered without bound; what was handed over stays readable.
+#[tokio::test]
+async fn more_unacknowledged_orders_than_the_window_end_the_connection() {
+    let fake = Fake::start(&[&rustls::version::TLS13]).await;
+    let id = fake.ca.identity(A);
+    let mut opts = fake.options();
+    opts.incoming_window = 8;
+    let client = tokio::spawn(async move { MqttClient::connect(&opts, &id).await });
+    let (mut conn, _) = within(fake.accept()).await;
+    conn.connack(ConnectReturn::Accepted).await;
+    let (c, _, mut incoming) = within(client).await.unwrap().unwrap();
+    for n in 1..=8u16 {
+        conn.send(&order(n, vec![n as u8])).await;
+    }
+    let first = within(incoming.recv()).await.unwrap();
+    drop(first); // dropped unacknowledged: still counts, the broker still has it in flight
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(c.is_connected(), "8 unacknowledged fit the window");
+    conn.send(&order(9, vec![9])).await;
+    within(c.closed()).await;
+    assert!(!c.is_connected());
+    assert_eq!(within(conn.read()).await, None, "the client closed");
+    for n in 2..=8u8 {
+        let o = within(incoming.recv()).await.unwrap();
+        assert_eq!(&o.message.payload[..], &[n]);
+        o.ack(); // a no-op now
+    }
+    assert!(
+        within(incoming.recv()).await.is_none(),
+        "the 9th is not handed over"
+    );
+}
+
+/// The session keeps one order stream across reconnections, in arrival order, with each
+/// order's handle bound to its connection: acknowledging an order from a closed connection
+/// sends nothing anywhere; one from the live connection sends its PUBACK there.
+#[tokio::test]
+async fn the_session_keeps_orders_in_order_across_reconnections() {
+    use epmc_transport::OrderSource;
+    use epmc_transport::session::MqttSession;
+    let fake = Fake::start(&[&rustls::version::TLS13]).await;
+    let session = MqttSession::start(
+        fake.options(),
+        fake.ca.identity(A),
+        &[("epmc/v1/agents/x/orders", QoS::AtLeastOnce)],
+    )
+    .unwrap();
+    async fn accept(fake: &Fake) -> Conn {
+        let (mut conn, _) = fake.accept().await;
+        conn.connack(ConnectReturn::Accepted).await;
+        match within(conn.read()).await {
+            Some(Packet::Subscribe(id, f)) => {
+                conn.send(&Packet::SubAck(id, vec![Some(QoS::AtLeastOnce); f.len()]))
+                    .await
+            }
+            other => panic!("expected SUBSCRIBE, got {other:?}"),
+        }
+        conn
+    }
+    let mut first = within(accept(&fake)).await;
+    first.send(&order(1, b"1".to_vec())).await;
+    first.send(&order(2, b"2".to_vec())).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(first); // the connection dies with both orders unread and unacknowledged
+    let mut second = tokio::time::timeout(Duration::from_secs(20), accept(&fake))
+        .await
+        .expect("the session reconnects");
+    second.send(&order(1, b"3".to_vec())).await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(within(session.next_order()).await.unwrap());
+    }
+    let payloads: Vec<&[u8]> = got.iter().map(|o| &o.message.payload[..]).collect();
+    assert_eq!(payloads, [&b"1"[..], b"2", b"3"]);
+    let mut got = got.into_iter();
+    // Orders 1 and 2 came on the closed connection: their acks send nothing (packet id 1 is
+    // in use on the new connection for order 3).
+    got.next().unwrap().ack();
+    got.next().unwrap().ack();
+    assert_eq!(second.read_within(Duration::from_millis(300)).await, None);
+    got.next().unwrap().ack();
+    assert_eq!(within(second.read()).await, Some(Packet::PubAck(1)));
 }
 
 /// Hostile or broken broker bytes end the connection with an error; nothing panics, and a

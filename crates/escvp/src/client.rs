@@ -18,6 +18,8 @@
 //! # Ok(()) }
 //! ```
 
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,8 +30,8 @@ use tokio::time::Instant;
 use crate::error::ValueError;
 use crate::net::Password;
 use crate::session::{
-    Answer, CloseReason, CommandError, CommandId, ConnectError, Event, SendError, Session,
-    SessionConfig, StatusChange,
+    Answer, CloseReason, CommandError, CommandId, ConnectError, Event, QuietPeriods, SendError,
+    Session, SessionConfig, StatusChange,
 };
 use crate::value::{PowerCommand, Property, WireValue};
 use crate::vp21::Command;
@@ -45,6 +47,44 @@ pub struct ClientConfig {
     pub write_timeout: Duration,
     /// How many events a slow [`Events`] receiver may fall behind before it loses some.
     pub event_capacity: usize,
+    /// Where the quiet period after `PWR OFF` is remembered per projector address, so that a
+    /// new connection to a projector switched off moments ago sends nothing until it ends.
+    /// The default is shared by every client of the process.
+    pub quiet_periods: QuietRegistry,
+}
+
+/// Quiet periods after `PWR OFF`, per projector address, shared by the clients that hold a
+/// clone of it (see [`ClientConfig::quiet_periods`]).
+#[derive(Clone, Debug, Default)]
+pub struct QuietRegistry(Arc<Mutex<QuietPeriods<SocketAddr>>>);
+
+impl QuietRegistry {
+    /// A registry of its own (e.g. for a test that must not see other clients' periods).
+    pub fn new() -> Self {
+        QuietRegistry::default()
+    }
+
+    /// The registry shared by every client of this process (the default).
+    pub fn process() -> Self {
+        static SHARED: OnceLock<QuietRegistry> = OnceLock::new();
+        SHARED.get_or_init(QuietRegistry::new).clone()
+    }
+
+    /// The end of `addr`'s quiet period, if one is running.
+    pub fn until(&self, addr: SocketAddr) -> Option<std::time::Instant> {
+        self.lock().until(&addr, Instant::now().into_std())
+    }
+
+    fn record(&self, addr: SocketAddr, until: std::time::Instant) {
+        self.lock().record(addr, until, Instant::now().into_std());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QuietPeriods<SocketAddr>> {
+        // The map stays consistent even if a holder panicked.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl Default for ClientConfig {
@@ -54,6 +94,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(5),
             event_capacity: 64,
+            quiet_periods: QuietRegistry::process(),
         }
     }
 }
@@ -151,13 +192,21 @@ impl Client {
         Client::handshake(stream, config).await
     }
 
-    /// Performs the handshake on an already open stream.
+    /// Performs the handshake on an already open stream. Commands wait for the end of a quiet
+    /// period still running from an earlier connection to the same address.
     pub async fn handshake(stream: TcpStream, config: ClientConfig) -> Result<Client, ClientError> {
         let (events, _) = broadcast::channel(config.event_capacity.max(1));
         let (tx, rx) = mpsc::channel(config.session.max_queue.max(1));
         let (ready_tx, ready_rx) = oneshot::channel();
-        let session = Session::new(config.session.clone(), Instant::now().into_std());
+        let mut session = Session::new(config.session.clone(), Instant::now().into_std());
+        let peer = stream.peer_addr().ok();
+        if let Some(until) = peer.and_then(|addr| config.quiet_periods.until(addr)) {
+            tracing::debug!(?peer, "quiet period after PWR OFF still running");
+            session.hold_until(until);
+        }
         let driver = Driver {
+            quiet: peer.map(|addr| (addr, config.quiet_periods.clone())),
+            recorded: None,
             stream,
             session,
             rx,
@@ -231,6 +280,10 @@ impl Client {
 }
 
 struct Driver {
+    /// The projector's address and where its quiet periods are remembered.
+    quiet: Option<(SocketAddr, QuietRegistry)>,
+    /// The last quiet period recorded there.
+    recorded: Option<std::time::Instant>,
     stream: TcpStream,
     session: Session,
     rx: mpsc::Receiver<(Command, Reply)>,
@@ -276,6 +329,7 @@ impl Driver {
                     self.session.handle_timeout(Instant::now().into_std());
                 }
             }
+            self.remember_quiet_period();
             if !accepting && self.session.pending() == 0 {
                 self.session.close(CloseReason::Local);
             }
@@ -285,6 +339,17 @@ impl Driver {
             let _ = reply.send(Err(ClientError::Closed));
         }
         let _ = self.stream.shutdown().await;
+    }
+
+    /// Records a new quiet period (after a `PWR OFF` colon) for later connections.
+    fn remember_quiet_period(&mut self) {
+        let until = self.session.quiet_until();
+        if until.is_some() && until != self.recorded {
+            self.recorded = until;
+            if let (Some((addr, registry)), Some(until)) = (&self.quiet, until) {
+                registry.record(*addr, until);
+            }
+        }
     }
 
     async fn flush(&mut self) -> bool {

@@ -15,7 +15,10 @@
 //!   [`Event::Status`], never a reply. A reply that fits no command (a late answer to one that
 //!   timed out) is reported as [`Event::Unexpected`].
 //! - Each command has a deadline from the ESC/VP21 timing rules ([`Timing`](crate::value::Timing)); after `PWR OFF`
-//!   nothing is sent during the quiet period.
+//!   nothing is sent during the quiet period, and the period outlives the session:
+//!   [`Session::quiet_until`] reports it, [`Session::hold_until`] carries it into the next
+//!   session to the same projector, [`QuietPeriods`] remembers it per projector meanwhile (the
+//!   async client does this by address).
 //! - A command timeout, malformed bytes or a refused handshake close the session: after a
 //!   timeout a late `:` could otherwise be paired with the wrong command.
 //!
@@ -461,6 +464,23 @@ impl Session {
         self.queue.len() + usize::from(self.in_flight.is_some())
     }
 
+    /// When the quiet period after a `PWR OFF` ends, while one may still be running (it is
+    /// cleared once a command has been sent after it). Remember it per projector (see
+    /// [`QuietPeriods`]) so that a later session to the same projector keeps it.
+    pub fn quiet_until(&self) -> Option<Instant> {
+        self.quiet_until
+    }
+
+    /// Sends no command before `until`: a quiet period that began in an earlier session to the
+    /// same projector (a reconnect must not cut it short). The handshake is not held; commands
+    /// queue meanwhile and [`Self::poll_timeout`] wakes the caller when it ends. A later
+    /// `until` than the current quiet period extends it; an earlier one changes nothing.
+    pub fn hold_until(&mut self, until: Instant) {
+        if self.quiet_until.is_none_or(|q| q < until) {
+            self.quiet_until = Some(until);
+        }
+    }
+
     fn pump(&mut self, now: Instant) {
         if !matches!(self.state, State::Open) || self.in_flight.is_some() {
             return;
@@ -528,6 +548,73 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+/// Quiet periods per projector, kept across sessions: a reconnect to a projector that was
+/// switched off moments ago must still wait out the quiet period after its `PWR OFF`.
+///
+/// Sans-IO like [`Session`]: every call takes `now`. Record [`Session::quiet_until`] under the
+/// projector's key when it changes; give a new session [`QuietPeriods::until`] through
+/// [`Session::hold_until`]. Bounded: expired entries are dropped as new ones arrive, and past
+/// `max_entries` the entry that ends first is dropped.
+#[derive(Clone, Debug)]
+pub struct QuietPeriods<K> {
+    until: std::collections::HashMap<K, Instant>,
+    max_entries: usize,
+}
+
+impl<K: Eq + std::hash::Hash + Clone> Default for QuietPeriods<K> {
+    fn default() -> Self {
+        QuietPeriods::new(4096)
+    }
+}
+
+impl<K: Eq + std::hash::Hash + Clone> QuietPeriods<K> {
+    /// An empty registry holding at most `max_entries` projectors (at least one).
+    pub fn new(max_entries: usize) -> Self {
+        QuietPeriods {
+            until: std::collections::HashMap::new(),
+            max_entries: max_entries.max(1),
+        }
+    }
+
+    /// Notes that `key`'s quiet period lasts until `until` (a later time than one already
+    /// noted wins).
+    pub fn record(&mut self, key: K, until: Instant, now: Instant) {
+        self.until.retain(|_, u| *u > now);
+        if until <= now {
+            return;
+        }
+        if !self.until.contains_key(&key)
+            && self.until.len() >= self.max_entries
+            && let Some(first) = self
+                .until
+                .iter()
+                .min_by_key(|(_, u)| **u)
+                .map(|(k, _)| k.clone())
+        {
+            self.until.remove(&first);
+        }
+        let entry = self.until.entry(key).or_insert(until);
+        if *entry < until {
+            *entry = until;
+        }
+    }
+
+    /// The end of `key`'s quiet period if it is still running at `now`.
+    pub fn until(&self, key: &K, now: Instant) -> Option<Instant> {
+        self.until.get(key).copied().filter(|u| *u > now)
+    }
+
+    /// Number of projectors noted (including expired entries not yet dropped).
+    pub fn len(&self) -> usize {
+        self.until.len()
+    }
+
+    /// Whether nothing is noted.
+    pub fn is_empty(&self) -> bool {
+        self.until.is_empty()
     }
 }
 
@@ -677,6 +764,120 @@ mod tests {
             s.poll_event(),
             Some(Event::Closed(CloseReason::CommandTimedOut))
         );
+    }
+
+    #[test]
+    fn power_on_without_reply_times_out_at_100_s_not_earlier_not_never() {
+        let t0 = Instant::now();
+        let mut s = open(t0);
+        let id = s.send(PowerCommand::On.command(), t0).unwrap();
+        assert_eq!(s.poll_transmit().unwrap(), b"PWR ON\r");
+        let deadline = t0 + Duration::from_secs(100);
+        assert_eq!(s.poll_timeout(), Some(deadline));
+        // Warm-up notifications are events, not the reply: the command stays in flight.
+        s.handle_input(
+            b"IMEVENT=0001 02 00000000 00000000 T1 F1\r:",
+            t0 + Duration::from_secs(1),
+        );
+        assert!(matches!(s.poll_event(), Some(Event::Status(_))));
+        // Wake-ups before the deadline (other models' 20, 40 and 70 s; one tick early)
+        // time nothing out.
+        for t in [20, 40, 70, 99] {
+            s.handle_timeout(t0 + Duration::from_secs(t));
+            assert_eq!(s.poll_event(), None, "timed out at {t} s");
+        }
+        s.handle_timeout(deadline - Duration::from_millis(1));
+        assert_eq!(s.poll_event(), None, "timed out before 100 s");
+        assert!(s.is_open());
+        assert_eq!(s.pending(), 1);
+        assert_eq!(s.poll_timeout(), Some(deadline));
+        s.handle_timeout(deadline);
+        assert_eq!(
+            s.poll_event(),
+            Some(Event::Completed {
+                id,
+                result: Err(CommandError::TimedOut(Duration::from_secs(100)))
+            })
+        );
+        assert_eq!(
+            s.poll_event(),
+            Some(Event::Closed(CloseReason::CommandTimedOut))
+        );
+        assert_eq!(s.pending(), 0);
+    }
+
+    #[test]
+    fn quiet_period_survives_a_reconnect() {
+        let t0 = Instant::now();
+        let mut quiet = QuietPeriods::default();
+        let mut s = open(t0);
+        s.send(PowerCommand::Off.command(), t0).unwrap();
+        assert_eq!(s.poll_transmit().unwrap(), b"PWR OFF\r");
+        let acked = t0 + Duration::from_secs(2);
+        s.handle_input(b":", acked);
+        let end = acked + Duration::from_secs(10);
+        assert_eq!(s.quiet_until(), Some(end));
+        quiet.record("projector-1", end, acked);
+        // The connection is lost during the quiet period; a new session opens 3 s later.
+        s.handle_peer_closed();
+        let t1 = acked + Duration::from_secs(3);
+        let mut s2 = Session::new(SessionConfig::default(), t1);
+        assert_eq!(quiet.until(&"projector-1", t1), Some(end));
+        assert_eq!(quiet.until(&"projector-2", t1), None, "per projector");
+        s2.hold_until(quiet.until(&"projector-1", t1).unwrap());
+        s2.poll_transmit();
+        s2.handle_input(OK, t1);
+        assert_eq!(s2.poll_event(), Some(Event::Connected));
+        let id = s2.send(crate::value::Power::query(), t1).unwrap();
+        assert_eq!(
+            s2.poll_transmit(),
+            None,
+            "nothing sent during the quiet period"
+        );
+        assert_eq!(s2.poll_timeout(), Some(end));
+        s2.handle_timeout(end - Duration::from_millis(1));
+        assert_eq!(s2.poll_transmit(), None, "nothing sent before it ends");
+        s2.handle_timeout(end);
+        assert_eq!(s2.poll_transmit().unwrap(), b"PWR?\r");
+        s2.handle_input(b"PWR=04\r:", end);
+        assert_eq!(
+            s2.poll_event(),
+            Some(Event::Completed {
+                id,
+                result: Ok(Answer::Value("04".into()))
+            })
+        );
+        // Once over, the registry holds nothing back.
+        assert_eq!(quiet.until(&"projector-1", end), None);
+        // An earlier hold does not shorten a running quiet period.
+        let mut s3 = open(t1);
+        s3.hold_until(end);
+        s3.hold_until(t1);
+        assert_eq!(s3.quiet_until(), Some(end));
+    }
+
+    #[test]
+    fn quiet_periods_are_bounded() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut quiet = QuietPeriods::new(2);
+        quiet.record(1, t0 + s(5), t0);
+        quiet.record(2, t0 + s(10), t0);
+        quiet.record(3, t0 + s(20), t0);
+        assert_eq!(quiet.len(), 2);
+        assert_eq!(
+            quiet.until(&1, t0),
+            None,
+            "the entry ending first made room"
+        );
+        assert_eq!(quiet.until(&3, t0), Some(t0 + s(20)));
+        // A later end wins, an earlier one does not shorten it.
+        quiet.record(3, t0 + s(15), t0);
+        assert_eq!(quiet.until(&3, t0), Some(t0 + s(20)));
+        // Expired entries are dropped when the next one arrives.
+        quiet.record(4, t0 + s(30), t0 + s(12));
+        assert_eq!(quiet.len(), 2);
+        assert_eq!(quiet.until(&2, t0), None);
     }
 
     #[test]

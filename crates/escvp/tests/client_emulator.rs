@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use escvp::client::{Client, ClientConfig, ClientError, ClientEvent};
+use escvp::client::{Client, ClientConfig, ClientError, ClientEvent, QuietRegistry};
 use escvp::discovery::{DiscoveryConfig, discover};
 use escvp::emulator::{Faults, Fleet, ProjectorConfig, ProjectorHandle};
 use escvp::event::{Alarms, ImStatus};
@@ -93,7 +93,9 @@ async fn reads_status_and_changes_settings() {
         .unwrap();
     assert_eq!(bounded(c.get::<Volume>()).await.unwrap().0, 200);
     assert!(bounded(c.get::<Lamp>()).await.unwrap().first() >= 1200);
-    // Power commands during cool-down are refused.
+    // PWR OFF starts the cool-down. (That power commands during it are refused is checked in
+    // `a_reconnect_waits_out_the_quiet_period_after_power_off`: this client's 10 s quiet period
+    // outlasts the emulator's 0.2 s cool-down.)
     bounded(c.power(PowerCommand::Off)).await.unwrap();
     assert_eq!(p.power_code(), PowerCode::COOL_DOWN);
 }
@@ -158,17 +160,20 @@ async fn handshake_refusals_are_typed() {
     ));
     let c = bounded(Client::connect(
         p.tcp_addr(),
-        quick_config().with_password(pw),
+        quick_config().with_password(pw.clone()),
     ))
     .await
     .unwrap();
-    // One session at a time: a second controller is refused with 0x53.
-    let err = bounded(Client::connect(p.tcp_addr(), quick_config()))
-        .await
-        .unwrap_err();
+    // One session at a time: a second controller, with the right password, is refused with
+    // 0x53.
+    let err = bounded(Client::connect(
+        p.tcp_addr(),
+        quick_config().with_password(pw),
+    ))
+    .await
+    .unwrap_err();
     assert!(
-        matches!(err, ClientError::Handshake(ConnectError::PasswordRequired))
-            || matches!(err, ClientError::Handshake(ConnectError::Busy)),
+        matches!(err, ClientError::Handshake(ConnectError::Busy)),
         "{err:?}"
     );
     bounded(c.ping()).await.unwrap();
@@ -263,8 +268,10 @@ async fn too_slow_reply_times_out_and_closes() {
         started.elapsed() < Duration::from_secs(2),
         "ended before the reply"
     );
-    // The session closed: later calls fail at once, typed.
-    assert!(bounded(c.get::<Power>()).await.is_err());
+    // The session closed: later calls fail with `Closed`, not with a timeout of their own.
+    let later = bounded(c.get::<Power>()).await;
+    assert!(matches!(later, Err(ClientError::Closed)), "{later:?}");
+    assert!(!c.is_open());
 }
 
 #[tokio::test]
@@ -374,4 +381,99 @@ async fn fleet_discovery_and_distinct_serials() {
     serials.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     serials.dedup();
     assert_eq!(serials.len(), 12);
+}
+
+/// The quiet period after `PWR OFF` (10 s, 1 s at `timeout_scale` 0.1) outlives the
+/// connection: a client that reconnects during it sends nothing until it ends. Then a power
+/// command during the (longer) cool-down is refused.
+#[tokio::test]
+async fn a_reconnect_waits_out_the_quiet_period_after_power_off() {
+    let (_fleet, p) = one(ProjectorConfig {
+        cool_down: Duration::from_secs(8),
+        ..fast()
+    })
+    .await;
+    let config = ClientConfig {
+        quiet_periods: QuietRegistry::new(),
+        ..quick_config()
+    };
+    let quiet = Duration::from_secs(1);
+    let c = bounded(Client::connect(p.tcp_addr(), config.clone()))
+        .await
+        .unwrap();
+    bounded(c.power(PowerCommand::On)).await.unwrap();
+    let before_off = std::time::Instant::now();
+    bounded(c.power(PowerCommand::Off)).await.unwrap();
+    assert!(config.quiet_periods.until(p.tcp_addr()).is_some());
+    drop(c);
+    let seen = p.commands_seen();
+    // The emulator takes one session at a time: retry while it frees the slot (bounded).
+    let mut again = None;
+    for _ in 0..50 {
+        match bounded(Client::connect(p.tcp_addr(), config.clone())).await {
+            Ok(c) => {
+                again = Some(c);
+                break;
+            }
+            Err(ClientError::Handshake(ConnectError::Busy)) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    let c = again.expect("reconnected");
+    assert!(
+        before_off.elapsed() < quiet,
+        "the test reconnected during the quiet period"
+    );
+    let answer = bounded(c.power(PowerCommand::On)).await;
+    assert!(
+        before_off.elapsed() >= quiet,
+        "a command was answered {:?} after PWR OFF, within the quiet period",
+        before_off.elapsed()
+    );
+    assert_eq!(
+        p.commands_seen(),
+        seen + 1,
+        "one command after reconnecting"
+    );
+    // Power commands during cool-down are refused.
+    assert_eq!(p.power_code(), PowerCode::COOL_DOWN);
+    assert!(
+        matches!(answer, Err(ClientError::Command(CommandError::Refused))),
+        "{answer:?}"
+    );
+    // A client with its own registry knows nothing of it (the period is per registry).
+    assert_eq!(QuietRegistry::new().until(p.tcp_addr()), None);
+}
+
+/// `PWR ON` gets its colon after warm-up; a projector that never sends it is given up on at
+/// the documented 100 s, not earlier (40 and 70 s are ignition retries) and not never. Runs on
+/// tokio's paused clock once connected.
+#[tokio::test]
+async fn power_on_without_a_colon_times_out_at_100_s() {
+    let (_fleet, p) = one(ProjectorConfig {
+        warm_up: Duration::from_secs(1000),
+        ..fast()
+    })
+    .await;
+    let c = bounded(Client::connect(p.tcp_addr(), ClientConfig::default()))
+        .await
+        .unwrap();
+    tokio::time::pause();
+    let start = tokio::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(200), c.power(PowerCommand::On))
+        .await
+        .expect("PWR ON ended within 200 s")
+        .unwrap_err();
+    let elapsed = start.elapsed();
+    assert!(
+        matches!(err, ClientError::Command(CommandError::TimedOut(d)) if d == Duration::from_secs(100)),
+        "{err:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_secs(100) && elapsed < Duration::from_secs(101),
+        "timed out after {elapsed:?}"
+    );
+    assert_eq!(p.power_code(), PowerCode::WARM_UP);
 }

@@ -118,7 +118,14 @@ fn connect_with_password() {
         *b"x\0"
     );
     assert!(Password::new("0123456789abcdef").is_ok());
-    assert!(Password::new("0123456789abcdefg").is_err());
+    assert!(matches!(
+        Password::new("0123456789abcdefg"),
+        Err(escvp::ValueError::TooLong {
+            len: 17,
+            max: 16,
+            ..
+        })
+    ));
 }
 
 // §4.3: the 6-header PASSWORD vector of the `escvpnet` crate's tests.
@@ -288,6 +295,9 @@ fn imevent_status_table() {
         let r = StatusReport::parse_imevent(&text).expect("valid");
         assert_eq!(r.status, status);
         assert_eq!(r.status.to_power_code(), pwr);
+        let mut back = String::new();
+        r.write_value(&mut back).expect("writes");
+        assert_eq!(back, text);
     }
     let all_warnings = StatusReport::parse_imevent("0001 03 0000005F 0000007F")
         .expect("valid")
@@ -425,10 +435,9 @@ fn typed_values() {
     assert!(PowerCode::parse_value("1").is_err());
     assert!(PowerCode::parse_value("ON").is_err());
 
-    assert_eq!(
-        LampHours::parse_value("1633 1633").expect("valid").hours(),
-        [1633, 1633]
-    );
+    let lamps = LampHours::parse_value("1633 1633").expect("valid");
+    assert_eq!(lamps.hours(), [1633, 1633]);
+    assert_eq!(lamps.to_param(), "1633 1633");
     assert_eq!(LampHours::parse_value("12").expect("valid").first(), 12);
     assert!(LampHours::parse_value("12 x").is_err());
 
@@ -456,17 +465,18 @@ fn typed_values() {
         ("1F", "OTHER"),
         ("FF", "OTHER_FF"),
     ] {
-        assert_eq!(
-            ErrorCode::parse_value(text).expect("hex").name(),
-            Some(name)
-        );
+        let code = ErrorCode::parse_value(text).expect("hex");
+        assert_eq!(code.name(), Some(name));
+        assert_eq!(code.to_param(), text);
     }
     // No code 02 or 05 exists (§2.4): they decode and print in hex.
     assert_eq!(format!("{:?}", ErrorCode::new(2)), "ErrorCode(0x02)");
 
     assert_eq!(OnOff::parse_value("ON"), Ok(OnOff::On));
+    assert_eq!(OnOff::On.to_param(), "ON");
     assert!(OnOff::parse_value("MAYBE").is_err());
     assert_eq!(Number::parse_value("255"), Ok(Number(255)));
+    assert_eq!(Number(255).to_param(), "255");
     assert!(Number::parse_value("99999999999").is_err());
 }
 

@@ -1,7 +1,9 @@
 //! A real Mosquitto for tests: a private CA, a server certificate for localhost/127.0.0.1,
 //! agent certificates (CN = agent id), a foreign CA, and a broker on a free loopback port
-//! with a TLS listener that requires client certificates, takes the certificate CN as the
-//! user name and limits each agent to `epmc/v1/agents/<its id>/#`.
+//! run with the configuration and ACL that ship in `deploy/mosquitto/` (paths and port
+//! substituted, see [`render_config`]): client certificates required, the CN is the user name
+//! and the client id, each agent limited to its own topics, the server identity
+//! [`SERVER`] reading everything.
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -13,6 +15,46 @@ use epmc_transport::client::{MqttOptions, TlsIdentity};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
+
+/// The CN of the server's own certificate in the shipped ACL.
+pub const SERVER: &str = "epmc-server";
+
+/// The configuration and ACL that ship for Mosquitto.
+pub const SHIPPED_CONFIG: &str = include_str!("../../../../deploy/mosquitto/mosquitto.conf");
+pub const SHIPPED_ACL: &str = include_str!("../../../../deploy/mosquitto/acl");
+
+/// The shipped configuration for a test broker: its files in `dir`, listening on
+/// `127.0.0.1:port`, running as the current user and logging to stderr. Only paths and the
+/// port change; each substitution must find its line, so the harness cannot drift from the
+/// file silently.
+pub fn render_config(shipped: &str, dir: &Path, port: u16) -> String {
+    let dir = dir.display().to_string();
+    let mut out = String::new();
+    let mut found = [false; 3];
+    for line in shipped.lines() {
+        let line = if line == "listener 8883" {
+            found[0] = true;
+            format!("listener {port} 127.0.0.1")
+        } else if line.contains("/etc/mosquitto/epmc/") {
+            found[1] = true;
+            line.replace("/etc/mosquitto/epmc/", &format!("{dir}/"))
+        } else if line == "persistence_location /var/lib/mosquitto/" {
+            found[2] = true;
+            format!("persistence_location {dir}/")
+        } else {
+            line.to_owned()
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    assert_eq!(found, [true; 3], "the shipped mosquitto.conf changed shape");
+    assert!(
+        !out.contains("/etc/") && !out.contains("/var/"),
+        "a path the harness does not substitute:\n{out}"
+    );
+    out.push_str("# test only\nuser root\nlog_dest stderr\n");
+    out
+}
 
 /// How long any single step of a test may take before it counts as hung.
 pub const BOUND: Duration = Duration::from_secs(15);
@@ -42,6 +84,33 @@ impl Ca {
         }
     }
 
+    /// A certificate revocation list signed by this CA revoking these serial numbers, PEM.
+    pub fn crl(&self, revoked: &[u64]) -> String {
+        // rcgen's default validity (1975 to 4096) without naming the `time` crate.
+        let validity = CertificateParams::default();
+        let revoked_certs = revoked
+            .iter()
+            .map(|serial| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from(*serial),
+                revocation_time: validity.not_before,
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect();
+        rcgen::CertificateRevocationListParams {
+            this_update: validity.not_before,
+            next_update: validity.not_after,
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.issuer)
+        .unwrap()
+        .pem()
+        .unwrap()
+    }
+
     /// `(certificate PEM, key PEM)` for a server with these names.
     pub fn server(&self, names: &[&str]) -> (String, String) {
         let mut params =
@@ -56,7 +125,13 @@ impl Ca {
 
     /// `(certificate PEM, key PEM)` for an agent whose CN is `cn`.
     pub fn client(&self, cn: &str) -> (String, String) {
+        self.client_with_serial(cn, None)
+    }
+
+    /// Same, with a chosen serial number (to revoke it).
+    pub fn client_with_serial(&self, cn: &str, serial: Option<u64>) -> (String, String) {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.serial_number = serial.map(rcgen::SerialNumber::from);
         params.distinguished_name.push(DnType::CommonName, cn);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let key = KeyPair::generate().unwrap();
@@ -105,26 +180,11 @@ impl Broker {
         std::fs::write(d.join("ca.crt"), &ca.pem).unwrap();
         std::fs::write(d.join("server.crt"), cert).unwrap();
         std::fs::write(d.join("server.key"), key).unwrap();
-        std::fs::write(
-            d.join("acl"),
-            "# the certificate CN is the user name\npattern readwrite epmc/v1/agents/%u/#\n",
-        )
-        .unwrap();
+        std::fs::write(d.join("crl.pem"), ca.crl(&[])).unwrap();
+        std::fs::write(d.join("acl"), SHIPPED_ACL).unwrap();
         let port = free_port();
         let config = d.join("mosquitto.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "per_listener_settings false\nallow_anonymous false\npersistence true\n\
-                 max_queued_messages 0\n\
-                 persistence_location {dir}/\nuser root\nlog_dest stderr\n\
-                 listener {port} 127.0.0.1\ncafile {dir}/ca.crt\ncertfile {dir}/server.crt\n\
-                 keyfile {dir}/server.key\nrequire_certificate true\nuse_identity_as_username true\n\
-                 acl_file {dir}/acl\n",
-                dir = d.display()
-            ),
-        )
-        .unwrap();
+        std::fs::write(&config, render_config(SHIPPED_CONFIG, d, port)).unwrap();
         let mut broker = Broker {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -189,6 +249,12 @@ impl Broker {
         self.launch();
     }
 
+    /// Publishes a revocation list revoking these serial numbers; it applies from the next
+    /// [`Broker::restart`].
+    pub fn revoke(&self, serials: &[u64]) {
+        std::fs::write(self.dir.path().join("crl.pem"), self.ca.crl(serials)).unwrap();
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -242,20 +308,22 @@ impl Proxy {
     }
 }
 
-/// Collects the payloads published on `topic` through a persistent session (client id
-/// `client_id`, reconnecting after broker restarts), de-duplicated, in arrival order, until
-/// `last` has arrived or 60 s have passed.
+/// Collects the payloads published on `topic` through a persistent session (the server's
+/// identity and client id, reconnecting after broker restarts), de-duplicated, in arrival
+/// order, until `last` has arrived or 60 s have passed.
 pub async fn collect_until(
     broker: SocketAddr,
     identity: epmc_transport::client::TlsIdentity,
-    client_id: &str,
     topic: &str,
     last: &[u8],
 ) -> Vec<bytes::Bytes> {
     use epmc_transport::client::MqttClient;
     use epmc_transport::mqtt::QoS;
-    let mut opts = MqttOptions::new(broker, "localhost", client_id);
+    let mut opts = MqttOptions::new(broker, "localhost", SERVER);
     opts.clean_session = false;
+    // Mosquitto 2.0.11 sends a resumed session's whole backlog at once (hundreds here, after
+    // the restart), regardless of its in-flight limit.
+    opts.incoming_window = 100_000;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut got: Vec<bytes::Bytes> = Vec::new();
     while tokio::time::Instant::now() < deadline {
@@ -267,10 +335,12 @@ pub async fn collect_until(
             continue;
         }
         while let Ok(Some(m)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-            if !got.contains(&m.payload) {
-                got.push(m.payload.clone());
+            let payload = m.message.payload.clone();
+            m.ack();
+            if !got.contains(&payload) {
+                got.push(payload.clone());
             }
-            if &m.payload[..] == last {
+            if &payload[..] == last {
                 return got;
             }
         }

@@ -1,0 +1,145 @@
+//! The MQTT/TLS listener's rustls configuration, and the identity a client certificate gives.
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
+use rustls::{CommonState, RootCertStore, ServerConfig};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use uuid::Uuid;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::CertSerial;
+
+/// The ALPN protocol name of MQTT over TLS.
+pub const ALPN_MQTT: &[u8] = b"mqtt";
+
+/// The workspace's one crypto provider, aws-lc-rs. Every configuration built here names it
+/// explicitly, so nothing depends on a process-wide default.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Installs aws-lc-rs as the process-wide default provider, for code (axum-server, reqwest)
+/// that uses the default. Call once at start-up; returns `false` when a default was already
+/// installed (a second call, or a test process).
+pub fn install_crypto_provider() -> bool {
+    rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .is_ok()
+}
+
+/// Why the listener's TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsConfigError {
+    /// rustls refused the CA certificate, the server certificate or the key.
+    #[error("TLS configuration refused: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client-certificate verifier refused the CA certificate or the CRL.
+    #[error("client certificate verifier refused its inputs: {0}")]
+    Verifier(#[from] VerifierBuilderError),
+}
+
+/// The rustls configuration of the MQTT/TLS listener.
+///
+/// Clients must present a certificate issued by `ca_cert` that `crl` does not revoke (the
+/// CRL is always checked: pass the CA's current one, even if it lists nothing). TLS 1.3 and
+/// 1.2, ALPN `mqtt`, the server's `cert_chain` and `key`. When a revocation is added, build a
+/// new configuration with the new CRL for the next handshakes.
+pub fn mqtt_server_config(
+    ca_cert: &CertificateDer<'static>,
+    crl: CertificateRevocationListDer<'static>,
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let provider = crypto_provider();
+    let mut roots = RootCertStore::empty();
+    roots.add(ca_cert.clone())?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .with_crls([crl])
+        .build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(cert_chain, key)?;
+    config.alpn_protocols = vec![ALPN_MQTT.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Why a peer has no agent identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// The peer presented no certificate.
+    #[error("the peer presented no client certificate")]
+    NoCertificate,
+    /// The certificate could not be parsed.
+    #[error("the client certificate cannot be parsed: {0}")]
+    Malformed(String),
+    /// The subject has no common name, or more than one.
+    #[error("the client certificate's subject has {0} common names; an agent certificate has one")]
+    CommonNameCount(usize),
+    /// The common name is not an agent id.
+    #[error("the client certificate's common name {0:?} is not an agent id (a hyphenated UUID)")]
+    NotAnAgentId(String),
+}
+
+/// Who an agent is, taken from its verified TLS client certificate: the CN is its agent id,
+/// and the serial lets the connection be closed when that certificate is revoked. The MQTT
+/// listener and the HTTPS routes both carry this type with the connection.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AgentIdentity {
+    agent_id: Uuid,
+    serial: CertSerial,
+}
+
+impl AgentIdentity {
+    /// The identity of a connection's peer. Call it after the handshake, on a connection whose
+    /// configuration verified the client certificate ([`mqtt_server_config`]); this function
+    /// only reads the certificate.
+    pub fn from_connection(conn: &CommonState) -> Result<Self, IdentityError> {
+        Self::from_peer_certificates(conn.peer_certificates())
+    }
+
+    /// The identity in a verified peer chain (end-entity certificate first).
+    pub fn from_peer_certificates(
+        chain: Option<&[CertificateDer<'_>]>,
+    ) -> Result<Self, IdentityError> {
+        let leaf = chain
+            .and_then(<[CertificateDer<'_>]>::first)
+            .ok_or(IdentityError::NoCertificate)?;
+        Self::from_certificate(leaf)
+    }
+
+    /// The identity in one certificate (DER).
+    pub fn from_certificate(der: &[u8]) -> Result<Self, IdentityError> {
+        let (_, cert) =
+            X509Certificate::from_der(der).map_err(|e| IdentityError::Malformed(e.to_string()))?;
+        let cns: Vec<_> = cert.subject().iter_common_name().collect();
+        let [cn] = cns.as_slice() else {
+            return Err(IdentityError::CommonNameCount(cns.len()));
+        };
+        let cn = cn
+            .as_str()
+            .map_err(|e| IdentityError::Malformed(format!("common name: {e}")))?;
+        let agent_id = Uuid::parse_str(cn)
+            .ok()
+            .filter(|id| id.hyphenated().to_string() == cn)
+            .ok_or_else(|| IdentityError::NotAnAgentId(cn.to_owned()))?;
+        Ok(Self {
+            agent_id,
+            serial: CertSerial::from_der_bytes(cert.raw_serial()),
+        })
+    }
+
+    /// The agent id (the certificate's CN).
+    pub fn agent_id(&self) -> Uuid {
+        self.agent_id
+    }
+
+    /// The certificate's serial number.
+    pub fn serial(&self) -> &CertSerial {
+        &self.serial
+    }
+}

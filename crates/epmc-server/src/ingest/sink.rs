@@ -1,0 +1,136 @@
+//! What the ingest endpoint hands to the rest of the server: committed messages, agent
+//! presence and security events, through one small trait so the store and the audit log can
+//! be wired in without the endpoint knowing either.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use epmc_proto::topic::{AgentId, Channel};
+
+/// One message an agent published, as the endpoint hands it to the sink.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inbound {
+    /// The publishing agent (from its certificate, checked against the topic).
+    pub agent: AgentId,
+    /// The channel, parsed from the topic (never [`Channel::Orders`]).
+    pub channel: Channel,
+    /// The payload, unparsed: the sink decides whether it is a valid envelope.
+    pub payload: Bytes,
+}
+
+/// What the sink did with one message of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored for the first time.
+    Stored,
+    /// Its id was already stored: acknowledged, not stored again.
+    Duplicate,
+    /// Kept as a rejected message with its reason (bad JSON, unknown kind, …); still
+    /// acknowledged so a poison message cannot block an agent's outbox.
+    Rejected(String),
+}
+
+/// The sink could not commit: nothing of the batch is acknowledged and the connections
+/// that sent it are closed, so their agents retry.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("ingest sink failed: {0}")]
+pub struct SinkError(pub String);
+
+/// A violation of the identity or topic rules, or a limit reached: recorded, never
+/// acknowledged. Refusals inside the TLS handshake (no certificate, a certificate from
+/// another CA) are the TLS layer's and do not appear here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SecurityEvent {
+    /// TLS accepted the certificate but the identity extractor found no agent id in it.
+    BadIdentity {
+        /// Remote address.
+        peer: SocketAddr,
+        /// Why.
+        detail: String,
+    },
+    /// The CONNECT client id differs from the certificate's agent id (CONNACK 0x02).
+    ClientIdMismatch {
+        /// The certificate's agent id.
+        agent: AgentId,
+        /// The client id the CONNECT carried.
+        client_id: String,
+        /// Remote address.
+        peer: SocketAddr,
+    },
+    /// A PUBLISH (or the last will of a CONNECT) to a topic outside the agent's own
+    /// publishable channels.
+    PublishOutsidePrefix {
+        /// The agent.
+        agent: AgentId,
+        /// The topic it tried.
+        topic: String,
+        /// Remote address.
+        peer: SocketAddr,
+    },
+    /// A SUBSCRIBE to anything but the agent's own orders topic.
+    SubscribeOutsideOrders {
+        /// The agent.
+        agent: AgentId,
+        /// The filter it tried.
+        filter: String,
+        /// Remote address.
+        peer: SocketAddr,
+    },
+    /// Bytes that are not a valid MQTT 3.1.1 packet, or a packet out of place (a second
+    /// CONNECT, a packet only a server sends, anything before CONNECT).
+    MalformedPacket {
+        /// The agent, once its certificate was read.
+        agent: Option<AgentId>,
+        /// Remote address.
+        peer: SocketAddr,
+        /// What was wrong.
+        detail: String,
+    },
+    /// A packet larger than the endpoint's maximum.
+    PacketTooLarge {
+        /// The agent, once its certificate was read.
+        agent: Option<AgentId>,
+        /// Remote address.
+        peer: SocketAddr,
+        /// Its announced size.
+        size: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// The connection was closed by [`super::Endpoint::kick`] (e.g. a revoked certificate).
+    Kicked {
+        /// The agent.
+        agent: AgentId,
+        /// Remote address.
+        peer: SocketAddr,
+    },
+    /// A TCP connection refused because the endpoint holds its maximum of connections.
+    ConnectionLimit {
+        /// Remote address.
+        peer: SocketAddr,
+    },
+    /// TLS handshake and CONNECT did not complete before the CONNECT deadline.
+    ConnectDeadline {
+        /// The agent, if its TLS handshake completed.
+        agent: Option<AgentId>,
+        /// Remote address.
+        peer: SocketAddr,
+    },
+}
+
+/// Where the endpoint delivers what it receives. One writer task calls [`IngestSink::commit`]
+/// at a time; the other methods may be called from any connection.
+#[async_trait::async_trait]
+pub trait IngestSink: Send + Sync {
+    /// Stores a batch durably and returns one outcome per message, in order. The endpoint
+    /// acknowledges the batch's messages only after this returns `Ok`.
+    async fn commit(&self, batch: Vec<Inbound>) -> Result<Vec<Outcome>, SinkError>;
+
+    /// The agent connected (`true`) or went away (`false`). Calls for one agent arrive in
+    /// the order of its connections (a replaced connection reports nothing).
+    async fn agent_state(&self, agent: AgentId, online: bool);
+
+    /// Records a security event.
+    async fn security_event(&self, event: SecurityEvent);
+}

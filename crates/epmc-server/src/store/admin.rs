@@ -1,0 +1,438 @@
+//! The operator's handle: tenants, enrollment tokens, agents, certificates, every device,
+//! retention, rejected messages and security events.
+
+use epmc_proto::bounded::Timestamp;
+use epmc_proto::topic::AgentId;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::types::{agent_id, opt_ts, tenant_id, ts};
+use super::{
+    AgentRecord, AgentState, DeviceDetails, DeviceSummary, ExceptionRecord, NewToken, OrdersHandle,
+    PruneReport, RejectedMessage, SecurityEvent, Store, StoreError, Tenant, TenantId, devices,
+    now_unix,
+};
+
+/// The admin handle (operator commands on the local command line).
+#[derive(Clone, Debug)]
+pub struct AdminHandle {
+    store: Store,
+}
+
+impl AdminHandle {
+    pub(super) fn new(store: Store) -> AdminHandle {
+        AdminHandle { store }
+    }
+
+    /// Adds a tenant; [`StoreError::Conflict`] when the name is taken.
+    pub async fn add_tenant(&self, name: &str) -> Result<TenantId, StoreError> {
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 64 {
+            return Err(StoreError::Invalid(
+                "a tenant name has 1 to 64 characters".into(),
+            ));
+        }
+        let id = TenantId::new(Uuid::new_v4());
+        let r = sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)")
+            .bind(id.to_string())
+            .bind(name)
+            .bind(now_unix())
+            .execute(self.store.pool())
+            .await
+            .map_err(StoreError::from);
+        match r {
+            Ok(_) => Ok(id),
+            Err(e) if e.is_unique_violation() => Err(StoreError::Conflict("tenant")),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every tenant, by name.
+    pub async fn tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        sqlx::query("SELECT id, name, created_at FROM tenants ORDER BY name")
+            .fetch_all(self.store.pool())
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(Tenant {
+                    id: tenant_id(&r.try_get::<String, _>(0)?)?,
+                    name: r.try_get(1)?,
+                    created_at: ts(r.try_get(2)?)?,
+                })
+            })
+            .collect()
+    }
+
+    /// A one-time enrollment token for `tenant`, valid until `expires_at`. The secret is in
+    /// the answer only; the store keeps its SHA-256.
+    pub async fn create_token(
+        &self,
+        tenant: TenantId,
+        expires_at: Timestamp,
+    ) -> Result<NewToken, StoreError> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| StoreError::Invalid(format!("no randomness: {e}")))?;
+        let secret = hex(&bytes);
+        let id = self
+            .register_token(tenant, expires_at, &secret_hash(&secret))
+            .await?;
+        Ok(NewToken {
+            id,
+            secret,
+            expires_at,
+        })
+    }
+
+    /// Records a one-time enrollment token made elsewhere (the CA's token format), by the
+    /// lowercase hex SHA-256 of its secret; returns the token's row id.
+    pub async fn register_token(
+        &self,
+        tenant: TenantId,
+        expires_at: Timestamp,
+        secret_sha256_hex: &str,
+    ) -> Result<Uuid, StoreError> {
+        let id = Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO enrollment_tokens (id, tenant_id, secret_hash, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id.to_string())
+        .bind(tenant.to_string())
+        .bind(secret_sha256_hex)
+        .bind(now_unix())
+        .bind(expires_at.unix())
+        .execute(self.store.pool())
+        .await
+        .map_err(|e| foreign_key_to_not_found(e.into()))?;
+        Ok(id)
+    }
+
+    /// Creates an agent of `tenant` (normally done by enrollment).
+    pub async fn create_agent(&self, tenant: TenantId, name: &str) -> Result<AgentId, StoreError> {
+        create_agent(&self.store, tenant, name).await
+    }
+
+    /// Records a certificate issued to an agent; it becomes the agent's current one.
+    pub async fn record_certificate(
+        &self,
+        agent: AgentId,
+        serial: &str,
+        not_after: Timestamp,
+    ) -> Result<(), StoreError> {
+        record_certificate(&self.store, agent, serial, not_after).await
+    }
+
+    /// Every agent, or one tenant's.
+    pub async fn agents(&self, tenant: Option<TenantId>) -> Result<Vec<AgentRecord>, StoreError> {
+        agents(&self.store, tenant).await
+    }
+
+    /// Revokes an agent and all its certificates; returns the serials revoked now.
+    pub async fn revoke_agent(
+        &self,
+        agent: AgentId,
+        reason: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let now = now_unix();
+        let mut tx = self.store.begin_write().await?;
+        let r = sqlx::query(
+            "UPDATE agents SET revoked_at = COALESCE(revoked_at, $2), state = 'offline' WHERE id = $1",
+        )
+        .bind(agent.to_string())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        let serials = sqlx::query(
+            "UPDATE certificates SET revoked_at = $2, revocation_reason = $3 \
+             WHERE agent_id = $1 AND revoked_at IS NULL RETURNING serial",
+        )
+        .bind(agent.to_string())
+        .bind(now)
+        .bind(reason)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<Vec<_>, _>>()?;
+        tx.commit().await?;
+        Ok(serials)
+    }
+
+    /// Every revoked certificate serial.
+    pub async fn revoked_serials(&self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query(
+            "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL ORDER BY serial",
+        )
+        .fetch_all(self.store.pool())
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Every device of every tenant, with its latest status and last contact.
+    pub async fn devices(&self) -> Result<Vec<DeviceSummary>, StoreError> {
+        let mut conn = self.store.pool().acquire().await?;
+        devices::list(&mut conn, None).await
+    }
+
+    /// An agent's latest exception-log entries, newest first.
+    pub async fn exception_logs(
+        &self,
+        agent: AgentId,
+        limit: u32,
+    ) -> Result<Vec<ExceptionRecord>, StoreError> {
+        sqlx::query(
+            "SELECT at, severity, component, message FROM exception_logs WHERE agent_id = $1 \
+             ORDER BY at DESC, id DESC LIMIT $2",
+        )
+        .bind(agent.to_string())
+        .bind(i64::from(limit))
+        .fetch_all(self.store.pool())
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(ExceptionRecord {
+                at: ts(r.try_get(0)?)?,
+                severity: r.try_get(1)?,
+                component: r.try_get(2)?,
+                message: r.try_get(3)?,
+            })
+        })
+        .collect()
+    }
+
+    /// Any device with its collected info, settings and logs.
+    pub async fn device_details(&self, device: i64) -> Result<DeviceDetails, StoreError> {
+        let mut conn = self.store.pool().acquire().await?;
+        devices::details(&mut conn, None, device)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    /// Order dispatch, for operator orders.
+    pub fn orders(&self) -> OrdersHandle {
+        self.store.orders()
+    }
+
+    /// Deletes history series that ended and events that happened before `older_than`.
+    pub async fn prune(&self, older_than: Timestamp) -> Result<PruneReport, StoreError> {
+        let mut tx = self.store.begin_write().await?;
+        let history = sqlx::query("DELETE FROM history WHERE end_at < $1")
+            .bind(older_than.unix())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let events = sqlx::query("DELETE FROM events WHERE at < $1")
+            .bind(older_than.unix())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(PruneReport { history, events })
+    }
+
+    /// How many messages were rejected.
+    pub async fn rejected_count(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query("SELECT COUNT(*) FROM rejected_messages")
+            .fetch_one(self.store.pool())
+            .await?
+            .try_get(0)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The latest rejected messages, newest first.
+    pub async fn rejected_messages(&self, limit: u32) -> Result<Vec<RejectedMessage>, StoreError> {
+        sqlx::query(
+            "SELECT at, agent_id, topic, reason, raw, raw_len FROM rejected_messages \
+             ORDER BY id DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(self.store.pool())
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(RejectedMessage {
+                at: ts(r.try_get(0)?)?,
+                agent: r.try_get(1)?,
+                topic: r.try_get(2)?,
+                reason: r.try_get(3)?,
+                raw: r.try_get(4)?,
+                raw_len: u64::try_from(r.try_get::<i64, _>(5)?).unwrap_or(0),
+            })
+        })
+        .collect()
+    }
+
+    /// Records a security event.
+    pub async fn record_security_event(
+        &self,
+        kind: &str,
+        agent: Option<AgentId>,
+        peer: Option<&str>,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        record_security_event(&self.store, kind, agent, peer, detail).await
+    }
+
+    /// The latest security events, newest first.
+    pub async fn security_events(&self, limit: u32) -> Result<Vec<SecurityEvent>, StoreError> {
+        sqlx::query(
+            "SELECT at, kind, agent_id, peer, detail FROM security_events ORDER BY id DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(self.store.pool())
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(SecurityEvent {
+                at: ts(r.try_get(0)?)?,
+                kind: r.try_get(1)?,
+                agent: r.try_get(2)?,
+                peer: r.try_get(3)?,
+                detail: r.try_get(4)?,
+            })
+        })
+        .collect()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+pub(super) fn secret_hash(secret: &str) -> String {
+    hex(Sha256::digest(secret.as_bytes()).as_slice())
+}
+
+fn foreign_key_to_not_found(e: StoreError) -> StoreError {
+    match &e {
+        StoreError::Database(sqlx::Error::Database(d)) if d.is_foreign_key_violation() => {
+            StoreError::NotFound
+        }
+        _ => e,
+    }
+}
+
+pub(super) async fn create_agent(
+    store: &Store,
+    tenant: TenantId,
+    name: &str,
+) -> Result<AgentId, StoreError> {
+    if name.chars().count() > 64 {
+        return Err(StoreError::Invalid(
+            "an agent name has at most 64 characters".into(),
+        ));
+    }
+    let id = AgentId::new(Uuid::new_v4());
+    sqlx::query("INSERT INTO agents (id, tenant_id, name, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(id.to_string())
+        .bind(tenant.to_string())
+        .bind(name)
+        .bind(now_unix())
+        .execute(store.pool())
+        .await
+        .map_err(|e| foreign_key_to_not_found(e.into()))?;
+    Ok(id)
+}
+
+pub(super) async fn record_certificate(
+    store: &Store,
+    agent: AgentId,
+    serial: &str,
+    not_after: Timestamp,
+) -> Result<(), StoreError> {
+    if serial.is_empty() || serial.len() > 128 {
+        return Err(StoreError::Invalid(
+            "a serial has 1 to 128 characters".into(),
+        ));
+    }
+    let mut tx = store.begin_write().await?;
+    sqlx::query(
+        "INSERT INTO certificates (serial, agent_id, issued_at, not_after) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(serial)
+    .bind(agent.to_string())
+    .bind(now_unix())
+    .bind(not_after.unix())
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| match foreign_key_to_not_found(e.into()) {
+        e if e.is_unique_violation() => StoreError::Conflict("certificate serial"),
+        e => e,
+    })?;
+    sqlx::query("UPDATE agents SET cert_serial = $2 WHERE id = $1")
+        .bind(agent.to_string())
+        .bind(serial)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn agents(
+    store: &Store,
+    tenant: Option<TenantId>,
+) -> Result<Vec<AgentRecord>, StoreError> {
+    sqlx::query(
+        "SELECT id, tenant_id, name, agent_code, version, state, last_seen, cert_serial, \
+         revoked_at FROM agents WHERE ($1 = '' OR tenant_id = $1) ORDER BY created_at, id",
+    )
+    .bind(tenant.map(|t| t.to_string()).unwrap_or_default())
+    .fetch_all(store.pool())
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(AgentRecord {
+            id: agent_id(&r.try_get::<String, _>(0)?)?,
+            tenant: tenant_id(&r.try_get::<String, _>(1)?)?,
+            name: r.try_get(2)?,
+            agent_code: r.try_get(3)?,
+            version: r.try_get(4)?,
+            state: AgentState::parse(&r.try_get::<String, _>(5)?)?,
+            last_seen: opt_ts(r.try_get(6)?)?,
+            cert_serial: r.try_get(7)?,
+            revoked_at: opt_ts(r.try_get(8)?)?,
+        })
+    })
+    .collect()
+}
+
+pub(super) async fn is_revoked(store: &Store, serial: &str) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query("SELECT 1 FROM certificates WHERE serial = $1 AND revoked_at IS NOT NULL")
+            .bind(serial)
+            .fetch_optional(store.pool())
+            .await?
+            .is_some(),
+    )
+}
+
+pub(super) async fn record_security_event(
+    store: &Store,
+    kind: &str,
+    agent: Option<AgentId>,
+    peer: Option<&str>,
+    detail: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO security_events (at, kind, agent_id, peer, detail) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(now_unix())
+    .bind(kind)
+    .bind(agent.map(|a| a.to_string()))
+    .bind(peer)
+    .bind(detail)
+    .execute(store.pool())
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,669 @@
+//! The ingest path: group commit of what the agents publish.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use bytes::Bytes;
+use epmc_proto::bounded::Timestamp;
+use epmc_proto::model::{
+    AgentExceptionLog, AgentHello, DeviceEvent, DeviceEventKind, DeviceSnapshot, FullCollection,
+    History, Series, Severity,
+};
+use epmc_proto::order::{OrderOutcome, OrderResult};
+use epmc_proto::topic::{AgentId, Channel};
+use epmc_proto::{Envelope, Message, ProtoError};
+use sqlx::{AnyConnection, Connection, Row};
+
+use super::types::tenant_id;
+use super::{
+    AgentAccess, AgentState, Backend, OrderState, Store, StoreError, TenantId, devices, now_unix,
+};
+
+/// One message as the connection layer received it.
+#[derive(Clone, Debug)]
+pub struct IngestItem {
+    /// The publishing agent (from its certificate).
+    pub agent: AgentId,
+    /// The channel of the topic it was published on.
+    pub channel: Channel,
+    /// The payload, undecoded.
+    pub payload: Bytes,
+}
+
+impl IngestItem {
+    /// An item.
+    pub fn new(agent: AgentId, channel: Channel, payload: impl Into<Bytes>) -> IngestItem {
+        IngestItem {
+            agent,
+            channel,
+            payload: payload.into(),
+        }
+    }
+}
+
+/// What became of one item of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IngestOutcome {
+    /// Applied and committed.
+    Stored,
+    /// Its message id was stored before: not applied again.
+    Duplicate,
+    /// Not applied; kept as a rejected message with this reason and counted.
+    Rejected(RejectReason),
+}
+
+/// Why a message was not applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// Larger than the protocol's maximum.
+    TooLarge,
+    /// A `kind` this build does not know.
+    UnknownKind(String),
+    /// A `schema` major version newer than this build's.
+    UnsupportedSchema(u64),
+    /// Not JSON, or a body that does not decode (the decoder's words).
+    Invalid(String),
+    /// A kind that does not belong on the topic's channel.
+    WrongChannel {
+        /// The message kind.
+        kind: &'static str,
+        /// The channel it came on.
+        channel: &'static str,
+    },
+    /// The agent is not enrolled.
+    UnknownAgent,
+    /// The agent was revoked.
+    RevokedAgent,
+    /// A hello naming another agent.
+    AgentMismatch,
+    /// A result for an order this agent does not have.
+    UnknownOrder,
+    /// The database refused the data (a constraint).
+    NotApplicable(String),
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RejectReason::TooLarge => write!(f, "too large"),
+            RejectReason::UnknownKind(k) => write!(f, "unknown kind {k:?}"),
+            RejectReason::UnsupportedSchema(v) => write!(f, "unsupported schema version {v}"),
+            RejectReason::Invalid(e) => write!(f, "invalid: {e}"),
+            RejectReason::WrongChannel { kind, channel } => {
+                write!(f, "kind {kind} not accepted on channel {channel}")
+            }
+            RejectReason::UnknownAgent => write!(f, "unknown agent"),
+            RejectReason::RevokedAgent => write!(f, "revoked agent"),
+            RejectReason::AgentMismatch => write!(f, "hello names another agent"),
+            RejectReason::UnknownOrder => write!(f, "result for an unknown order"),
+            RejectReason::NotApplicable(e) => write!(f, "not applicable: {e}"),
+        }
+    }
+}
+
+impl From<ProtoError> for RejectReason {
+    fn from(e: ProtoError) -> RejectReason {
+        match e {
+            ProtoError::TooLarge { .. } => RejectReason::TooLarge,
+            ProtoError::UnknownKind(k) => RejectReason::UnknownKind(k),
+            ProtoError::UnsupportedSchema { found } => RejectReason::UnsupportedSchema(found),
+            other => RejectReason::Invalid(other.to_string()),
+        }
+    }
+}
+
+/// The ingest path's handle: batches, agent state, access checks.
+#[derive(Clone, Debug)]
+pub struct IngestHandle {
+    store: Store,
+}
+
+impl IngestHandle {
+    pub(super) fn new(store: Store) -> IngestHandle {
+        IngestHandle { store }
+    }
+
+    /// Applies a batch in ONE transaction and returns one outcome per item, in order. Invalid
+    /// items are stored as rejected messages (they never fail the batch); an id stored before
+    /// is [`IngestOutcome::Duplicate`]. Only an error of the database itself fails the whole
+    /// batch, and then nothing of it is committed.
+    pub async fn ingest_batch(
+        &self,
+        items: &[IngestItem],
+    ) -> Result<Vec<IngestOutcome>, StoreError> {
+        let now = now_unix();
+        let limit = self.store.inner.options.rejected_raw_limit;
+        let mut tx = self.store.begin_write().await?;
+        let mut agents: HashMap<AgentId, AgentAccess> = HashMap::new();
+        let mut outcomes = Vec::with_capacity(items.len());
+        for item in items {
+            let outcome = match decode(item) {
+                Err(reason) => IngestOutcome::Rejected(reason),
+                Ok(envelope) => {
+                    let access = match agents.get(&item.agent) {
+                        Some(a) => *a,
+                        None => {
+                            let a = agent_access(&mut tx, item.agent).await?;
+                            agents.insert(item.agent, a);
+                            a
+                        }
+                    };
+                    match access {
+                        AgentAccess::Unknown => IngestOutcome::Rejected(RejectReason::UnknownAgent),
+                        AgentAccess::Revoked => IngestOutcome::Rejected(RejectReason::RevokedAgent),
+                        AgentAccess::Active(tenant) => {
+                            apply_isolated(
+                                &mut tx,
+                                self.store.backend(),
+                                tenant,
+                                item.agent,
+                                &envelope,
+                                now,
+                            )
+                            .await?
+                        }
+                    }
+                }
+            };
+            if let IngestOutcome::Rejected(reason) = &outcome {
+                tracing::warn!(agent = %item.agent, channel = item.channel.as_str(), %reason, "message rejected");
+                let raw = &item.payload[..item.payload.len().min(limit)];
+                sqlx::query(
+                    "INSERT INTO rejected_messages (at, agent_id, topic, reason, raw, raw_len) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(now)
+                .bind(item.agent.to_string())
+                .bind(epmc_proto::topic::topic(&item.agent, item.channel))
+                .bind(reason.to_string())
+                .bind(raw.to_vec())
+                .bind(i64::try_from(item.payload.len()).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await?;
+            }
+            outcomes.push(outcome);
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    /// Marks an agent connected.
+    pub async fn set_online(&self, agent: AgentId, at: Timestamp) -> Result<(), StoreError> {
+        set_state(&self.store, agent, AgentState::Online, at).await
+    }
+
+    /// Marks an agent disconnected.
+    pub async fn set_offline(&self, agent: AgentId, at: Timestamp) -> Result<(), StoreError> {
+        set_state(&self.store, agent, AgentState::Offline, at).await
+    }
+
+    /// Whether an agent may connect.
+    pub async fn agent_access(&self, agent: AgentId) -> Result<AgentAccess, StoreError> {
+        let mut conn = self.store.pool().acquire().await?;
+        agent_access(&mut conn, agent).await
+    }
+
+    /// Whether a certificate serial was revoked.
+    pub async fn is_certificate_revoked(&self, serial: &str) -> Result<bool, StoreError> {
+        super::admin::is_revoked(&self.store, serial).await
+    }
+
+    /// Records an identity or topic violation seen on a connection.
+    pub async fn record_security_event(
+        &self,
+        kind: &str,
+        agent: Option<AgentId>,
+        peer: Option<&str>,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        super::admin::record_security_event(&self.store, kind, agent, peer, detail).await
+    }
+}
+
+/// Applies one message inside a savepoint, so a message the database refuses is rolled back
+/// alone and rejected. A unique violation means a concurrent writer (another replica) created
+/// the same row first: the savepoint is retried (bounded), and then sees that row. A transient
+/// failure (lock, serialization, connection) fails the whole batch, which is then not
+/// acknowledged and arrives again.
+async fn apply_isolated(
+    tx: &mut AnyConnection,
+    backend: Backend,
+    tenant: TenantId,
+    agent: AgentId,
+    envelope: &Envelope,
+    now: i64,
+) -> Result<IngestOutcome, StoreError> {
+    const ATTEMPTS: u32 = 3;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut sp = tx.begin().await?;
+        let result = apply(&mut sp, tenant, agent, envelope, now).await;
+        match result {
+            Ok(IngestOutcome::Rejected(r)) => {
+                sp.rollback().await?;
+                return Ok(IngestOutcome::Rejected(r));
+            }
+            Ok(o) => {
+                sp.commit().await?;
+                return Ok(o);
+            }
+            Err(e) if e.is_unique_violation() && attempt < ATTEMPTS => {
+                sp.rollback().await?;
+                tracing::debug!(
+                    attempt,
+                    "concurrent insert of the same row; retrying the message"
+                );
+            }
+            Err(StoreError::Database(sqlx::Error::Database(e)))
+                if !is_transient(backend, e.as_ref()) =>
+            {
+                sp.rollback().await?;
+                return Ok(IngestOutcome::Rejected(RejectReason::NotApplicable(
+                    e.message().chars().take(200).collect(),
+                )));
+            }
+            Err(StoreError::Invalid(e)) => {
+                sp.rollback().await?;
+                return Ok(IngestOutcome::Rejected(RejectReason::NotApplicable(e)));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A database error that says nothing about the message: retrying later may succeed.
+fn is_transient(backend: Backend, e: &dyn sqlx::error::DatabaseError) -> bool {
+    let Some(code) = e.code() else {
+        return true;
+    };
+    match backend {
+        // SQLite (extended) result codes: BUSY, LOCKED, IOERR, FULL, CANTOPEN.
+        Backend::Sqlite => code
+            .parse::<u32>()
+            .map_or(true, |n| matches!(n & 0xff, 5 | 6 | 10 | 13 | 14)),
+        // PostgreSQL SQLSTATE classes: connection, transaction rollback (serialization,
+        // deadlock), insufficient resources, operator intervention, system error.
+        Backend::Postgres => ["08", "40", "53", "57", "58"]
+            .iter()
+            .any(|class| code.starts_with(class)),
+    }
+}
+
+async fn set_state(
+    store: &Store,
+    agent: AgentId,
+    state: AgentState,
+    at: Timestamp,
+) -> Result<(), StoreError> {
+    let r = sqlx::query("UPDATE agents SET state = $2, last_seen = $3 WHERE id = $1")
+        .bind(agent.to_string())
+        .bind(state.as_str())
+        .bind(at.unix())
+        .execute(store.pool())
+        .await?;
+    if r.rows_affected() == 0 {
+        return Err(StoreError::NotFound);
+    }
+    Ok(())
+}
+
+pub(super) async fn agent_access(
+    conn: &mut AnyConnection,
+    agent: AgentId,
+) -> Result<AgentAccess, StoreError> {
+    let row = sqlx::query("SELECT tenant_id, revoked_at FROM agents WHERE id = $1")
+        .bind(agent.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(match row {
+        None => AgentAccess::Unknown,
+        Some(r) => {
+            if r.try_get::<Option<i64>, _>(1)?.is_some() {
+                AgentAccess::Revoked
+            } else {
+                AgentAccess::Active(tenant_id(&r.try_get::<String, _>(0)?)?)
+            }
+        }
+    })
+}
+
+fn decode(item: &IngestItem) -> Result<Envelope, RejectReason> {
+    let envelope = Envelope::from_json(&item.payload)?;
+    let kind = envelope.kind();
+    if Channel::for_kind(kind) != item.channel || item.channel == Channel::Orders {
+        return Err(RejectReason::WrongChannel {
+            kind: kind.as_str(),
+            channel: item.channel.as_str(),
+        });
+    }
+    Ok(envelope)
+}
+
+async fn apply(
+    conn: &mut AnyConnection,
+    tenant: TenantId,
+    agent: AgentId,
+    envelope: &Envelope,
+    now: i64,
+) -> Result<IngestOutcome, StoreError> {
+    let fresh = sqlx::query(
+        "INSERT INTO ingested_messages (id, agent_id, kind, received_at) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(envelope.id.to_string())
+    .bind(agent.to_string())
+    .bind(envelope.kind().as_str())
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    if fresh.rows_affected() == 0 {
+        return Ok(IngestOutcome::Duplicate);
+    }
+    let message_id = envelope.id.to_string();
+    let outcome = match &envelope.message {
+        Message::Hello(h) => hello(conn, tenant, agent, h, envelope.sent_at.unix()).await?,
+        Message::Snapshot(s) => snapshot(conn, tenant, agent, s).await?,
+        Message::Collection(c) => collection(conn, tenant, agent, c).await?,
+        Message::Event(e) => event(conn, tenant, agent, e, &message_id).await?,
+        Message::ExceptionLog(l) => exception_log(conn, agent, l, &message_id).await?,
+        Message::OrderResult(r) => order_result(conn, agent, r, now).await?,
+        Message::Order(_) => IngestOutcome::Rejected(RejectReason::WrongChannel {
+            kind: "order",
+            channel: Channel::Orders.as_str(),
+        }),
+    };
+    sqlx::query(
+        "UPDATE agents SET last_seen = CASE WHEN last_seen IS NULL OR last_seen < $2 THEN $2 \
+         ELSE last_seen END WHERE id = $1",
+    )
+    .bind(agent.to_string())
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(outcome)
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Invalid(e.to_string()))
+}
+
+async fn hello(
+    conn: &mut AnyConnection,
+    tenant: TenantId,
+    agent: AgentId,
+    h: &AgentHello,
+    sent_at: i64,
+) -> Result<IngestOutcome, StoreError> {
+    if h.agent_id != agent.uuid() {
+        return Ok(IngestOutcome::Rejected(RejectReason::AgentMismatch));
+    }
+    sqlx::query(
+        "UPDATE agents SET agent_code = $2, version = $3, info = $4, hello_at = $5 WHERE id = $1",
+    )
+    .bind(agent.to_string())
+    .bind(h.agent_code.as_str())
+    .bind(h.version.as_str())
+    .bind(json(h)?)
+    .bind(sent_at)
+    .execute(&mut *conn)
+    .await?;
+    for d in h.devices.as_slice() {
+        let id = devices::resolve(
+            conn,
+            tenant,
+            agent,
+            d.device_id.as_str(),
+            None,
+            None,
+            sent_at,
+        )
+        .await?;
+        set_agent_settings(
+            conn,
+            id,
+            d.display_name.as_ref().map(|n| n.as_str()),
+            d.group_name.as_ref().map(|n| n.as_str()),
+            d.comment.as_ref().map(|n| n.as_str()),
+        )
+        .await?;
+    }
+    Ok(IngestOutcome::Stored)
+}
+
+async fn set_agent_settings(
+    conn: &mut AnyConnection,
+    device: i64,
+    display_name: Option<&str>,
+    group_name: Option<&str>,
+    comment: Option<&str>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE devices SET name = COALESCE($2, name), group_name = $3, comment = $4 WHERE id = $1",
+    )
+    .bind(device)
+    .bind(display_name)
+    .bind(group_name)
+    .bind(comment)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn snapshot(
+    conn: &mut AnyConnection,
+    tenant: TenantId,
+    agent: AgentId,
+    s: &DeviceSnapshot,
+) -> Result<IngestOutcome, StoreError> {
+    let at = s.observed_at.unix();
+    let id = devices::resolve(conn, tenant, agent, s.device_id.as_str(), None, None, at).await?;
+    devices::upsert_status(conn, id, at, &s.status).await?;
+    Ok(IngestOutcome::Stored)
+}
+
+async fn collection(
+    conn: &mut AnyConnection,
+    tenant: TenantId,
+    agent: AgentId,
+    c: &FullCollection,
+) -> Result<IngestOutcome, StoreError> {
+    let at = c.collected_at.unix();
+    let address = c.settings.ip_address.map(|a| a.to_string());
+    let id = devices::resolve(
+        conn,
+        tenant,
+        agent,
+        c.device_id.as_str(),
+        c.info.serial_number.as_ref().map(|s| s.as_str()),
+        address.as_deref(),
+        at,
+    )
+    .await?;
+    sqlx::query(
+        "UPDATE devices SET info = $2, settings = $3, logs = $4, \
+         name = COALESCE(name, $5) WHERE id = $1",
+    )
+    .bind(id)
+    .bind(json(&c.info)?)
+    .bind(json(&c.settings)?)
+    .bind(json(&c.logs)?)
+    .bind(c.settings.projector_name.as_ref().map(|n| n.as_str()))
+    .execute(&mut *conn)
+    .await?;
+    if let Some(s) = &c.agent_settings {
+        set_agent_settings(
+            conn,
+            id,
+            s.display_name.as_ref().map(|n| n.as_str()),
+            s.group_name.as_ref().map(|n| n.as_str()),
+            s.comment.as_ref().map(|n| n.as_str()),
+        )
+        .await?;
+    }
+    devices::upsert_status(conn, id, at, &c.status).await?;
+    history(conn, id, &c.history).await?;
+    Ok(IngestOutcome::Stored)
+}
+
+async fn history(conn: &mut AnyConnection, device: i64, h: &History) -> Result<(), StoreError> {
+    let series: [(&str, &Option<Series>); 3] = [
+        ("usage_minutes", &h.usage_minutes),
+        ("temperature_celsius", &h.temperature_celsius),
+        ("ac_voltage_volts", &h.ac_voltage_volts),
+    ];
+    for (name, s) in series {
+        let Some(s) = s else { continue };
+        let n = s.values.len() as i64;
+        if n == 0 {
+            continue;
+        }
+        let start = s.start.unix();
+        let interval = i64::from(s.interval_seconds);
+        let end = start.saturating_add(interval.saturating_mul(n - 1));
+        upsert_history(conn, device, name, start, end, interval, json(&s.values)?).await?;
+    }
+    for (name, records) in [("errors", &h.errors), ("warnings", &h.warnings)] {
+        let records = records.as_slice();
+        let (Some(start), Some(end)) = (
+            records.iter().map(|r| r.at.unix()).min(),
+            records.iter().map(|r| r.at.unix()).max(),
+        ) else {
+            continue;
+        };
+        upsert_history(conn, device, name, start, end, 0, json(&records)?).await?;
+    }
+    Ok(())
+}
+
+async fn upsert_history(
+    conn: &mut AnyConnection,
+    device: i64,
+    series: &str,
+    start: i64,
+    end: i64,
+    interval: i64,
+    data: String,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO history (device_id, series, start_at, end_at, interval_seconds, data) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device_id, series, start_at) DO UPDATE \
+         SET end_at = excluded.end_at, interval_seconds = excluded.interval_seconds, \
+         data = excluded.data",
+    )
+    .bind(device)
+    .bind(series)
+    .bind(start)
+    .bind(end)
+    .bind(interval)
+    .bind(data)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+fn event_kind(e: &DeviceEventKind) -> &'static str {
+    match e {
+        DeviceEventKind::StatusChange { .. } => "status_change",
+        DeviceEventKind::Warning { .. } => "warning",
+        DeviceEventKind::Alarm { .. } => "alarm",
+        DeviceEventKind::Reachable => "reachable",
+        DeviceEventKind::Unreachable { .. } => "unreachable",
+    }
+}
+
+async fn event(
+    conn: &mut AnyConnection,
+    tenant: TenantId,
+    agent: AgentId,
+    e: &DeviceEvent,
+    message_id: &str,
+) -> Result<IngestOutcome, StoreError> {
+    let at = e.at.unix();
+    let id = devices::resolve(conn, tenant, agent, e.device_id.as_str(), None, None, at).await?;
+    sqlx::query(
+        "INSERT INTO events (device_id, message_id, at, kind, body) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id)
+    .bind(message_id)
+    .bind(at)
+    .bind(event_kind(&e.event))
+    .bind(json(&e.event)?)
+    .execute(&mut *conn)
+    .await?;
+    if let DeviceEventKind::StatusChange {
+        power,
+        warnings,
+        alarms,
+    } = &e.event
+    {
+        let latest = devices::latest_status(conn, id).await?;
+        if latest.as_ref().is_none_or(|(seen, _)| *seen <= at) {
+            let mut status = latest.map(|(_, s)| s).unwrap_or_default();
+            if power.is_some() {
+                status.power = *power;
+            }
+            status.warnings = Some(warnings.clone());
+            status.alarms = Some(alarms.clone());
+            devices::upsert_status(conn, id, at, &status).await?;
+        }
+    }
+    Ok(IngestOutcome::Stored)
+}
+
+async fn exception_log(
+    conn: &mut AnyConnection,
+    agent: AgentId,
+    l: &AgentExceptionLog,
+    message_id: &str,
+) -> Result<IngestOutcome, StoreError> {
+    for entry in l.entries.as_slice() {
+        let severity = match entry.severity {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        };
+        sqlx::query(
+            "INSERT INTO exception_logs (agent_id, message_id, at, severity, component, message) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(agent.to_string())
+        .bind(message_id)
+        .bind(entry.at.unix())
+        .bind(severity)
+        .bind(entry.component.as_str())
+        .bind(entry.message.as_str())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(IngestOutcome::Stored)
+}
+
+async fn order_result(
+    conn: &mut AnyConnection,
+    agent: AgentId,
+    r: &OrderResult,
+    now: i64,
+) -> Result<IngestOutcome, StoreError> {
+    let row = sqlx::query("SELECT state FROM orders WHERE id = $1 AND agent_id = $2")
+        .bind(r.order_id.to_string())
+        .bind(agent.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(row) = row else {
+        return Ok(IngestOutcome::Rejected(RejectReason::UnknownOrder));
+    };
+    let current = OrderState::parse(&row.try_get::<String, _>(0)?)?;
+    let target = match r.outcome {
+        OrderOutcome::Accepted => OrderState::Accepted,
+        OrderOutcome::Done => OrderState::Done,
+        OrderOutcome::Failed { .. } => OrderState::Failed,
+    };
+    if current.may_become(target) {
+        super::orders::set_state(conn, r.order_id, current, target, Some(json(r)?), now).await?;
+    } else {
+        tracing::debug!(order = %r.order_id, from = current.as_str(), to = target.as_str(), "stale order result ignored");
+    }
+    Ok(IngestOutcome::Stored)
+}

@@ -1,0 +1,313 @@
+//! Storage: one interface over SQLite (the default, one file in the data directory) and
+//! PostgreSQL (for several server replicas), chosen once from the database URL.
+//!
+//! The SQL is written once, in the dialect both databases share, and runs through sqlx's
+//! `Any` driver; the two schemas live in `migrations/sqlite` and `migrations/postgres`, are
+//! applied by [`Store::open`] (forward only: a database newer than this build is refused) and
+//! are kept equal by the storage test suite, which runs every test on both backends.
+//!
+//! Nothing outside this module touches the pool. Callers get role-limited handles:
+//!
+//! | handle | for | can |
+//! |---|---|---|
+//! | [`Store::ingest`] | the MQTT ingest path | group-commit batches, agent online/offline, agent access checks, security events |
+//! | [`Store::orders`] | order dispatch | queued orders per agent, state changes, expiry |
+//! | [`Store::enrollment`] | the enrollment endpoint | consume a token, create the agent, record its certificate |
+//! | [`Store::admin`] | operator commands (CLI) | tenants, tokens, agents, revocation, every device, orders, retention, rejected messages |
+//! | [`Store::tenant`] | a tenant's users | that tenant's devices and orders, nothing else |
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), epmc_server::store::StoreError> {
+//! use epmc_server::store::Store;
+//! let store = Store::open("sqlite:///var/lib/epmc/epmc.db").await?;
+//! let tenant = store.admin().add_tenant("acme").await?;
+//! let devices = store.tenant(tenant).devices().await?;
+//! # let _ = devices; Ok(()) }
+//! ```
+
+mod admin;
+mod devices;
+mod enroll;
+mod error;
+mod ingest;
+mod migrate;
+mod orders;
+mod tenant;
+mod types;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Connection, Executor};
+
+pub use admin::AdminHandle;
+pub use enroll::EnrollmentHandle;
+pub use error::StoreError;
+pub use ingest::{IngestHandle, IngestItem, IngestOutcome, RejectReason};
+pub use migrate::SCHEMA_VERSION;
+pub use orders::OrdersHandle;
+pub use tenant::TenantHandle;
+pub use types::{
+    AgentAccess, AgentRecord, AgentState, DeviceDetails, DeviceSummary, EventRecord,
+    ExceptionRecord, HistoryRecord, NewToken, OrderRecord, OrderState, OrderTarget, PruneReport,
+    RejectedMessage, SecurityEvent, Tenant, TenantId,
+};
+
+/// Which database a [`Store`] runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite: one file, WAL journal, `synchronous=FULL`, foreign keys on.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+/// Tunables of a [`Store`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct StoreOptions {
+    /// Most connections in the pool.
+    pub max_connections: u32,
+    /// How many bytes of a rejected payload are kept.
+    pub rejected_raw_limit: usize,
+    /// How long a connection is awaited (pool) and a SQLite lock is waited for.
+    pub busy_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_connections: 8,
+            rejected_raw_limit: 4096,
+            busy_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The store: cheap to clone, shared by every task of the server.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: AnyPool,
+    backend: Backend,
+    options: StoreOptions,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.inner.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `url` with any password replaced by `***`, for logs and messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+impl Store {
+    /// Opens the database a URL names (`sqlite://path`, `postgres://…`), applies pending
+    /// migrations, and refuses a database whose schema is newer than this build.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        Store::open_with(url, StoreOptions::default()).await
+    }
+
+    /// The SQLite database `epmc.db` in `data_dir` (created if missing).
+    pub async fn open_data_dir(
+        data_dir: &Path,
+        options: StoreOptions,
+    ) -> Result<Store, StoreError> {
+        let path = data_dir.join("epmc.db");
+        let path = path
+            .to_str()
+            .ok_or_else(|| StoreError::Invalid("the data directory path is not UTF-8".into()))?;
+        Store::open_with(&format!("sqlite://{path}"), options).await
+    }
+
+    /// [`Store::open`] with options.
+    pub async fn open_with(url: &str, options: StoreOptions) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let (backend, url) = if url.starts_with("sqlite:") {
+            // Create the file when missing unless the URL says otherwise.
+            let url = if url.contains("mode=") {
+                url.to_owned()
+            } else if url.contains('?') {
+                format!("{url}&mode=rwc")
+            } else {
+                format!("{url}?mode=rwc")
+            };
+            (Backend::Sqlite, url)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Backend::Postgres, url.to_owned())
+        } else {
+            return Err(StoreError::UnsupportedUrl(redact_url(url)));
+        };
+        let connect = AnyConnectOptions::from_str(&url)?;
+        let pool_options = AnyPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.busy_timeout);
+        let pool = match backend {
+            Backend::Sqlite => {
+                let busy_ms = options.busy_timeout.as_millis();
+                // WAL is a property of the file: set it once on a first connection, then every
+                // connection gets FULL sync, foreign keys and the lock wait.
+                let mut first = sqlx::AnyConnection::connect_with(&connect).await?;
+                first.execute("PRAGMA journal_mode = WAL").await?;
+                first.close().await?;
+                pool_options
+                    .after_connect(move |conn, _meta| {
+                        Box::pin(async move {
+                            conn.execute("PRAGMA synchronous = FULL").await?;
+                            conn.execute("PRAGMA foreign_keys = ON").await?;
+                            conn.execute(sqlx::AssertSqlSafe(format!(
+                                "PRAGMA busy_timeout = {busy_ms}"
+                            )))
+                            .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(connect)
+                    .await?
+            }
+            Backend::Postgres => pool_options.connect_with(connect).await?,
+        };
+        let store = Store {
+            inner: Arc::new(Inner {
+                pool,
+                backend,
+                options,
+            }),
+        };
+        migrate::run(&store).await?;
+        tracing::info!(backend = ?backend, url = %redact_url(&url), "store opened");
+        Ok(store)
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    /// The schema version of the open database.
+    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+        migrate::current_version(&self.inner.pool).await
+    }
+
+    /// The value of a SQLite `PRAGMA` as seen by a pooled connection (`journal_mode`,
+    /// `synchronous`, `foreign_keys`); `None` on PostgreSQL.
+    pub async fn sqlite_pragma(&self, name: SqlitePragma) -> Result<Option<String>, StoreError> {
+        if self.inner.backend != Backend::Sqlite {
+            return Ok(None);
+        }
+        let sql = match name {
+            SqlitePragma::JournalMode => "PRAGMA journal_mode",
+            SqlitePragma::Synchronous => "PRAGMA synchronous",
+            SqlitePragma::ForeignKeys => "PRAGMA foreign_keys",
+        };
+        let row = sqlx::query(sql).fetch_one(&self.inner.pool).await?;
+        let value: String = match sqlx::Row::try_get::<String, _>(&row, 0) {
+            Ok(s) => s,
+            Err(_) => sqlx::Row::try_get::<i64, _>(&row, 0)?.to_string(),
+        };
+        Ok(Some(value))
+    }
+
+    /// The handle of the MQTT ingest path.
+    pub fn ingest(&self) -> IngestHandle {
+        IngestHandle::new(self.clone())
+    }
+
+    /// The handle of order dispatch.
+    pub fn orders(&self) -> OrdersHandle {
+        OrdersHandle::new(self.clone())
+    }
+
+    /// The handle of the enrollment endpoint.
+    pub fn enrollment(&self) -> EnrollmentHandle {
+        EnrollmentHandle::new(self.clone())
+    }
+
+    /// The handle for operator (admin) commands.
+    pub fn admin(&self) -> AdminHandle {
+        AdminHandle::new(self.clone())
+    }
+
+    /// A handle that sees only `tenant`'s devices and orders.
+    pub fn tenant(&self, tenant: TenantId) -> TenantHandle {
+        TenantHandle::new(self.clone(), tenant)
+    }
+
+    /// Closes the pool, waiting for connections to return.
+    pub async fn close(&self) {
+        self.inner.pool.close().await;
+    }
+
+    fn pool(&self) -> &AnyPool {
+        &self.inner.pool
+    }
+
+    /// A write transaction. On SQLite it takes the write lock at once (`BEGIN IMMEDIATE`), so
+    /// two writers queue on the busy timeout instead of failing on a lock upgrade.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        Ok(match self.inner.backend {
+            Backend::Sqlite => self.inner.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.inner.pool.begin().await?,
+        })
+    }
+}
+
+/// SQLite settings [`Store::sqlite_pragma`] can read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SqlitePragma {
+    /// `journal_mode` (expected `wal`).
+    JournalMode,
+    /// `synchronous` (expected `2`, FULL).
+    Synchronous,
+    /// `foreign_keys` (expected `1`).
+    ForeignKeys,
+}
+
+/// The current time, Unix seconds.
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact_url("postgres://epmc:s3cret@db.example:5432/epmc?sslmode=require"),
+            "postgres://epmc:***@db.example:5432/epmc?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1:5432/x"),
+            "postgres://postgres@127.0.0.1:5432/x"
+        );
+        assert_eq!(redact_url("sqlite:///tmp/a.db"), "sqlite:///tmp/a.db");
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h/db"),
+            "postgres://u:***@h/db"
+        );
+    }
+}

@@ -1,0 +1,266 @@
+//! Orders: created by operators and tenants, handed to agents, moved through their states.
+
+use epmc_proto::bounded::Timestamp;
+use epmc_proto::order::OrderAction;
+use epmc_proto::topic::AgentId;
+use sqlx::{AnyConnection, Row};
+use uuid::Uuid;
+
+use super::types::{agent_id, tenant_id, ts};
+use super::{OrderRecord, OrderState, OrderTarget, Store, StoreError, TenantId, now_unix};
+
+/// Order dispatch's handle.
+#[derive(Clone, Debug)]
+pub struct OrdersHandle {
+    store: Store,
+}
+
+impl OrdersHandle {
+    pub(super) fn new(store: Store) -> OrdersHandle {
+        OrdersHandle { store }
+    }
+
+    /// Creates a queued order for any tenant's device or agent; returns its id.
+    pub async fn create(
+        &self,
+        target: OrderTarget,
+        action: &OrderAction,
+        issued_by: &str,
+        expires_at: Timestamp,
+    ) -> Result<Uuid, StoreError> {
+        create(&self.store, None, target, action, issued_by, expires_at).await
+    }
+
+    /// One order.
+    pub async fn get(&self, order: Uuid) -> Result<OrderRecord, StoreError> {
+        get(&self.store, None, order).await
+    }
+
+    /// The agent's queued orders that have not expired at `now`, oldest first.
+    pub async fn queued_for_agent(
+        &self,
+        agent: AgentId,
+        now: Timestamp,
+    ) -> Result<Vec<OrderRecord>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{ORDER_SELECT} WHERE o.agent_id = $1 AND o.state = 'queued' AND o.expires_at > $2 \
+             ORDER BY o.seq"
+        )))
+        .bind(agent.to_string())
+        .bind(now.unix())
+        .fetch_all(self.store.pool())
+        .await?;
+        rows.iter().map(record).collect()
+    }
+
+    /// The order was handed to the agent's connection.
+    pub async fn mark_delivered(&self, order: Uuid) -> Result<bool, StoreError> {
+        self.transition(order, OrderState::Delivered, None).await
+    }
+
+    /// The agent recorded the order.
+    pub async fn mark_accepted(&self, order: Uuid) -> Result<bool, StoreError> {
+        self.transition(order, OrderState::Accepted, None).await
+    }
+
+    /// The order was carried out.
+    pub async fn mark_done(
+        &self,
+        order: Uuid,
+        result: Option<serde_json::Value>,
+    ) -> Result<bool, StoreError> {
+        self.transition(order, OrderState::Done, result).await
+    }
+
+    /// The order failed.
+    pub async fn mark_failed(
+        &self,
+        order: Uuid,
+        result: Option<serde_json::Value>,
+    ) -> Result<bool, StoreError> {
+        self.transition(order, OrderState::Failed, result).await
+    }
+
+    /// Moves an order to `to` when its current state allows ([`OrderState::may_become`]);
+    /// `Ok(false)` when it does not, [`StoreError::NotFound`] for an unknown order.
+    pub async fn transition(
+        &self,
+        order: Uuid,
+        to: OrderState,
+        result: Option<serde_json::Value>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.store.begin_write().await?;
+        let row = sqlx::query("SELECT state FROM orders WHERE id = $1")
+            .bind(order.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let current = OrderState::parse(&row.try_get::<String, _>(0)?)?;
+        if !current.may_become(to) {
+            return Ok(false);
+        }
+        let result = result.map(|v| v.to_string());
+        let moved = set_state(&mut tx, order, current, to, result, now_unix()).await?;
+        tx.commit().await?;
+        Ok(moved)
+    }
+
+    /// Expires overdue orders at `now`: queued or delivered ones become `expired`, accepted
+    /// ones without a result `timed_out`. Returns how many of each.
+    pub async fn expire_overdue(&self, now: Timestamp) -> Result<(u64, u64), StoreError> {
+        let mut tx = self.store.begin_write().await?;
+        let expired = sqlx::query(
+            "UPDATE orders SET state = 'expired', updated_at = $1 \
+             WHERE state IN ('queued', 'delivered') AND expires_at <= $1",
+        )
+        .bind(now.unix())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let timed_out = sqlx::query(
+            "UPDATE orders SET state = 'timed_out', updated_at = $1 \
+             WHERE state = 'accepted' AND expires_at <= $1",
+        )
+        .bind(now.unix())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok((expired, timed_out))
+    }
+}
+
+/// Moves an order from `from` to `to` if nobody moved it meanwhile.
+pub(super) async fn set_state(
+    conn: &mut AnyConnection,
+    order: Uuid,
+    from: OrderState,
+    to: OrderState,
+    result: Option<String>,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let r = sqlx::query(
+        "UPDATE orders SET state = $3, result = COALESCE($4, result), updated_at = $5 \
+         WHERE id = $1 AND state = $2",
+    )
+    .bind(order.to_string())
+    .bind(from.as_str())
+    .bind(to.as_str())
+    .bind(result)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Creates an order; with `tenant`, only for that tenant's device or agent.
+pub(super) async fn create(
+    store: &Store,
+    tenant: Option<TenantId>,
+    target: OrderTarget,
+    action: &OrderAction,
+    issued_by: &str,
+    expires_at: Timestamp,
+) -> Result<Uuid, StoreError> {
+    if issued_by.is_empty() || issued_by.chars().count() > 64 {
+        return Err(StoreError::Invalid(
+            "issued_by must be 1 to 64 characters".into(),
+        ));
+    }
+    let message = epmc_proto::order::Order {
+        order_id: Uuid::nil(),
+        device_id: None,
+        action: action.clone(),
+        issued_by: issued_by
+            .try_into()
+            .map_err(|e: epmc_proto::bounded::BoundError| StoreError::Invalid(e.to_string()))?,
+        expires_at: Some(expires_at),
+    };
+    message
+        .validate()
+        .map_err(|e| StoreError::Invalid(e.into()))?;
+    let mut tx = store.begin_write().await?;
+    let (owner, agent, device): (String, String, Option<i64>) = match target {
+        OrderTarget::Device(d) => {
+            let row = sqlx::query("SELECT tenant_id, agent_id FROM devices WHERE id = $1")
+                .bind(d)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+            (row.try_get(0)?, row.try_get(1)?, Some(d))
+        }
+        OrderTarget::Agent(a) => {
+            let row = sqlx::query("SELECT tenant_id FROM agents WHERE id = $1")
+                .bind(a.to_string())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+            (row.try_get(0)?, a.to_string(), None)
+        }
+    };
+    if tenant.is_some_and(|t| t.to_string() != owner) {
+        return Err(StoreError::NotFound);
+    }
+    let id = Uuid::new_v4();
+    let now = now_unix();
+    let action_json =
+        serde_json::to_string(action).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO orders (id, tenant_id, agent_id, device_id, action, issued_by, state, \
+         created_at, expires_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $7)",
+    )
+    .bind(id.to_string())
+    .bind(owner)
+    .bind(agent)
+    .bind(device)
+    .bind(action_json)
+    .bind(issued_by)
+    .bind(now)
+    .bind(expires_at.unix())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+const ORDER_SELECT: &str = "SELECT o.id, o.tenant_id, o.agent_id, o.device_id, \
+    COALESCE(d.serial, d.ip_key), o.action, o.issued_by, o.state, o.created_at, o.expires_at, \
+    o.updated_at, o.result FROM orders o LEFT JOIN devices d ON d.id = o.device_id";
+
+/// One order; with `tenant`, only that tenant's.
+pub(super) async fn get(
+    store: &Store,
+    tenant: Option<TenantId>,
+    order: Uuid,
+) -> Result<OrderRecord, StoreError> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{ORDER_SELECT} WHERE o.id = $1 AND ($2 = '' OR o.tenant_id = $2)"
+    )))
+    .bind(order.to_string())
+    .bind(tenant.map(|t| t.to_string()).unwrap_or_default())
+    .fetch_optional(store.pool())
+    .await?
+    .ok_or(StoreError::NotFound)?;
+    record(&row)
+}
+
+fn record(r: &sqlx::any::AnyRow) -> Result<OrderRecord, StoreError> {
+    let result: Option<String> = r.try_get(11)?;
+    Ok(OrderRecord {
+        id: super::types::uuid(&r.try_get::<String, _>(0)?)?,
+        tenant: tenant_id(&r.try_get::<String, _>(1)?)?,
+        agent: agent_id(&r.try_get::<String, _>(2)?)?,
+        device: r.try_get(3)?,
+        device_key: r.try_get(4)?,
+        action: serde_json::from_str(&r.try_get::<String, _>(5)?).map_err(StoreError::corrupt)?,
+        issued_by: r.try_get(6)?,
+        state: OrderState::parse(&r.try_get::<String, _>(7)?)?,
+        created_at: ts(r.try_get(8)?)?,
+        expires_at: ts(r.try_get(9)?)?,
+        updated_at: ts(r.try_get(10)?)?,
+        result: result
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(StoreError::corrupt)?,
+    })
+}

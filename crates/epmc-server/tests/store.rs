@@ -1,0 +1,1353 @@
+//! The storage test suite. Every test runs on SQLite and on PostgreSQL (the latter when
+//! `EPMC_TEST_POSTGRES_URL` is set; with `CI=true` and no URL the PostgreSQL tests fail rather
+//! than skip), each on a fresh database (SQLite: a file in a temporary directory; PostgreSQL: a
+//! schema of its own), so they run in parallel and keep the two migrations equal.
+
+use std::time::Duration;
+
+use epmc_proto::bounded::{BoundedVec, Timestamp};
+use epmc_proto::model::{
+    AgentDeviceSettings, AgentExceptionLog, AgentHello, DeviceEvent, DeviceEventKind, DeviceInfo,
+    DeviceLogs, DeviceSettings, DeviceSnapshot, DeviceStatus, ExceptionEntry, FullCollection,
+    History, HistoryRecord as ProtoRecord, PowerState, Series, Severity, Warning,
+};
+use epmc_proto::order::{OrderAction, OrderOutcome, OrderResult};
+use epmc_proto::topic::{AgentId, Channel};
+use epmc_proto::{Envelope, Message};
+use epmc_server::store::{
+    AgentAccess, AgentState, Backend, IngestItem, IngestOutcome, OrderState, OrderTarget,
+    RejectReason, SqlitePragma, Store, StoreError, TenantId,
+};
+use sqlx::Connection;
+
+struct Db {
+    store: Store,
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn sqlite_db() -> Db {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/epmc.db", dir.path().display());
+    let store = Store::open(&url).await.expect("open sqlite store");
+    assert_eq!(store.backend(), Backend::Sqlite);
+    Db {
+        store,
+        url,
+        _dir: Some(dir),
+    }
+}
+
+async fn postgres_db() -> Option<Db> {
+    let Ok(base) = std::env::var("EPMC_TEST_POSTGRES_URL") else {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!(
+                "CI=true but EPMC_TEST_POSTGRES_URL is unset: the PostgreSQL storage tests must run in CI (scripts/test starts a server with scripts/pg-test)"
+            );
+        }
+        eprintln!("EPMC_TEST_POSTGRES_URL unset: PostgreSQL storage test skipped");
+        return None;
+    };
+    // A schema of its own per test: the store's tables land in it through search_path.
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&base)
+        .await
+        .expect("connect to EPMC_TEST_POSTGRES_URL");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&mut admin)
+        .await
+        .expect("create schema");
+    admin.close().await.expect("close");
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+    let store = Store::open(&url).await.expect("open postgres store");
+    assert_eq!(store.backend(), Backend::Postgres);
+    Some(Db {
+        store,
+        url,
+        _dir: None,
+    })
+}
+
+/// Runs `async fn $name(db: Db)` on both backends.
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::sqlite_db().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(db) = super::postgres_db().await {
+                    super::$name(db).await;
+                }
+            }
+        }
+    )*};
+}
+
+both!(
+    sqlite_pragmas_are_wal_full_and_foreign_keys,
+    migration_refuses_a_newer_database,
+    same_message_id_is_stored_once,
+    invalid_messages_are_rejected_counted_and_the_batch_commits,
+    hello_sets_agent_info_and_state_setters_work,
+    device_first_seen_by_address_merges_into_its_serial,
+    token_is_used_once_under_concurrency,
+    expired_token_is_refused,
+    tenant_handle_cannot_see_another_tenants_device,
+    order_lifecycle,
+    prune_removes_old_history_and_events,
+    revoked_agent_is_refused,
+    status_change_event_updates_latest_status,
+    concurrent_batches_creating_the_same_device_both_store,
+);
+
+fn t(unix: i64) -> Timestamp {
+    Timestamp::from_unix(unix).expect("timestamp")
+}
+
+fn now() -> Timestamp {
+    Timestamp::now()
+}
+
+async fn tenant_with_agent(store: &Store, name: &str) -> (TenantId, AgentId) {
+    let admin = store.admin();
+    let tenant = admin.add_tenant(name).await.expect("add tenant");
+    let agent = admin
+        .create_agent(tenant, &format!("{name}-agent"))
+        .await
+        .expect("create agent");
+    (tenant, agent)
+}
+
+fn json(message: Message) -> Vec<u8> {
+    Envelope::new(message).to_json().expect("encode")
+}
+
+fn snapshot(device: &str, at: i64, power: PowerState) -> Message {
+    Message::Snapshot(DeviceSnapshot {
+        device_id: device.try_into().expect("device id"),
+        observed_at: t(at),
+        status: DeviceStatus {
+            power: Some(power),
+            ..Default::default()
+        },
+    })
+}
+
+fn event(device: &str, at: i64) -> Message {
+    Message::Event(DeviceEvent {
+        device_id: device.try_into().expect("device id"),
+        at: t(at),
+        event: DeviceEventKind::Warning {
+            warning: Warning::AirFilter,
+        },
+    })
+}
+
+fn collection(
+    device: &str,
+    at: i64,
+    serial: Option<&str>,
+    ip: Option<&str>,
+    history: History,
+) -> Message {
+    Message::Collection(Box::new(FullCollection {
+        device_id: device.try_into().expect("device id"),
+        collected_at: t(at),
+        agent_settings: None,
+        info: DeviceInfo {
+            serial_number: serial.map(|s| s.try_into().expect("serial")),
+            ..Default::default()
+        },
+        logs: DeviceLogs::default(),
+        status: DeviceStatus {
+            power: Some(PowerState::On),
+            ..Default::default()
+        },
+        history,
+        settings: DeviceSettings {
+            ip_address: ip.map(|a| a.parse().expect("ip")),
+            ..Default::default()
+        },
+    }))
+}
+
+fn item(agent: AgentId, channel: Channel, payload: Vec<u8>) -> IngestItem {
+    IngestItem::new(agent, channel, payload)
+}
+
+async fn sqlite_pragmas_are_wal_full_and_foreign_keys(db: Db) {
+    let s = &db.store;
+    match s.backend() {
+        Backend::Sqlite => {
+            // Several reads, so more than one pooled connection is asked.
+            for _ in 0..3 {
+                let (a, b, c) = tokio::join!(
+                    s.sqlite_pragma(SqlitePragma::JournalMode),
+                    s.sqlite_pragma(SqlitePragma::Synchronous),
+                    s.sqlite_pragma(SqlitePragma::ForeignKeys),
+                );
+                assert_eq!(a.expect("pragma").as_deref(), Some("wal"));
+                assert_eq!(b.expect("pragma").as_deref(), Some("2"), "synchronous=FULL");
+                assert_eq!(c.expect("pragma").as_deref(), Some("1"));
+            }
+        }
+        Backend::Postgres => {
+            assert_eq!(
+                s.sqlite_pragma(SqlitePragma::JournalMode)
+                    .await
+                    .expect("pragma"),
+                None
+            );
+        }
+    }
+}
+
+async fn migration_refuses_a_newer_database(db: Db) {
+    assert_eq!(
+        db.store.schema_version().await.expect("version"),
+        epmc_server::store::SCHEMA_VERSION
+    );
+    // Opening again is a no-op.
+    let again = Store::open(&db.url).await.expect("reopen");
+    again.close().await;
+    db.store.close().await;
+    // A newer build migrated this database: this build must refuse it.
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&db.url)
+        .await
+        .expect("raw connect");
+    sqlx::query(
+        "INSERT INTO epmc_schema_version (version, description, applied_at) VALUES ($1, $2, $3)",
+    )
+    .bind(99_i64)
+    .bind("from the future")
+    .bind(0_i64)
+    .execute(&mut conn)
+    .await
+    .expect("insert version");
+    conn.close().await.expect("close");
+    match Store::open(&db.url).await {
+        Err(StoreError::SchemaTooNew { found, supported }) => {
+            assert_eq!(found, 99);
+            assert_eq!(supported, epmc_server::store::SCHEMA_VERSION);
+        }
+        other => panic!("expected SchemaTooNew, got {other:?}"),
+    }
+}
+
+async fn same_message_id_is_stored_once(db: Db) {
+    let s = &db.store;
+    let (tenant, agent) = tenant_with_agent(s, "acme").await;
+    let ev = json(event("X1", 1_800_000_000));
+    let out = s
+        .ingest()
+        .ingest_batch(&[
+            item(agent, Channel::Events, ev.clone()),
+            item(agent, Channel::Events, ev.clone()),
+        ])
+        .await
+        .expect("batch");
+    assert_eq!(out, vec![IngestOutcome::Stored, IngestOutcome::Duplicate]);
+    let out = s
+        .ingest()
+        .ingest_batch(&[item(agent, Channel::Events, ev)])
+        .await
+        .expect("batch");
+    assert_eq!(out, vec![IngestOutcome::Duplicate]);
+    let devices = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(devices.len(), 1);
+    let events = s
+        .tenant(tenant)
+        .events(devices[0].id, 10)
+        .await
+        .expect("events");
+    assert_eq!(events.len(), 1, "the event is stored once");
+    assert_eq!(s.admin().rejected_count().await.expect("count"), 0);
+}
+
+async fn invalid_messages_are_rejected_counted_and_the_batch_commits(db: Db) {
+    let s = &db.store;
+    let (tenant, agent) = tenant_with_agent(s, "acme").await;
+    let good_snapshot = json(snapshot("X1", 1_800_000_000, PowerState::On));
+    let good_event = json(event("X1", 1_800_000_001));
+    let mut newer_schema: serde_json::Value =
+        serde_json::from_slice(&json(snapshot("X1", 1_800_000_000, PowerState::On))).expect("json");
+    newer_schema["schema"] = 2.into();
+    let mut unknown_kind = newer_schema.clone();
+    unknown_kind["schema"] = 1.into();
+    unknown_kind["kind"] = "teleport".into();
+    let too_large = vec![b' '; epmc_proto::MAX_PAYLOAD_BYTES + 1];
+    let items = vec![
+        item(agent, Channel::Telemetry, good_snapshot.clone()),
+        item(agent, Channel::Telemetry, b"{not json".to_vec()),
+        item(
+            agent,
+            Channel::Telemetry,
+            serde_json::to_vec(&unknown_kind).expect("json"),
+        ),
+        item(
+            agent,
+            Channel::Telemetry,
+            serde_json::to_vec(&newer_schema).expect("json"),
+        ),
+        item(agent, Channel::Telemetry, too_large.clone()),
+        // A snapshot on the events channel does not fit the topic.
+        item(agent, Channel::Events, good_snapshot.clone()),
+        item(agent, Channel::Events, good_event),
+    ];
+    let out = s.ingest().ingest_batch(&items).await.expect("batch");
+    assert_eq!(out[0], IngestOutcome::Stored);
+    assert!(matches!(
+        out[1],
+        IngestOutcome::Rejected(RejectReason::Invalid(_))
+    ));
+    assert_eq!(
+        out[2],
+        IngestOutcome::Rejected(RejectReason::UnknownKind("teleport".into()))
+    );
+    assert_eq!(
+        out[3],
+        IngestOutcome::Rejected(RejectReason::UnsupportedSchema(2))
+    );
+    assert_eq!(out[4], IngestOutcome::Rejected(RejectReason::TooLarge));
+    assert_eq!(
+        out[5],
+        IngestOutcome::Rejected(RejectReason::WrongChannel {
+            kind: "snapshot",
+            channel: "events"
+        })
+    );
+    assert_eq!(out[6], IngestOutcome::Stored);
+
+    let admin = s.admin();
+    assert_eq!(admin.rejected_count().await.expect("count"), 5);
+    let rejected = admin.rejected_messages(10).await.expect("rejected");
+    assert_eq!(rejected.len(), 5);
+    // Newest first: the wrong-channel snapshot, then the oversized payload.
+    assert_eq!(
+        rejected[0].reason,
+        "kind snapshot not accepted on channel events"
+    );
+    assert_eq!(rejected[0].raw, good_snapshot);
+    assert!(rejected[0].topic.ends_with("/events"));
+    assert_eq!(rejected[0].agent, agent.to_string());
+    assert_eq!(rejected[1].reason, "too large");
+    assert_eq!(rejected[1].raw_len, too_large.len() as u64);
+    assert_eq!(rejected[1].raw.len(), 4096, "raw bytes are truncated");
+    assert!(rejected[4].reason.starts_with("invalid: "));
+    assert_eq!(rejected[4].raw, b"{not json");
+
+    // The good ones were committed.
+    let devices = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(devices.len(), 1);
+    let (at, status) = devices[0].status.clone().expect("status");
+    assert_eq!(at, t(1_800_000_000));
+    assert_eq!(status.power, Some(PowerState::On));
+    assert_eq!(
+        s.tenant(tenant)
+            .events(devices[0].id, 10)
+            .await
+            .expect("events")
+            .len(),
+        1
+    );
+
+    // An agent the store does not know is rejected too, not applied.
+    let stranger = AgentId::new(uuid::Uuid::new_v4());
+    let out = s
+        .ingest()
+        .ingest_batch(&[item(
+            stranger,
+            Channel::Telemetry,
+            json(snapshot("Y1", 1_800_000_000, PowerState::On)),
+        )])
+        .await
+        .expect("batch");
+    assert_eq!(
+        out,
+        vec![IngestOutcome::Rejected(RejectReason::UnknownAgent)]
+    );
+    assert_eq!(admin.rejected_count().await.expect("count"), 6);
+    assert_eq!(admin.devices().await.expect("devices").len(), 1);
+}
+
+async fn hello_sets_agent_info_and_state_setters_work(db: Db) {
+    let s = &db.store;
+    let (tenant, agent) = tenant_with_agent(s, "acme").await;
+    let hello = |id: uuid::Uuid| {
+        json(Message::Hello(AgentHello {
+            agent_code: "epmc-agent".try_into().expect("code"),
+            version: "1.2.3".try_into().expect("version"),
+            agent_id: id,
+            connected_device_count: 0,
+            locale: None,
+            language: None,
+            devices: BoundedVec::new(vec![AgentDeviceSettings {
+                device_id: "X9".try_into().expect("device"),
+                display_name: Some("Aula 1".try_into().expect("name")),
+                group_name: Some("Building A".try_into().expect("name")),
+                comment: None,
+            }])
+            .expect("devices"),
+        }))
+    };
+    let out = s
+        .ingest()
+        .ingest_batch(&[
+            item(agent, Channel::Hello, hello(agent.uuid())),
+            item(agent, Channel::Hello, hello(uuid::Uuid::new_v4())),
+        ])
+        .await
+        .expect("batch");
+    assert_eq!(
+        out,
+        vec![
+            IngestOutcome::Stored,
+            IngestOutcome::Rejected(RejectReason::AgentMismatch)
+        ]
+    );
+    // Exception logs arrive on the events channel.
+    let log = json(Message::ExceptionLog(AgentExceptionLog {
+        entries: BoundedVec::new(vec![
+            ExceptionEntry {
+                at: t(1_800_000_000),
+                severity: Severity::Warning,
+                component: "collector".try_into().expect("name"),
+                message: "projector 10.0.0.5 timed out".try_into().expect("text"),
+            },
+            ExceptionEntry {
+                at: t(1_800_000_001),
+                severity: Severity::Error,
+                component: "outbox".try_into().expect("name"),
+                message: "disk full".try_into().expect("text"),
+            },
+        ])
+        .expect("entries"),
+    }));
+    let out = s
+        .ingest()
+        .ingest_batch(&[
+            item(agent, Channel::Events, log.clone()),
+            item(agent, Channel::Telemetry, log),
+        ])
+        .await
+        .expect("batch");
+    assert_eq!(out[0], IngestOutcome::Stored);
+    assert!(matches!(
+        out[1],
+        IngestOutcome::Rejected(RejectReason::WrongChannel { .. })
+    ));
+    let logs = s.admin().exception_logs(agent, 10).await.expect("logs");
+    assert_eq!(logs.len(), 2);
+    assert_eq!(logs[0].severity, "error");
+    assert_eq!(logs[0].message, "disk full");
+    assert_eq!(logs[1].component, "collector");
+
+    let agents = s.tenant(tenant).agents().await.expect("agents");
+    assert_eq!(agents.len(), 1);
+    assert_eq!(agents[0].version.as_deref(), Some("1.2.3"));
+    assert_eq!(agents[0].agent_code.as_deref(), Some("epmc-agent"));
+    assert_eq!(agents[0].state, AgentState::Never);
+    // The device settings held in the agent name the device.
+    let devices = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].key, "X9");
+    assert_eq!(devices[0].name.as_deref(), Some("Aula 1"));
+    let details = s
+        .admin()
+        .device_details(devices[0].id)
+        .await
+        .expect("details");
+    assert_eq!(details.group_name.as_deref(), Some("Building A"));
+    assert_eq!(details.info, None);
+
+    s.ingest()
+        .set_online(agent, t(1_800_000_100))
+        .await
+        .expect("online");
+    let a = &s.admin().agents(None).await.expect("agents")[0];
+    assert_eq!(a.state, AgentState::Online);
+    assert_eq!(a.last_seen, Some(t(1_800_000_100)));
+    s.ingest()
+        .set_offline(agent, t(1_800_000_200))
+        .await
+        .expect("offline");
+    let a = &s.admin().agents(Some(tenant)).await.expect("agents")[0];
+    assert_eq!(a.state, AgentState::Offline);
+    assert_eq!(a.last_seen, Some(t(1_800_000_200)));
+    assert!(matches!(
+        s.ingest()
+            .set_online(AgentId::new(uuid::Uuid::new_v4()), now())
+            .await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn device_first_seen_by_address_merges_into_its_serial(db: Db) {
+    let s = &db.store;
+    let (tenant, agent) = tenant_with_agent(s, "acme").await;
+    let ingest = s.ingest();
+    let series = Series {
+        start: t(1_800_000_000),
+        interval_seconds: 3600,
+        values: BoundedVec::new(vec![None, None]).expect("values"),
+    };
+    // Case 1: only an address row exists; the serial appears in a collection under the address.
+    let out = ingest
+        .ingest_batch(&[
+            item(
+                agent,
+                Channel::Events,
+                json(event("ip:10.0.0.5", 1_800_000_000)),
+            ),
+            item(
+                agent,
+                Channel::Telemetry,
+                json(snapshot("ip:10.0.0.5", 1_800_000_001, PowerState::WarmUp)),
+            ),
+        ])
+        .await
+        .expect("batch");
+    assert_eq!(out, vec![IngestOutcome::Stored, IngestOutcome::Stored]);
+    let before = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].key, "ip:10.0.0.5");
+    assert_eq!(before[0].serial, None);
+    let out = ingest
+        .ingest_batch(&[item(
+            agent,
+            Channel::Telemetry,
+            json(collection(
+                "ip:10.0.0.5",
+                1_800_000_100,
+                Some("X1"),
+                Some("10.0.0.5"),
+                History::default(),
+            )),
+        )])
+        .await
+        .expect("batch");
+    assert_eq!(out, vec![IngestOutcome::Stored]);
+    let after = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(after.len(), 1, "merged, not duplicated");
+    assert_eq!(after[0].id, before[0].id);
+    assert_eq!(after[0].key, "X1");
+    assert_eq!(after[0].serial.as_deref(), Some("X1"));
+    assert_eq!(after[0].address.as_deref(), Some("10.0.0.5"));
+    let details = s
+        .tenant(tenant)
+        .device_details(after[0].id)
+        .await
+        .expect("details");
+    assert_eq!(
+        details
+            .info
+            .as_ref()
+            .and_then(|i| i.serial_number.as_ref())
+            .map(|n| n.as_str()),
+        Some("X1")
+    );
+    assert_eq!(
+        details.settings.as_ref().and_then(|s| s.ip_address),
+        Some("10.0.0.5".parse().expect("ip"))
+    );
+    assert!(details.logs.is_some());
+    assert_eq!(
+        s.tenant(tenant)
+            .events(after[0].id, 10)
+            .await
+            .expect("events")
+            .len(),
+        1
+    );
+    // The agent still naming the device by address reaches the same row.
+    ingest
+        .ingest_batch(&[item(
+            agent,
+            Channel::Events,
+            json(event("ip:10.0.0.5", 1_800_000_200)),
+        )])
+        .await
+        .expect("batch");
+    let devices = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(devices.len(), 1);
+    assert_eq!(
+        s.tenant(tenant)
+            .events(devices[0].id, 10)
+            .await
+            .expect("events")
+            .len(),
+        2
+    );
+
+    // Case 2: the serial row and an address row both exist; a collection by serial carrying
+    // the address merges the address row (events, history, newer status) into the serial's.
+    ingest
+        .ingest_batch(&[
+            item(
+                agent,
+                Channel::Telemetry,
+                json(snapshot("X2", 1_800_000_000, PowerState::StandbyNetworkOn)),
+            ),
+            item(
+                agent,
+                Channel::Events,
+                json(event("ip:10.0.0.6", 1_800_000_050)),
+            ),
+            item(
+                agent,
+                Channel::Telemetry,
+                json(collection(
+                    "ip:10.0.0.6",
+                    1_800_000_060,
+                    None,
+                    None,
+                    History {
+                        usage_minutes: Some(series.clone()),
+                        ..Default::default()
+                    },
+                )),
+            ),
+        ])
+        .await
+        .expect("batch");
+    let devices = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(devices.len(), 3);
+    let x2 = devices.iter().find(|d| d.key == "X2").expect("X2").id;
+    let ip6 = devices
+        .iter()
+        .find(|d| d.key == "ip:10.0.0.6")
+        .expect("ip row")
+        .id;
+    let out = ingest
+        .ingest_batch(&[item(
+            agent,
+            Channel::Telemetry,
+            json(snapshot("X2", 1_800_000_010, PowerState::On)),
+        )])
+        .await
+        .expect("batch");
+    assert_eq!(out, vec![IngestOutcome::Stored]);
+    let out = ingest
+        .ingest_batch(&[item(
+            agent,
+            Channel::Telemetry,
+            json(collection(
+                "X2",
+                1_800_000_030,
+                Some("X2"),
+                Some("10.0.0.6"),
+                History::default(),
+            )),
+        )])
+        .await
+        .expect("batch");
+    assert_eq!(out, vec![IngestOutcome::Stored]);
+    let devices = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(devices.len(), 2, "the address row is gone");
+    assert!(devices.iter().all(|d| d.id != ip6));
+    let merged = devices.iter().find(|d| d.id == x2).expect("X2 kept its id");
+    assert_eq!(merged.address.as_deref(), Some("10.0.0.6"));
+    let events = s.tenant(tenant).events(x2, 10).await.expect("events");
+    assert_eq!(events.len(), 1, "the address row's event moved");
+    let history = s.tenant(tenant).history(x2).await.expect("history");
+    assert_eq!(history.len(), 1, "the address row's history moved");
+    assert_eq!(history[0].series, "usage_minutes");
+    // The address row's status (observed at …060) is newer than the serial's (…030).
+    let (at, _) = merged.status.clone().expect("status");
+    assert_eq!(at, t(1_800_000_060));
+}
+
+async fn token_is_used_once_under_concurrency(db: Db) {
+    let s = &db.store;
+    let (tenant, _) = tenant_with_agent(s, "acme").await;
+    let token = s
+        .admin()
+        .create_token(tenant, t(now().unix() + 3600))
+        .await
+        .expect("token");
+    assert_eq!(token.secret.len(), 64);
+    for _ in 0..3 {
+        let token = s
+            .admin()
+            .create_token(tenant, t(now().unix() + 3600))
+            .await
+            .expect("token");
+        let (e1, e2) = (s.enrollment(), s.enrollment());
+        let (secret1, secret2) = (token.secret.clone(), token.secret.clone());
+        let a = tokio::spawn(async move { e1.consume_token(&secret1, now()).await });
+        let b = tokio::spawn(async move { e2.consume_token(&secret2, now()).await });
+        let (a, b) = (a.await.expect("join"), b.await.expect("join"));
+        let wins: Vec<_> = [&a, &b].into_iter().filter(|r| r.is_ok()).collect();
+        assert_eq!(wins.len(), 1, "exactly one consume wins: {a:?} {b:?}");
+        assert_eq!(*wins[0].as_ref().expect("win"), tenant);
+        assert!(
+            [&a, &b]
+                .into_iter()
+                .any(|r| matches!(r, Err(StoreError::TokenRefused)))
+        );
+    }
+    let e = s.enrollment();
+    assert_eq!(
+        e.consume_token(&token.secret, now()).await.expect("first"),
+        tenant
+    );
+    assert!(matches!(
+        e.consume_token(&token.secret, now()).await,
+        Err(StoreError::TokenRefused)
+    ));
+    assert!(matches!(
+        e.consume_token("not-a-token", now()).await,
+        Err(StoreError::TokenRefused)
+    ));
+    // The secret is not stored: its Debug hides it too.
+    assert!(!format!("{token:?}").contains(&token.secret));
+}
+
+async fn expired_token_is_refused(db: Db) {
+    let s = &db.store;
+    let (tenant, _) = tenant_with_agent(s, "acme").await;
+    let at = 1_800_000_000;
+    let token = s.admin().create_token(tenant, t(at)).await.expect("token");
+    let e = s.enrollment();
+    assert!(matches!(
+        e.consume_token(&token.secret, t(at)).await,
+        Err(StoreError::TokenRefused)
+    ));
+    assert!(matches!(
+        e.consume_token(&token.secret, t(at + 1)).await,
+        Err(StoreError::TokenRefused)
+    ));
+    // The refusals did not use it up: before expiry it still works, once.
+    assert_eq!(
+        e.consume_token(&token.secret, t(at - 1))
+            .await
+            .expect("valid"),
+        tenant
+    );
+    // Enrollment then creates the agent and records its certificate.
+    let agent = e.create_agent(tenant, "new").await.expect("agent");
+    e.record_certificate(agent, "0a1b2c", t(at + 86_400))
+        .await
+        .expect("cert");
+    assert!(matches!(
+        e.record_certificate(agent, "0a1b2c", t(at + 86_400)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let agents = s.admin().agents(Some(tenant)).await.expect("agents");
+    let rec = agents.iter().find(|a| a.id == agent).expect("agent listed");
+    assert_eq!(rec.cert_serial.as_deref(), Some("0a1b2c"));
+}
+
+async fn tenant_handle_cannot_see_another_tenants_device(db: Db) {
+    let s = &db.store;
+    let (ta, aa) = tenant_with_agent(s, "alpha").await;
+    let (tb, ab) = tenant_with_agent(s, "beta").await;
+    assert!(matches!(
+        s.admin().add_tenant("alpha").await,
+        Err(StoreError::Conflict(_))
+    ));
+    let tenants = s.admin().tenants().await.expect("tenants");
+    assert_eq!(
+        tenants.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["alpha", "beta"]
+    );
+    // The same serial under two tenants stays two devices.
+    s.ingest()
+        .ingest_batch(&[
+            item(
+                aa,
+                Channel::Telemetry,
+                json(snapshot("SAME", 1_800_000_000, PowerState::On)),
+            ),
+            item(
+                ab,
+                Channel::Telemetry,
+                json(snapshot("SAME", 1_800_000_000, PowerState::On)),
+            ),
+            item(
+                ab,
+                Channel::Telemetry,
+                json(snapshot("B-ONLY", 1_800_000_000, PowerState::On)),
+            ),
+        ])
+        .await
+        .expect("batch");
+    let a = s.tenant(ta);
+    let b = s.tenant(tb);
+    let a_devices = a.devices().await.expect("devices");
+    let b_devices = b.devices().await.expect("devices");
+    assert_eq!(a_devices.len(), 1);
+    assert_eq!(b_devices.len(), 2);
+    assert!(a_devices.iter().all(|d| d.tenant == ta && d.agent == aa));
+    assert!(b_devices.iter().all(|d| d.tenant == tb));
+    assert_eq!(s.admin().devices().await.expect("all").len(), 3);
+    for d in &b_devices {
+        assert!(matches!(a.device(d.id).await, Err(StoreError::NotFound)));
+        assert!(a.events(d.id, 10).await.expect("events").is_empty());
+        assert!(a.history(d.id).await.expect("history").is_empty());
+        assert!(matches!(
+            a.create_order(
+                OrderTarget::Device(d.id),
+                &OrderAction::PowerOn,
+                "alice",
+                t(now().unix() + 60)
+            )
+            .await,
+            Err(StoreError::NotFound)
+        ));
+    }
+    assert!(matches!(
+        a.create_order(
+            OrderTarget::Agent(ab),
+            &OrderAction::CheckAgentUpdate,
+            "alice",
+            t(now().unix() + 60)
+        )
+        .await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        a.device(a_devices[0].id).await.expect("own device").id,
+        a_devices[0].id
+    );
+    let b_order = b
+        .create_order(
+            OrderTarget::Device(b_devices[0].id),
+            &OrderAction::PowerOff,
+            "bob",
+            t(now().unix() + 60),
+        )
+        .await
+        .expect("own order");
+    assert!(matches!(a.order(b_order).await, Err(StoreError::NotFound)));
+    assert_eq!(b.order(b_order).await.expect("order").id, b_order);
+    assert_eq!(a.agents().await.expect("agents").len(), 1);
+}
+
+fn result(order: uuid::Uuid, outcome: OrderOutcome) -> Vec<u8> {
+    json(Message::OrderResult(OrderResult {
+        order_id: order,
+        at: now(),
+        outcome,
+        device_reply: None,
+    }))
+}
+
+async fn order_lifecycle(db: Db) {
+    let s = &db.store;
+    let (tenant, agent) = tenant_with_agent(s, "acme").await;
+    let (_, other_agent) = tenant_with_agent(s, "other").await;
+    s.ingest()
+        .ingest_batch(&[item(
+            agent,
+            Channel::Telemetry,
+            json(snapshot("X1", 1_800_000_000, PowerState::On)),
+        )])
+        .await
+        .expect("batch");
+    let device = s.tenant(tenant).devices().await.expect("devices")[0].id;
+    let orders = s.orders();
+    let later = t(now().unix() + 600);
+    let first = s
+        .tenant(tenant)
+        .create_order(
+            OrderTarget::Device(device),
+            &OrderAction::PowerOn,
+            "alice",
+            later,
+        )
+        .await
+        .expect("order");
+    let second = orders
+        .create(
+            OrderTarget::Device(device),
+            &OrderAction::AvMute { on: true },
+            "admin",
+            later,
+        )
+        .await
+        .expect("order");
+    let overdue = orders
+        .create(
+            OrderTarget::Agent(agent),
+            &OrderAction::CheckAgentUpdate,
+            "admin",
+            t(now().unix() - 1),
+        )
+        .await
+        .expect("order");
+    let queued = orders.queued_for_agent(agent, now()).await.expect("queued");
+    assert_eq!(
+        queued.iter().map(|o| o.id).collect::<Vec<_>>(),
+        [first, second],
+        "oldest first, expired left out"
+    );
+    assert!(
+        orders
+            .queued_for_agent(other_agent, now())
+            .await
+            .expect("queued")
+            .is_empty()
+    );
+    let msg = queued[0].to_message().expect("message");
+    assert_eq!(msg.order_id, first);
+    assert_eq!(msg.device_id.as_ref().map(|d| d.as_str()), Some("X1"));
+    assert_eq!(msg.action, OrderAction::PowerOn);
+
+    assert!(orders.mark_delivered(first).await.expect("delivered"));
+    assert!(
+        !orders.mark_delivered(first).await.expect("again"),
+        "only from queued"
+    );
+    assert_eq!(
+        orders
+            .queued_for_agent(agent, now())
+            .await
+            .expect("queued")
+            .iter()
+            .map(|o| o.id)
+            .collect::<Vec<_>>(),
+        [second]
+    );
+    // Results arrive through ingest; another agent cannot touch this order.
+    let out = s
+        .ingest()
+        .ingest_batch(&[
+            item(
+                agent,
+                Channel::Results,
+                result(first, OrderOutcome::Accepted),
+            ),
+            item(
+                other_agent,
+                Channel::Results,
+                result(first, OrderOutcome::Done),
+            ),
+            item(
+                agent,
+                Channel::Results,
+                result(uuid::Uuid::new_v4(), OrderOutcome::Done),
+            ),
+        ])
+        .await
+        .expect("batch");
+    assert_eq!(
+        out,
+        vec![
+            IngestOutcome::Stored,
+            IngestOutcome::Rejected(RejectReason::UnknownOrder),
+            IngestOutcome::Rejected(RejectReason::UnknownOrder),
+        ]
+    );
+    assert_eq!(
+        orders.get(first).await.expect("get").state,
+        OrderState::Accepted
+    );
+    s.ingest()
+        .ingest_batch(&[item(
+            agent,
+            Channel::Results,
+            result(first, OrderOutcome::Done),
+        )])
+        .await
+        .expect("batch");
+    // A late, redelivered "accepted" does not move a done order back.
+    s.ingest()
+        .ingest_batch(&[item(
+            agent,
+            Channel::Results,
+            result(first, OrderOutcome::Accepted),
+        )])
+        .await
+        .expect("batch");
+    let done = orders.get(first).await.expect("get");
+    assert_eq!(done.state, OrderState::Done);
+    assert_eq!(
+        done.result.as_ref().and_then(|r| r["outcome"].as_str()),
+        Some("done")
+    );
+
+    // The second: delivered, accepted by hand, then it fails.
+    assert!(orders.mark_delivered(second).await.expect("delivered"));
+    assert!(orders.mark_accepted(second).await.expect("accepted"));
+    assert!(
+        orders
+            .mark_failed(
+                second,
+                Some(serde_json::json!({"reason": "device_refused"}))
+            )
+            .await
+            .expect("failed")
+    );
+    assert!(
+        !orders
+            .mark_done(second, None)
+            .await
+            .expect("done after failed")
+    );
+    assert_eq!(
+        orders.get(second).await.expect("get").state,
+        OrderState::Failed
+    );
+
+    // Expiry: the overdue queued order expires; an accepted one past expiry times out.
+    let (expired, timed_out) = orders.expire_overdue(now()).await.expect("expire");
+    assert_eq!((expired, timed_out), (1, 0));
+    assert_eq!(
+        orders.get(overdue).await.expect("get").state,
+        OrderState::Expired
+    );
+    let third = orders
+        .create(
+            OrderTarget::Device(device),
+            &OrderAction::PowerOff,
+            "admin",
+            later,
+        )
+        .await
+        .expect("order");
+    assert!(orders.mark_accepted(third).await.expect("accepted"));
+    let (expired, timed_out) = orders
+        .expire_overdue(t(later.unix() + 1))
+        .await
+        .expect("expire");
+    assert_eq!((expired, timed_out), (0, 1));
+    assert_eq!(
+        orders.get(third).await.expect("get").state,
+        OrderState::TimedOut
+    );
+    assert!(matches!(
+        orders.mark_done(uuid::Uuid::new_v4(), None).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        orders
+            .create(
+                OrderTarget::Device(device + 1000),
+                &OrderAction::PowerOn,
+                "admin",
+                later
+            )
+            .await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn prune_removes_old_history_and_events(db: Db) {
+    let s = &db.store;
+    let (tenant, agent) = tenant_with_agent(s, "acme").await;
+    let day = 86_400;
+    let base = 1_800_000_000;
+    let old_series = Series {
+        start: t(base),
+        interval_seconds: 3600,
+        values: BoundedVec::new(vec![None; 24]).expect("values"),
+    };
+    let new_series = Series {
+        start: t(base + 10 * day),
+        interval_seconds: 3600,
+        values: BoundedVec::new(vec![None; 24]).expect("values"),
+    };
+    let errors = BoundedVec::new(vec![ProtoRecord {
+        at: t(base + day),
+        code: "04".try_into().expect("code"),
+    }])
+    .expect("records");
+    let out = s
+        .ingest()
+        .ingest_batch(&[
+            item(
+                agent,
+                Channel::Telemetry,
+                json(collection(
+                    "X1",
+                    base + 10 * day,
+                    Some("X1"),
+                    None,
+                    History {
+                        errors,
+                        usage_minutes: Some(old_series),
+                        temperature_celsius: Some(new_series),
+                        ..Default::default()
+                    },
+                )),
+            ),
+            item(agent, Channel::Events, json(event("X1", base))),
+            // One second before the cut: goes. Exactly at the cut: stays.
+            item(
+                agent,
+                Channel::Events,
+                json(event("X1", base + 5 * day - 1)),
+            ),
+            item(agent, Channel::Events, json(event("X1", base + 5 * day))),
+            item(agent, Channel::Events, json(event("X1", base + 10 * day))),
+        ])
+        .await
+        .expect("batch");
+    assert!(out.iter().all(|o| *o == IngestOutcome::Stored), "{out:?}");
+    let device = s.tenant(tenant).devices().await.expect("devices")[0].id;
+    assert_eq!(s.tenant(tenant).history(device).await.expect("h").len(), 3);
+    let report = s.admin().prune(t(base + 5 * day)).await.expect("prune");
+    assert_eq!(report.history, 2, "the old series and the old error list");
+    assert_eq!(report.events, 2);
+    let history = s.tenant(tenant).history(device).await.expect("history");
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].series, "temperature_celsius");
+    assert_eq!(history[0].end, t(base + 10 * day + 23 * 3600));
+    let events = s.tenant(tenant).events(device, 10).await.expect("events");
+    assert_eq!(
+        events.iter().map(|e| e.at).collect::<Vec<_>>(),
+        [t(base + 10 * day), t(base + 5 * day)]
+    );
+    // The device and its status stay.
+    assert!(
+        s.tenant(tenant).devices().await.expect("devices")[0]
+            .status
+            .is_some()
+    );
+    let again = s.admin().prune(t(base + 5 * day)).await.expect("prune");
+    assert_eq!((again.history, again.events), (0, 0));
+}
+
+async fn revoked_agent_is_refused(db: Db) {
+    let s = &db.store;
+    let (tenant, agent) = tenant_with_agent(s, "acme").await;
+    let admin = s.admin();
+    admin
+        .record_certificate(agent, "01", t(1_900_000_000))
+        .await
+        .expect("cert");
+    admin
+        .record_certificate(agent, "02", t(1_900_000_000))
+        .await
+        .expect("cert");
+    assert_eq!(
+        s.ingest().agent_access(agent).await.expect("access"),
+        AgentAccess::Active(tenant)
+    );
+    assert!(
+        !s.ingest()
+            .is_certificate_revoked("01")
+            .await
+            .expect("revoked?")
+    );
+    let serials = admin
+        .revoke_agent(agent, "stolen laptop")
+        .await
+        .expect("revoke");
+    assert_eq!(serials.len(), 2);
+    assert_eq!(
+        admin.revoked_serials().await.expect("serials"),
+        ["01", "02"]
+    );
+    assert!(
+        s.ingest()
+            .is_certificate_revoked("01")
+            .await
+            .expect("revoked?")
+    );
+    assert_eq!(
+        s.ingest().agent_access(agent).await.expect("access"),
+        AgentAccess::Revoked
+    );
+    assert_eq!(
+        s.ingest()
+            .agent_access(AgentId::new(uuid::Uuid::new_v4()))
+            .await
+            .expect("access"),
+        AgentAccess::Unknown
+    );
+    let out = s
+        .ingest()
+        .ingest_batch(&[item(
+            agent,
+            Channel::Telemetry,
+            json(snapshot("X1", 1_800_000_000, PowerState::On)),
+        )])
+        .await
+        .expect("batch");
+    assert_eq!(
+        out,
+        vec![IngestOutcome::Rejected(RejectReason::RevokedAgent)]
+    );
+    assert!(admin.devices().await.expect("devices").is_empty());
+    s.ingest()
+        .record_security_event(
+            "revoked_certificate",
+            Some(agent),
+            Some("127.0.0.1:5555"),
+            "serial 01",
+        )
+        .await
+        .expect("security event");
+    let events = admin.security_events(10).await.expect("events");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, "revoked_certificate");
+    assert_eq!(events[0].agent.as_deref(), Some(agent.to_string().as_str()));
+    // Bounded wait so a slow machine cannot hang the suite.
+    tokio::time::timeout(Duration::from_secs(30), s.close())
+        .await
+        .expect("close in time");
+}
+
+fn status_change(device: &str, at: i64, power: PowerState, warnings: Vec<Warning>) -> Vec<u8> {
+    json(Message::Event(DeviceEvent {
+        device_id: device.try_into().expect("device id"),
+        at: t(at),
+        event: DeviceEventKind::StatusChange {
+            power: Some(power),
+            warnings: BoundedVec::new(warnings).expect("warnings"),
+            alarms: BoundedVec::empty(),
+        },
+    }))
+}
+
+async fn status_change_event_updates_latest_status(db: Db) {
+    let s = &db.store;
+    let (tenant, agent) = tenant_with_agent(s, "acme").await;
+    let base = 1_800_000_000;
+    let out = s
+        .ingest()
+        .ingest_batch(&[
+            item(
+                agent,
+                Channel::Telemetry,
+                json(snapshot("X1", base, PowerState::On)),
+            ),
+            item(
+                agent,
+                Channel::Events,
+                status_change(
+                    "X1",
+                    base + 10,
+                    PowerState::CoolDown,
+                    vec![Warning::AirFilter],
+                ),
+            ),
+            // Older than what is stored: kept as an event, not as the latest status.
+            item(
+                agent,
+                Channel::Events,
+                status_change("X1", base + 5, PowerState::WarmUp, vec![]),
+            ),
+        ])
+        .await
+        .expect("batch");
+    assert!(out.iter().all(|o| *o == IngestOutcome::Stored), "{out:?}");
+    let d = &s.tenant(tenant).devices().await.expect("devices")[0];
+    let (at, status) = d.status.clone().expect("status");
+    assert_eq!(at, t(base + 10));
+    assert_eq!(status.power, Some(PowerState::CoolDown));
+    assert_eq!(
+        status.warnings.as_ref().map(|w| w.as_slice().to_vec()),
+        Some(vec![Warning::AirFilter])
+    );
+    assert_eq!(d.last_contact, t(base + 10));
+    assert_eq!(
+        s.tenant(tenant)
+            .events(d.id, 10)
+            .await
+            .expect("events")
+            .len(),
+        2
+    );
+    // A snapshot older than the stored status does not replace it either.
+    s.ingest()
+        .ingest_batch(&[item(
+            agent,
+            Channel::Telemetry,
+            json(snapshot("X1", base + 1, PowerState::StandbyNetworkOn)),
+        )])
+        .await
+        .expect("batch");
+    let d = &s.tenant(tenant).devices().await.expect("devices")[0];
+    assert_eq!(
+        d.status.as_ref().and_then(|(_, s)| s.power),
+        Some(PowerState::CoolDown)
+    );
+}
+
+async fn concurrent_batches_creating_the_same_device_both_store(db: Db) {
+    // Two server replicas (two agents of one tenant) report the same new serial at once: the
+    // loser of the insert race must still store its message, not reject it.
+    let s = &db.store;
+    let (tenant, a1) = tenant_with_agent(s, "acme").await;
+    let a2 = s
+        .admin()
+        .create_agent(tenant, "second")
+        .await
+        .expect("agent");
+    for round in 0..20 {
+        let serial = format!("RACE{round}");
+        let batch = |agent: AgentId| {
+            let ingest = s.ingest();
+            let items = vec![item(
+                agent,
+                Channel::Events,
+                json(event(&serial, 1_800_000_000 + round)),
+            )];
+            async move { ingest.ingest_batch(&items).await }
+        };
+        let (r1, r2) = tokio::join!(tokio::spawn(batch(a1)), tokio::spawn(batch(a2)));
+        let (r1, r2) = (
+            r1.expect("join").expect("batch"),
+            r2.expect("join").expect("batch"),
+        );
+        assert_eq!(r1, vec![IngestOutcome::Stored], "round {round}");
+        assert_eq!(r2, vec![IngestOutcome::Stored], "round {round}");
+    }
+    let devices = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(devices.len(), 20, "one row per serial");
+    for d in &devices {
+        assert_eq!(
+            s.tenant(tenant)
+                .events(d.id, 10)
+                .await
+                .expect("events")
+                .len(),
+            2
+        );
+    }
+    assert_eq!(s.admin().rejected_count().await.expect("count"), 0);
+}
+
+#[tokio::test]
+async fn unsupported_url_is_refused_without_showing_its_password() {
+    let err = Store::open("mysql://epmc:s3cret@127.0.0.1/epmc")
+        .await
+        .expect_err("mysql is not supported");
+    assert!(matches!(err, StoreError::UnsupportedUrl(_)));
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(shown.contains("epmc:***@127.0.0.1"), "{shown}");
+}
+
+#[tokio::test]
+async fn sqlite_default_is_one_file_in_the_data_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open_data_dir(dir.path(), Default::default())
+        .await
+        .expect("open");
+    assert_eq!(store.backend(), Backend::Sqlite);
+    store.admin().add_tenant("acme").await.expect("tenant");
+    assert!(dir.path().join("epmc.db").is_file());
+    assert_eq!(
+        store
+            .sqlite_pragma(SqlitePragma::JournalMode)
+            .await
+            .expect("pragma")
+            .as_deref(),
+        Some("wal")
+    );
+    store.close().await;
+    // Reopening finds the data.
+    let store = Store::open_data_dir(dir.path(), Default::default())
+        .await
+        .expect("reopen");
+    assert_eq!(store.admin().tenants().await.expect("tenants").len(), 1);
+}
