@@ -91,12 +91,16 @@ pub struct CollectArgs {
 
 /// `discover`.
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["ranges", "config"])))]
 pub struct DiscoverArgs {
     /// Addresses to sweep: CIDR ranges or single addresses, each with an optional :PORT
     /// (repeatable, or several after one flag).
-    #[arg(long = "range", value_name = "CIDR|ADDR[:PORT]", required = true, num_args = 1.., value_parser = parse_spec)]
+    #[arg(long = "range", value_name = "CIDR|ADDR[:PORT]", num_args = 1.., value_parser = parse_spec)]
     pub ranges: Vec<TargetSpec>,
-    /// ESC/VP.net password (at most 16 characters), used for every address.
+    /// Sweep the targets of this configuration file instead, with their passwords.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["ranges", "password"])]
+    pub config: Option<PathBuf>,
+    /// ESC/VP.net password (at most 16 characters), used for every address of --range.
     #[arg(long, value_name = "PW", value_parser = parse_password)]
     pub password: Option<Password>,
     /// Addresses probed at once.
@@ -305,6 +309,15 @@ async fn run_discover(
 ) -> std::io::Result<u8> {
     let mut seen = BTreeSet::new();
     let mut endpoints = Vec::new();
+    if let Some(path) = &args.config {
+        match AgentConfig::load(path) {
+            Ok(c) => endpoints = c.endpoints(),
+            Err(e) => {
+                writeln!(err, "--config: {e}")?;
+                return Ok(1);
+            }
+        }
+    }
     for spec in &args.ranges {
         for addr in spec.addresses() {
             if seen.insert(addr) {

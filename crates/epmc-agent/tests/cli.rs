@@ -106,6 +106,11 @@ fn argument_errors_name_the_flag() {
     let e = parse_error(&["discover", "--range", "10.0.0.1", "--concurrency", "0"]);
     assert!(e.to_string().contains("--concurrency"), "{e}");
 
+    let e = parse_error(&["discover"]);
+    assert!(e.to_string().contains("--range"), "{e}");
+    let e = parse_error(&["discover", "--range", "10.0.0.1", "--config", "a.toml"]);
+    assert!(e.to_string().contains("--config"), "{e}");
+
     let e = parse_error(&["check"]);
     assert!(e.to_string().contains("--config"), "{e}");
 }
@@ -279,4 +284,42 @@ fn the_binary_exits_non_zero_on_failure() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("connection refused"));
+}
+
+#[tokio::test]
+async fn discover_sweeps_the_configured_targets_with_their_passwords() {
+    let template = ProjectorConfig {
+        serial: "CFG0000000".into(),
+        password: Some(escvp::net::Password::new("pw1").expect("password")),
+        ..ProjectorConfig::default()
+    };
+    let fleet = Fleet::spawn_consecutive("127.0.0.1:0".parse().expect("address"), 2, template)
+        .await
+        .expect("emulators start");
+    let p = fleet.projectors();
+    let (a, b) = (p[0].tcp_addr(), p[1].tcp_addr());
+    let config = temp_file(
+        "discover.toml",
+        &format!(
+            "[server]\nurl = \"mqtts://s.example\"\nca_cert = \"c\"\nclient_cert = \"a\"\nclient_key = \"k\"\n\
+             [[target]]\naddress = \"{a}\"\npassword = \"pw1\"\n\
+             [[target]]\naddress = \"{b}\"\n"
+        ),
+    );
+    let (code, out, err) = run_cli(&["discover", "--config", config.to_str().expect("path")]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            format!("{a}  projector  CFG0000001"),
+            format!(
+                "{b}  locked     password_required (password required (ESC/VP.net status 0x41))"
+            ),
+            "2 of 2 addresses answered ESC/VP.net".to_owned(),
+        ]
+    );
+    let bad = temp_file("discover-bad.toml", "concurrency = 1\n");
+    let (code, _, err) = run_cli(&["discover", "--config", bad.to_str().expect("path")]).await;
+    assert_eq!(code, 1);
+    assert!(err.starts_with("--config: "), "{err}");
 }
