@@ -1,7 +1,22 @@
-//! The EPMC-rs agent.
+//! The EPMC-rs agent: the projector side.
 //!
-//! **Not implemented yet.** This crate is a placeholder in the workspace so that its place in
-//! the architecture is visible (see `DESIGN.md`): discovery, the collection scheduler,
-//! notifications, order execution, enrollment and self-update will live here. It exports
-//! nothing and does nothing today.
+//! - [`config`]: the agent's TOML configuration, validated with line numbers; targets expand
+//!   to the exact list of addresses the agent may contact.
+//! - [`collect`]: reads a projector over ESC/VP.net into `epmc-proto` messages
+//!   (`DeviceSnapshot`, `FullCollection`); failures are typed (busy, password, timeout,
+//!   garbage, dropped, refused).
+//! - [`discover`]: a bounded-concurrency TCP sweep of the configured addresses.
+//! - [`cli`]: the `epmc-agent` command line (`collect --once`, `discover`, `check`); the
+//!   binary only sets up logging and calls it.
+//!
+//! Not here yet (see `DESIGN.md`): the scheduler and device tasks, IMEVENT forwarding, the
+//! server connection, orders, enrollment and self-update.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod cli;
+pub mod collect;
+pub mod config;
+pub mod discover;
+pub mod sweep;
