@@ -1,6 +1,7 @@
 //! The project demo (`scripts/demo`). Today it shows what exists: a fleet of emulated
 //! projectors on loopback, discovered with UDP HELLO and read through the `escvp` client.
-//! The server, the agent and the portal do not exist yet, and the demo says so.
+//! The server exists without its portal, the agent only as a projector collector; the service
+//! that joins them does not, so the demo does not start them, and it says so.
 
 use std::time::Duration;
 
@@ -13,9 +14,10 @@ const FLEET_SIZE: usize = 6;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("EPMC-rs demo: what exists today is the escvp protocol crate, its async client and");
-    println!("its projector emulator. The server, the agent and the web portal are not built yet,");
-    println!("so there is no portal URL or login to show.\n");
+    println!("EPMC-rs demo: this shows the escvp protocol crate, its async client and its");
+    println!("projector emulator. The server (without its web portal) and the agent's projector");
+    println!("side exist, but the agent service that joins them does not yet, so there is no");
+    println!("portal URL or login to show. See the README for the server commands.\n");
 
     let template = ProjectorConfig {
         warm_up: Duration::from_millis(1500),
