@@ -1,0 +1,214 @@
+//! The `epmc-server` binary killed with SIGKILL while an agent publishes: every message the
+//! server acknowledged is in the database after the restart, exactly once (SQLite in the data
+//! directory; PUBACK only after the commit).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use epmc_proto::bounded::Timestamp;
+use epmc_proto::model::{DeviceEvent, DeviceEventKind, PowerState};
+use epmc_proto::topic::{self, AgentId, Channel};
+use epmc_proto::{Envelope, Kind, Message, sample};
+use epmc_server::datadir;
+use epmc_server::store::{Store, StoreOptions};
+use epmc_transport::client::{MqttClient, MqttOptions, PendingAck, TlsIdentity};
+use epmc_transport::mqtt::QoS;
+use time::OffsetDateTime;
+
+const TOTAL: u64 = 600;
+const KILL_AFTER: usize = 250;
+const WINDOW: usize = 32;
+const BASE: i64 = 1_800_000_000;
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Starts `epmc-server serve` and waits for its "listening" line.
+fn spawn_server(data: &Path, mqtt: SocketAddr) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_epmc-server"))
+        .arg("--data")
+        .arg(data)
+        .args([
+            "serve",
+            "--mqtt",
+            &mqtt.to_string(),
+            "--https",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the epmc-server binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert!(line.starts_with("listening"), "server said {line:?}");
+    child
+}
+
+fn event(n: u64) -> bytes::Bytes {
+    let envelope = Envelope::new(Message::Event(DeviceEvent {
+        device_id: "X8JK0000001".try_into().unwrap(),
+        at: Timestamp::from_unix(BASE + n as i64).unwrap(),
+        event: DeviceEventKind::StatusChange {
+            power: Some(PowerState::On),
+            warnings: Default::default(),
+            alarms: Default::default(),
+        },
+    }));
+    envelope.to_json().unwrap().into()
+}
+
+async fn connect(options: &MqttOptions, tls: &TlsIdentity) -> MqttClient {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match MqttClient::connect(options, tls).await {
+            Ok((client, _, _orders)) => return client,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot connect: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_nothing_acknowledged() {
+    epmc_server::ca::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    datadir::init(&data, &[]).unwrap();
+    // An agent with a certificate from the server's CA, as `agent issue` makes it.
+    let pki = datadir::load(&data).unwrap();
+    let store = Store::open_data_dir(&data, StoreOptions::default())
+        .await
+        .unwrap();
+    let tenant = store.admin().add_tenant("acme").await.unwrap();
+    let agent: AgentId = store.admin().create_agent(tenant, "crash").await.unwrap();
+    let bundle = pki
+        .ca
+        .issue_agent_with_key(agent.uuid(), OffsetDateTime::now_utc())
+        .unwrap();
+    store.close().await;
+    let tls = TlsIdentity::from_pem(
+        bundle.ca_pem.as_bytes(),
+        bundle.certificate.pem.as_bytes(),
+        bundle.key_pem.as_bytes(),
+    )
+    .unwrap();
+    let mqtt = free_port();
+    let mut options = MqttOptions::new(mqtt, "localhost", &agent.to_string());
+    options.keep_alive = Duration::from_secs(5);
+
+    let mut server = spawn_server(&data, mqtt);
+    let mut client = connect(&options, &tls).await;
+    let snapshot = sample::sample(Kind::Snapshot).to_json().unwrap();
+    client
+        .publish(
+            &topic::topic(&agent, Channel::Telemetry),
+            snapshot.into(),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await
+        .unwrap();
+
+    let events = topic::topic(&agent, Channel::Events);
+    // One envelope (one id) per message, resent unchanged, as the agent's outbox does.
+    let payloads: Vec<bytes::Bytes> = (0..TOTAL).map(event).collect();
+    // n → how often the server acknowledged it.
+    let mut acked: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut next = 0u64;
+    let mut killed = false;
+    let mut restarts = 0;
+    while acked.len() < TOTAL as usize {
+        let mut in_flight: VecDeque<(u64, PendingAck)> = VecDeque::new();
+        let mut failed = false;
+        // Resend from the oldest message not acknowledged, as the agent's outbox does.
+        next = (0..TOTAL).find(|n| !acked.contains_key(n)).unwrap_or(next);
+        loop {
+            while in_flight.len() < WINDOW && next < TOTAL && !failed {
+                if acked.contains_key(&next) {
+                    next += 1;
+                    continue;
+                }
+                match client
+                    .send_publish(
+                        &events,
+                        payloads[next as usize].clone(),
+                        QoS::AtLeastOnce,
+                        false,
+                    )
+                    .await
+                {
+                    Ok(p) => {
+                        in_flight.push_back((next, p));
+                        next += 1;
+                    }
+                    Err(_) => failed = true,
+                }
+            }
+            let Some((n, pending)) = in_flight.pop_front() else {
+                break;
+            };
+            match pending.acked().await {
+                Ok(()) => *acked.entry(n).or_default() += 1,
+                Err(_) => failed = true,
+            }
+            if !killed && acked.len() >= KILL_AFTER {
+                // Power cut for the server process, with publishes in flight.
+                server.kill().unwrap();
+                server.wait().unwrap();
+                killed = true;
+            }
+        }
+        if acked.len() < TOTAL as usize {
+            assert!(killed, "publishing failed without the kill");
+            restarts += 1;
+            assert!(restarts <= 3, "too many restarts");
+            server = spawn_server(&data, mqtt);
+            client = connect(&options, &tls).await;
+        }
+    }
+    assert!(
+        killed && restarts >= 1,
+        "the run was interrupted and resumed"
+    );
+    drop(client);
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    // Every acknowledged message is stored exactly once.
+    let store = Store::open_data_dir(&data, StoreOptions::default())
+        .await
+        .unwrap();
+    let devices = store.admin().devices().await.unwrap();
+    assert_eq!(devices.len(), 1);
+    let stored = store
+        .tenant(tenant)
+        .events(devices[0].id, 100_000)
+        .await
+        .unwrap();
+    let mut count: BTreeMap<i64, u32> = BTreeMap::new();
+    for e in &stored {
+        *count.entry(e.at.unix() - BASE).or_default() += 1;
+    }
+    for n in 0..TOTAL {
+        assert_eq!(
+            count.get(&(n as i64)).copied(),
+            Some(1),
+            "message {n} (acknowledged {:?} times) must be stored once",
+            acked.get(&n)
+        );
+    }
+    assert_eq!(stored.len(), TOTAL as usize, "nothing else stored");
+    store.close().await;
+}
