@@ -1,6 +1,7 @@
 //! The `epmc-server` binary killed with SIGKILL while an agent publishes: every message the
-//! server acknowledged is in the database after the restart, exactly once (SQLite in the data
-//! directory; PUBACK only after the commit).
+//! server acknowledged is in the database after the restart, exactly once (PUBACK only after
+//! the commit). On SQLite in the data directory, and on PostgreSQL when
+//! `EPMC_TEST_POSTGRES_URL` is set (with `CI=true` it must be: `scripts/test` starts one).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader};
@@ -30,10 +31,13 @@ fn free_port() -> SocketAddr {
 }
 
 /// Starts `epmc-server serve` and waits for its "listening" line.
-fn spawn_server(data: &Path, mqtt: SocketAddr) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_epmc-server"))
-        .arg("--data")
-        .arg(data)
+fn spawn_server(data: &Path, database: Option<&str>, mqtt: SocketAddr) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_epmc-server"));
+    command.arg("--data").arg(data);
+    if let Some(url) = database {
+        command.arg("--database").arg(url);
+    }
+    let mut child = command
         .args([
             "serve",
             "--mqtt",
@@ -80,17 +84,57 @@ async fn connect(options: &MqttOptions, tls: &TlsIdentity) -> MqttClient {
     }
 }
 
+async fn open_store(data: &Path, database: Option<&str>) -> Store {
+    match database {
+        Some(url) => Store::open(url).await.unwrap(),
+        None => Store::open_data_dir(data, StoreOptions::default())
+            .await
+            .unwrap(),
+    }
+}
+
+/// A schema of its own on the test PostgreSQL server, as a URL.
+async fn postgres_url() -> Option<String> {
+    use sqlx::Connection;
+    let Ok(base) = std::env::var("EPMC_TEST_POSTGRES_URL") else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI=true but EPMC_TEST_POSTGRES_URL is unset (scripts/test starts PostgreSQL)"
+        );
+        eprintln!("EPMC_TEST_POSTGRES_URL unset: PostgreSQL crash test skipped");
+        return None;
+    };
+    let schema = format!("crash_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_stream_loses_nothing_acknowledged() {
+async fn sigkill_mid_stream_loses_nothing_acknowledged_sqlite() {
+    crash_run(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_nothing_acknowledged_postgres() {
+    if let Some(url) = postgres_url().await {
+        crash_run(Some(&url)).await;
+    }
+}
+
+async fn crash_run(database: Option<&str>) {
     epmc_server::ca::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     datadir::init(&data, &[]).unwrap();
     // An agent with a certificate from the server's CA, as `agent issue` makes it.
     let pki = datadir::load(&data).unwrap();
-    let store = Store::open_data_dir(&data, StoreOptions::default())
-        .await
-        .unwrap();
+    let store = open_store(&data, database).await;
     let tenant = store.admin().add_tenant("acme").await.unwrap();
     let agent: AgentId = store.admin().create_agent(tenant, "crash").await.unwrap();
     let bundle = pki
@@ -108,7 +152,7 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged() {
     let mut options = MqttOptions::new(mqtt, "localhost", &agent.to_string());
     options.keep_alive = Duration::from_secs(5);
 
-    let mut server = spawn_server(&data, mqtt);
+    let mut server = spawn_server(&data, database, mqtt);
     let mut client = connect(&options, &tls).await;
     let snapshot = sample::sample(Kind::Snapshot).to_json().unwrap();
     client
@@ -174,7 +218,7 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged() {
             assert!(killed, "publishing failed without the kill");
             restarts += 1;
             assert!(restarts <= 3, "too many restarts");
-            server = spawn_server(&data, mqtt);
+            server = spawn_server(&data, database, mqtt);
             client = connect(&options, &tls).await;
         }
     }
@@ -187,9 +231,7 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged() {
     server.wait().unwrap();
 
     // Every acknowledged message is stored exactly once.
-    let store = Store::open_data_dir(&data, StoreOptions::default())
-        .await
-        .unwrap();
+    let store = open_store(&data, database).await;
     let devices = store.admin().devices().await.unwrap();
     assert_eq!(devices.len(), 1);
     let stored = store
