@@ -300,12 +300,18 @@ impl Server {
         let sink = Arc::new(StoreSink {
             store: store.clone(),
         });
-        let endpoint = Endpoint::bind(config.mqtt, tls, ca_identity, sink, config.ingest.clone())
-            .await
-            .map_err(|source| ServeError::Bind {
-                addr: config.mqtt,
-                source,
-            })?;
+        let endpoint = Endpoint::bind(
+            config.mqtt,
+            tls,
+            crate::ingest::agent_id_from_cn,
+            sink,
+            config.ingest.clone(),
+        )
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.mqtt,
+            source,
+        })?;
         let mqtt_addr = endpoint.local_addr();
         let (stop, stop_rx) = watch::channel(false);
         let orders_wake = Arc::new(Notify::new());
@@ -378,12 +384,6 @@ impl Server {
         self.store.close().await;
         tracing::info!("server stopped");
     }
-}
-
-/// The ingest endpoint's identity extractor: the CA module's, one identity type for MQTT and
-/// HTTPS.
-fn ca_identity(chain: &[CertificateDer<'_>]) -> Result<AgentId, crate::ingest::IdentityError> {
-    crate::ingest::agent_id_from_cn(chain)
 }
 
 /// Sends queued orders to connected agents, marks them delivered on the agent's PUBACK, and

@@ -7,37 +7,14 @@ use rustls_pki_types::CertificateDer;
 /// agent id. [`agent_id_from_cn`] is the standard one.
 pub type IdentityFn = fn(&[CertificateDer<'_>]) -> Result<AgentId, IdentityError>;
 
-/// Why a verified certificate does not name an agent.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum IdentityError {
-    /// No client certificate (the TLS configuration does not require one).
-    #[error("no client certificate")]
-    NoCertificate,
-    /// The certificate could not be parsed.
-    #[error("unparsable certificate: {0}")]
-    Unparsable(String),
-    /// The subject has no CN, or more than one.
-    #[error("the subject must have exactly one CN, it has {0}")]
-    CommonNameCount(usize),
-    /// The CN is not an agent id (a UUID).
-    #[error("the CN {0:?} is not an agent id")]
-    NotAnAgentId(String),
-}
+pub use crate::ca::IdentityError;
 
-/// The agent id in the end-entity certificate's subject CN (exactly one CN, a UUID).
+/// The agent id in the end-entity certificate's subject CN (exactly one CN, a hyphenated
+/// UUID): [`crate::ca::AgentIdentity`], the one identity type the MQTT listener and the
+/// HTTPS routes share.
 pub fn agent_id_from_cn(chain: &[CertificateDer<'_>]) -> Result<AgentId, IdentityError> {
-    let leaf = chain.first().ok_or(IdentityError::NoCertificate)?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
-        .map_err(|e| IdentityError::Unparsable(e.to_string()))?;
-    let cns: Vec<_> = cert.subject().iter_common_name().collect();
-    let [cn] = cns.as_slice() else {
-        return Err(IdentityError::CommonNameCount(cns.len()));
-    };
-    let cn = cn
-        .as_str()
-        .map_err(|e| IdentityError::Unparsable(e.to_string()))?;
-    AgentId::parse(cn).map_err(|_| IdentityError::NotAnAgentId(cn.to_owned()))
+    crate::ca::AgentIdentity::from_peer_certificates(Some(chain))
+        .map(|id| AgentId::new(id.agent_id()))
 }
 
 #[cfg(test)]
@@ -73,7 +50,7 @@ mod tests {
         assert_eq!(agent_id_from_cn(&[]), Err(IdentityError::NoCertificate));
         assert!(matches!(
             agent_id_from_cn(&[CertificateDer::from(vec![1u8, 2, 3])]),
-            Err(IdentityError::Unparsable(_))
+            Err(IdentityError::Malformed(_))
         ));
     }
 }
