@@ -229,16 +229,6 @@ fn describe(event: &SecurityEvent) -> (&'static str, Option<AgentId>, SocketAddr
     }
 }
 
-fn hex_to_bytes(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 /// The certificates and keys the listeners use, from the data directory.
 struct Pki {
     ca: CertificateAuthority,
@@ -256,9 +246,15 @@ impl Pki {
         let now = OffsetDateTime::now_utc();
         let revoked: Vec<RevokedCert> = revoked
             .iter()
-            .filter_map(|s| hex_to_bytes(s))
-            .map(|b| RevokedCert {
-                serial: CertSerial::from_der_bytes(&b),
+            .filter_map(|s| match s.parse::<CertSerial>() {
+                Ok(serial) => Some(serial),
+                Err(e) => {
+                    tracing::error!(error = %e, "a revoked serial in the database is unreadable");
+                    None
+                }
+            })
+            .map(|serial| RevokedCert {
+                serial,
                 revoked_at: now,
             })
             .collect();

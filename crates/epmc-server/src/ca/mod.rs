@@ -18,7 +18,7 @@
 
 mod authority;
 mod csr;
-mod encoding;
+pub(crate) mod encoding;
 mod tls;
 mod token;
 

@@ -74,7 +74,7 @@ impl AdminHandle {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes)
             .map_err(|e| StoreError::Invalid(format!("no randomness: {e}")))?;
-        let secret = hex(&bytes);
+        let secret = crate::ca::encoding::encode(&bytes);
         let id = self
             .register_token(tenant, expires_at, &secret_hash(&secret))
             .await?;
@@ -302,16 +302,8 @@ impl AdminHandle {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
 pub(super) fn secret_hash(secret: &str) -> String {
-    hex(Sha256::digest(secret.as_bytes()).as_slice())
+    crate::ca::encoding::encode(Sha256::digest(secret.as_bytes()).as_slice())
 }
 
 fn foreign_key_to_not_found(e: StoreError) -> StoreError {
