@@ -46,7 +46,12 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct DirArgs {
     /// The agent's directory (configuration, certificates and the `state/` directory).
-    #[arg(long, value_name = "DIR", env = "EPMC_AGENT_DIR", default_value = "/var/lib/epmc-agent")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "EPMC_AGENT_DIR",
+        default_value = "/var/lib/epmc-agent"
+    )]
     pub dir: PathBuf,
 }
 
@@ -566,7 +571,11 @@ pub fn write_status(
     now: i64,
 ) -> std::io::Result<()> {
     use crate::service::status::Reach;
-    writeln!(out, "agent {} (epmc-agent {}, {})", s.agent_id, s.version, s.mode)?;
+    writeln!(
+        out,
+        "agent {} (epmc-agent {}, {})",
+        s.agent_id, s.version, s.mode
+    )?;
     writeln!(
         out,
         "server: {}; {} message(s) waiting; {} order(s) in progress; updated {}",

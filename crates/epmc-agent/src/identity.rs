@@ -74,8 +74,8 @@ pub fn agent_id_from_pem(pem: &[u8], path: &Path) -> Result<AgentId, IdentityErr
     };
     let (_, pem) =
         x509_parser::pem::parse_x509_pem(pem).map_err(|e| malformed(format!("PEM: {e}")))?;
-    let (_, cert) = X509Certificate::from_der(&pem.contents)
-        .map_err(|e| malformed(format!("DER: {e}")))?;
+    let (_, cert) =
+        X509Certificate::from_der(&pem.contents).map_err(|e| malformed(format!("DER: {e}")))?;
     let cn = cert
         .subject()
         .iter_common_name()

@@ -20,9 +20,9 @@ use epmc_proto::{Message, model::Severity};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::Ctx;
 use super::orders;
 use super::status::Reach;
-use super::Ctx;
 use crate::collect::{CollectError, Notifications, Projector, Stage};
 use crate::config::{Endpoint, SessionMode};
 
@@ -85,12 +85,22 @@ impl DeviceTask {
         self.mark_first_done();
     }
 
+    /// When the next contact is due: the next read, or now when orders wait for a projector
+    /// that answered last time.
     fn due(&self) -> Instant {
-        let mut due = self.next_status.min(self.next_full);
-        if !self.jobs.is_empty() && self.reachable != Some(false) {
-            due = Instant::now();
+        if self.jobs_ready() {
+            Instant::now()
+        } else {
+            self.next_status.min(self.next_full)
         }
-        due
+    }
+
+    fn jobs_ready(&self) -> bool {
+        !self.jobs.is_empty() && self.reachable != Some(false)
+    }
+
+    fn is_due(&self) -> bool {
+        self.jobs_ready() || Instant::now() >= self.next_status.min(self.next_full)
     }
 
     async fn wait(&mut self, until: Instant) -> Wake {
@@ -120,7 +130,7 @@ impl DeviceTask {
                 }
                 Wake::Due => {}
             }
-            if Instant::now() < self.due() {
+            if !self.is_due() {
                 continue;
             }
             self.take_queued();
@@ -165,7 +175,7 @@ impl DeviceTask {
                             Wake::Job(order) => self.jobs.push_back(Job { order, attempts: 0 }),
                             Wake::Due => break,
                         }
-                        if Instant::now() >= self.due() {
+                        if self.is_due() {
                             break;
                         }
                     }
@@ -303,6 +313,7 @@ impl DeviceTask {
     /// Runs one order. `Err` only when the session itself failed before the order ran to an
     /// answer (the order is then retried); a refusal or a failed action is a result.
     async fn run_order(&mut self, p: &mut Projector, order: Order) -> Result<(), CollectError> {
+        tracing::debug!(order = %order.order_id, device = %self.endpoint.addr, action = ?order.action, "running order");
         if let Some(r) = orders::precheck(&order, Timestamp::now()) {
             self.ctx.complete(&order, r).await;
             return Ok(());
@@ -331,15 +342,14 @@ impl DeviceTask {
                 r
             }
         };
+        tracing::debug!(order = %order.order_id, outcome = ?r.outcome, "order finished");
         self.ctx.complete(&order, r).await;
         Ok(())
     }
 
     fn identified(&mut self, id: String) {
         if self.device_id.as_deref() != Some(id.as_str()) {
-            self.ctx
-                .registry
-                .register(&id, self.endpoint.addr);
+            self.ctx.registry.register(&id, self.endpoint.addr);
             self.ctx.status.update(self.endpoint.addr, |e| {
                 e.device_id = Some(id.clone());
             });

@@ -32,7 +32,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use epmc_proto::bounded::{BoundedVec, Timestamp};
-use epmc_proto::model::{AgentDeviceSettings, AgentExceptionLog, AgentHello, ExceptionEntry, Severity};
+use epmc_proto::model::{
+    AgentDeviceSettings, AgentExceptionLog, AgentHello, ExceptionEntry, Severity,
+};
 use epmc_proto::order::{FailureReason, Order, OrderAction, OrderOutcome, OrderResult};
 use epmc_proto::topic::{self, AgentId};
 use epmc_proto::{Envelope, Message};
@@ -248,8 +250,11 @@ impl Ctx {
         let kind = message.kind();
         if let Err(e) = self.publisher.publish(message).await {
             tracing::error!(?kind, error = %e, "message not queued");
-            self.exceptions
-                .record(Severity::Error, "outbox", &format!("{kind:?} not queued: {e}"));
+            self.exceptions.record(
+                Severity::Error,
+                "outbox",
+                &format!("{kind:?} not queued: {e}"),
+            );
         }
     }
 
@@ -309,13 +314,21 @@ impl Ctx {
             return self.complete(&order, r).await;
         }
         let Some(device) = order.device_id.clone() else {
-            let r = orders::failed(&order, FailureReason::NotPermitted, "the order names no device", None);
+            let r = orders::failed(
+                &order,
+                FailureReason::NotPermitted,
+                "the order names no device",
+                None,
+            );
             return self.complete(&order, r).await;
         };
         let wait = self.collect.deadline.min(Duration::from_secs(60));
+        tracing::debug!(order = %order.order_id, %device, "dispatching");
         match self.registry.lookup(device.as_str(), wait).await {
             Some(tx) => {
+                tracing::debug!(order = %order.order_id, "device task found");
                 self.accepted(&order).await;
+                tracing::debug!(order = %order.order_id, "accepted queued");
                 if let Err(mpsc::error::SendError(order)) = tx.send(order) {
                     // The task has stopped (shutdown): the order stays in the journal.
                     tracing::info!(order = %order.order_id, "service stopping; order kept for the next start");
@@ -348,14 +361,19 @@ pub struct Service {
 
 impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Service").field("agent", &self.agent).finish()
+        f.debug_struct("Service")
+            .field("agent", &self.agent)
+            .finish()
     }
 }
 
 impl Service {
     /// Checks the identity, opens the state, connects to the server in the background and
     /// starts one task per target.
-    pub async fn start(config: AgentConfig, options: ServiceOptions) -> Result<Service, ServiceError> {
+    pub async fn start(
+        config: AgentConfig,
+        options: ServiceOptions,
+    ) -> Result<Service, ServiceError> {
         let server = &config.server;
         let agent = identity::agent_id_from_file(&server.client_cert)?;
         let state_err = |dir: &Path, detail: String| ServiceError::State {
@@ -393,7 +411,10 @@ impl Service {
                 .map_err(|e| ServiceError::Mqtt(e.to_string()))?,
         );
         let outbox = Arc::new(Mutex::new(outbox));
-        let forwarder = Arc::new(Forwarder::new(outbox.clone(), session.clone() as Arc<dyn Uplink>));
+        let forwarder = Arc::new(Forwarder::new(
+            outbox.clone(),
+            session.clone() as Arc<dyn Uplink>,
+        ));
         let publisher = Publisher::new(agent, outbox, forwarder.waker());
         let running = forwarder.spawn(options.forward_retry);
 
@@ -432,7 +453,9 @@ impl Service {
                 last_contact: None,
                 failures: 0,
             });
-            let start_in = options.spread_start.mul_f64(f64::from(i as u32) / f64::from(n));
+            let start_in = options
+                .spread_start
+                .mul_f64(f64::from(i as u32) / f64::from(n));
             devices.spawn(DeviceTask::new(ctx.clone(), endpoint, rx, start_in).run());
         }
 
@@ -521,7 +544,10 @@ pub async fn run(
 /// journal by the previous run are dispatched first.
 async fn intake(ctx: Arc<Ctx>, session: Arc<MqttSession>, restart: Vec<Order>) {
     if !restart.is_empty() {
-        tracing::info!(orders = restart.len(), "running the orders recorded before the restart");
+        tracing::info!(
+            orders = restart.len(),
+            "running the orders recorded before the restart"
+        );
     }
     for order in restart {
         ctx.dispatch(order).await;
@@ -530,6 +556,7 @@ async fn intake(ctx: Arc<Ctx>, session: Arc<MqttSession>, restart: Vec<Order>) {
         let Ok(received) = session.next_order().await else {
             return;
         };
+        tracing::debug!(redelivered = received.redelivered(), "order received");
         let order = match Envelope::from_json(&received.message.payload) {
             Ok(Envelope {
                 message: Message::Order(o),
@@ -541,7 +568,8 @@ async fn intake(ctx: Arc<Ctx>, session: Arc<MqttSession>, restart: Vec<Order>) {
                     Err(e) => format!("an undecodable order: {e}"),
                 };
                 tracing::warn!(%what, "ignored");
-                ctx.exceptions.record(Severity::Warning, "orders", &format!("ignored {what}"));
+                ctx.exceptions
+                    .record(Severity::Warning, "orders", &format!("ignored {what}"));
                 // Acknowledged: it can never become valid, and must not block the queue.
                 received.ack();
                 continue;
@@ -551,9 +579,13 @@ async fn intake(ctx: Arc<Ctx>, session: Arc<MqttSession>, restart: Vec<Order>) {
         let payload = received.message.payload.clone();
         let o = order.clone();
         let recorded = tokio::task::spawn_blocking(move || {
-            journal.lock().unwrap_or_else(|e| e.into_inner()).record(&o, payload)
+            journal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(&o, payload)
         })
         .await;
+        tracing::debug!(order = %order.order_id, ?recorded, "journal");
         match recorded {
             Ok(Ok(r)) => {
                 received.ack();
@@ -586,7 +618,11 @@ fn hello(ctx: &Ctx, config: &AgentConfig) -> AgentHello {
         .iter()
         .filter(|e| e.meta != crate::config::TargetMeta::default())
         .filter_map(|e| {
-            let id = targets.iter().find(|t| t.addr == e.addr)?.device_id.clone()?;
+            let id = targets
+                .iter()
+                .find(|t| t.addr == e.addr)?
+                .device_id
+                .clone()?;
             Some(AgentDeviceSettings {
                 device_id: orders::text(&id),
                 display_name: e.meta.display_name.as_deref().map(orders::text),
@@ -680,4 +716,3 @@ async fn write_status(ctx: Arc<Ctx>, session: Arc<MqttSession>, dir: PathBuf, ev
         }
     }
 }
-

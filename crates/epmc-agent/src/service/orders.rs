@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use epmc_proto::bounded::{BoundedString, Timestamp};
-use epmc_proto::order::{FailureReason, Order, OrderAction, OrderOutcome, OrderResult, SettingName};
+use epmc_proto::order::{
+    FailureReason, Order, OrderAction, OrderOutcome, OrderResult, SettingName,
+};
 use epmc_proto::{Envelope, Message};
 use epmc_transport::outbox::{Limits, Outbox, OutboxError};
 use epmc_transport::{MessageId, OutboundMessage, Priority};
@@ -128,7 +130,12 @@ pub fn result(order: &Order, outcome: OrderOutcome, reply: Option<String>) -> Or
 }
 
 /// A failure result.
-pub fn failed(order: &Order, reason: FailureReason, detail: &str, reply: Option<String>) -> OrderResult {
+pub fn failed(
+    order: &Order,
+    reason: FailureReason,
+    detail: &str,
+    reply: Option<String>,
+) -> OrderResult {
     result(
         order,
         OrderOutcome::Failed {
@@ -172,7 +179,10 @@ pub fn precheck(order: &Order, now: Timestamp) -> Option<OrderResult> {
         return Some(failed(
             order,
             FailureReason::NotPermitted,
-            &format!("the order expired (unix time {}) before it could run", exp.unix()),
+            &format!(
+                "the order expired (unix time {}) before it could run",
+                exp.unix()
+            ),
             None,
         ));
     }
@@ -328,5 +338,10 @@ pub fn unreachable(order: &Order, e: &CollectError) -> OrderResult {
         }
         _ => FailureReason::DeviceUnreachable,
     };
-    failed(order, reason, &format!("the projector could not be reached: {e}"), None)
+    failed(
+        order,
+        reason,
+        &format!("the projector could not be reached: {e}"),
+        None,
+    )
 }

@@ -118,5 +118,6 @@ pub fn read(state_dir: &Path) -> Result<AgentStatus, String> {
             path.display()
         )
     })?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{} is not a status file: {e}", path.display()))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{} is not a status file: {e}", path.display()))
 }
