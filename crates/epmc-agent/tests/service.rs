@@ -400,3 +400,43 @@ async fn a_state_directory_of_another_agent_is_refused() {
     let text = err.to_string();
     assert!(text.contains("belongs to agent"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswering_projector_is_retried_with_back_off_not_in_a_loop() {
+    let env = Env::start().await;
+    // Accepts and closes at once: every attempt fails ("dropped").
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = attempts.clone();
+    let accept = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let agent_dir = env.issue("backoff-agent").await;
+    let config = env.config(&agent_dir, "bidirectional", &[(addr, "Broken", "poll")]);
+    let service = Service::start(config, options(&agent_dir)).await.unwrap();
+    // Reported unreachable under its address id.
+    eventually("unreachable event", async || {
+        env.devices()
+            .await
+            .into_iter()
+            .find(|d| d.key == format!("ip:{}", addr.ip()))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Status interval 0.7 s, doubling per failure: 0.7 + 1.4 + 2.8 s, so about four
+    // attempts in four seconds (without back-off it would be hundreds).
+    let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=6).contains(&n), "{n} attempts in about 4 s");
+    let screen = status::read(&agent_dir.join("state")).unwrap();
+    assert!(
+        matches!(screen.targets[0].reach, status::Reach::Failed(_)),
+        "{:?}",
+        screen.targets[0]
+    );
+    service.stop().await;
+    accept.abort();
+}

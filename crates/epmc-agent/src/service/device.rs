@@ -410,6 +410,9 @@ impl DeviceTask {
         if !keep.is_empty() {
             self.next_status = self.next_status.min(Instant::now() + self.ctx.order_retry);
         }
+        // A full collection still due waits for the next attempt too (else it would be
+        // retried at once, in a loop).
+        self.next_full = self.next_full.max(self.next_status);
         self.jobs = keep;
         if !busy && self.reachable != Some(false) {
             self.ctx.exceptions.record(

@@ -326,9 +326,7 @@ impl Ctx {
         tracing::debug!(order = %order.order_id, %device, "dispatching");
         match self.registry.lookup(device.as_str(), wait).await {
             Some(tx) => {
-                tracing::debug!(order = %order.order_id, "device task found");
                 self.accepted(&order).await;
-                tracing::debug!(order = %order.order_id, "accepted queued");
                 if let Err(mpsc::error::SendError(order)) = tx.send(order) {
                     // The task has stopped (shutdown): the order stays in the journal.
                     tracing::info!(order = %order.order_id, "service stopping; order kept for the next start");
