@@ -593,14 +593,16 @@ pub fn write_status(
     )?;
     writeln!(
         out,
-        "{:<18} {:<24} {:<22} {:<12} {:<10} {:<28} last contact",
+        "{:<18} {:<24} {:<22} {:<18} {:<10} {:<28} last contact",
         "name", "device", "address", "power", "source", "state / errors"
     )?;
     for t in &s.targets {
         let st = t.status.as_ref();
         let power = st
             .and_then(|s| s.power)
-            .map_or("-".to_owned(), |p| format!("{p:?}").to_lowercase());
+            .and_then(|p| serde_json::to_value(p).ok())
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| "-".to_owned());
         let source = st
             .and_then(|s| s.source.as_ref())
             .map_or("-".to_owned(), |src| {
@@ -635,7 +637,7 @@ pub fn write_status(
         };
         writeln!(
             out,
-            "{:<18} {:<24} {:<22} {:<12} {:<10} {:<28} {}",
+            "{:<18} {:<24} {:<22} {:<18} {:<10} {:<28} {}",
             t.display_name.as_deref().unwrap_or("-"),
             t.device_id.as_deref().unwrap_or("-"),
             t.addr.to_string(),
