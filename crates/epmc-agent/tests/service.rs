@@ -246,6 +246,54 @@ async fn a_fleet_is_reported_and_orders_run_on_the_projectors() {
     assert_eq!(result["reason"], "device_refused", "{result}");
     assert_eq!(result["device_reply"], "ERR", "{result}");
 
+    // Copy settings: Room 1's volume and colour mode onto Room 2 (both on: sets need the
+    // light on), one result per target with each setting's answer.
+    let d1 = env.device(p[1].serial()).await;
+    let order = env.order(&d1, OrderAction::PowerOn).await;
+    assert_eq!(env.finished(order).await.0, OrderState::Done);
+    for (name, value) in [("volume", "120"), ("color_mode", "06")] {
+        let order = env
+            .order(
+                &d0,
+                OrderAction::ChangeSetting {
+                    name: serde_json::from_value(serde_json::json!(name)).unwrap(),
+                    value: epmc_proto::bounded::BoundedString::new(value).unwrap(),
+                },
+            )
+            .await;
+        let (state, result) = env.finished(order).await;
+        assert_eq!(state, OrderState::Done, "{name}: {result:?}");
+    }
+    let order = env
+        .order(
+            &d1,
+            OrderAction::CopySettings {
+                source_device: epmc_proto::bounded::BoundedString::new(p[0].serial()).unwrap(),
+                profile: epmc_proto::bounded::BoundedString::new("lecture").unwrap(),
+            },
+        )
+        .await;
+    let (state, result) = env.finished(order).await;
+    let result = result.unwrap();
+    assert_eq!(state, OrderState::Done, "{result}");
+    let reply = result["device_reply"].as_str().unwrap();
+    for part in ["VOL 120: ok", "CMODE 06: ok"] {
+        assert!(reply.contains(part), "{part:?} missing from {reply:?}");
+    }
+    // A source the agent does not manage: refused before anything runs.
+    let order = env
+        .order(
+            &d1,
+            OrderAction::CopySettings {
+                source_device: epmc_proto::bounded::BoundedString::new("NOSUCHDEVICE").unwrap(),
+                profile: epmc_proto::bounded::BoundedString::new("lecture").unwrap(),
+            },
+        )
+        .await;
+    let (state, result) = env.finished(order).await;
+    assert_eq!(state, OrderState::Failed);
+    assert_eq!(result.unwrap()["reason"], "not_permitted");
+
     // Orders for a held session run on it too.
     let d2 = env.device(p[2].serial()).await;
     let order = env.order(&d2, OrderAction::PowerOn).await;

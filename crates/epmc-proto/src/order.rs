@@ -123,6 +123,15 @@ pub enum OrderAction {
         /// The new value, validated per setting on decode.
         value: BoundedString<16>,
     },
+    /// Copy settings: read the copyable settings of another device of the same agent (as a
+    /// named profile) and apply them to this one. One order per target device, so each gets
+    /// its own result. The projector name is never copied (names stay distinct).
+    CopySettings {
+        /// The device whose settings are read.
+        source_device: DeviceId,
+        /// The profile's name, for the operator and the audit trail.
+        profile: Name,
+    },
     /// Check for an agent update.
     CheckAgentUpdate,
 }

@@ -472,7 +472,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 devices: BoundedVec::empty(),
             })),
         (any::<u128>(), any::<u8>(), any::<bool>(), 0u8..=255).prop_map(|(id, src, mute, vol)| {
-            let action = match src % 5 {
+            let action = match src % 6 {
                 0 => OrderAction::SourceChange {
                     source: HexCode::new(src),
                 },
@@ -482,6 +482,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     value: BoundedString::new(vol.to_string()).unwrap(),
                 },
                 3 => OrderAction::PowerOn,
+                4 => OrderAction::CopySettings {
+                    source_device: BoundedString::new(format!("X{src:03}")).unwrap(),
+                    profile: BoundedString::new("lecture").unwrap(),
+                },
                 _ => OrderAction::CheckAgentUpdate,
             };
             Message::Order(Order {

@@ -17,7 +17,7 @@ use epmc_proto::bounded::Timestamp;
 use epmc_proto::model::{DeviceEvent, DeviceEventKind};
 use epmc_proto::order::{Order, OrderAction, OrderOutcome};
 use epmc_proto::{Message, model::Severity};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::Ctx;
@@ -29,15 +29,31 @@ use crate::config::{Endpoint, SessionMode};
 /// Tries an order gets on an unreachable projector before it fails.
 pub const ORDER_ATTEMPTS: u32 = 3;
 
+/// What a device task is asked to do.
+pub(crate) enum Work {
+    /// Run an order.
+    Order(Order),
+    /// Read the copyable settings (the source side of a copy-settings order).
+    ReadProfile(Option<oneshot::Sender<Result<orders::Profile, String>>>),
+    /// Apply settings read from another device (the target side of a copy-settings order).
+    Apply(Order, orders::Profile),
+}
+
 struct Job {
-    order: Order,
+    work: Work,
     attempts: u32,
+}
+
+impl Job {
+    fn new(work: Work) -> Job {
+        Job { work, attempts: 0 }
+    }
 }
 
 pub(super) struct DeviceTask {
     ctx: std::sync::Arc<Ctx>,
     endpoint: Endpoint,
-    jobs_rx: mpsc::UnboundedReceiver<Order>,
+    jobs_rx: mpsc::UnboundedReceiver<Work>,
     jobs: VecDeque<Job>,
     device_id: Option<String>,
     failures: u32,
@@ -50,7 +66,7 @@ pub(super) struct DeviceTask {
 
 enum Wake {
     Due,
-    Job(Order),
+    Job(Work),
     Stop,
 }
 
@@ -58,7 +74,7 @@ impl DeviceTask {
     pub(super) fn new(
         ctx: std::sync::Arc<Ctx>,
         endpoint: Endpoint,
-        jobs_rx: mpsc::UnboundedReceiver<Order>,
+        jobs_rx: mpsc::UnboundedReceiver<Work>,
         start_in: Duration,
     ) -> DeviceTask {
         let now = Instant::now();
@@ -120,8 +136,8 @@ impl DeviceTask {
     }
 
     fn take_queued(&mut self) {
-        while let Ok(order) = self.jobs_rx.try_recv() {
-            self.jobs.push_back(Job { order, attempts: 0 });
+        while let Ok(work) = self.jobs_rx.try_recv() {
+            self.jobs.push_back(Job::new(work));
         }
     }
 
@@ -129,9 +145,7 @@ impl DeviceTask {
         loop {
             match self.wait(self.due()).await {
                 Wake::Stop => return,
-                Wake::Job(order) => {
-                    self.jobs.push_back(Job { order, attempts: 0 });
-                }
+                Wake::Job(work) => self.jobs.push_back(Job::new(work)),
                 Wake::Due => {}
             }
             if !self.is_due() {
@@ -173,7 +187,7 @@ impl DeviceTask {
                         let until = self.due();
                         match self.wait(until).await {
                             Wake::Stop => return,
-                            Wake::Job(order) => self.jobs.push_back(Job { order, attempts: 0 }),
+                            Wake::Job(work) => self.jobs.push_back(Job::new(work)),
                             Wake::Due => break,
                         }
                         if self.is_due() {
@@ -214,7 +228,7 @@ impl DeviceTask {
                         }
                     }
                     job = self.jobs_rx.recv() => match job {
-                        Some(order) => self.jobs.push_back(Job { order, attempts: 0 }),
+                        Some(work) => self.jobs.push_back(Job::new(work)),
                         None => { p.close().await; return; }
                     },
                     () = stopped(&mut stop) => { p.close().await; return; }
@@ -254,9 +268,29 @@ impl DeviceTask {
             *n = Some(p.notifications());
         }
         self.contact_ok().await;
-        while let Some(job) = self.jobs.pop_front() {
-            if let Err(e) = self.run_order(p, job.order.clone()).await {
-                // The session failed mid-order: keep it for the next attempt.
+        while let Some(mut job) = self.jobs.pop_front() {
+            let done = match &mut job.work {
+                Work::Order(order) => self.run_order(p, order.clone()).await,
+                Work::ReadProfile(reply) => match orders::read_profile(p).await {
+                    Ok(profile) => {
+                        if let Some(tx) = reply.take() {
+                            let _ = tx.send(Ok(profile));
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+                Work::Apply(order, profile) => {
+                    let order = order.clone();
+                    let profile = std::mem::take(profile);
+                    let r = orders::apply_profile(p, &order, &profile).await;
+                    tracing::debug!(order = %order.order_id, outcome = ?r.outcome, "settings applied");
+                    self.ctx.complete(&order, r).await;
+                    Ok(())
+                }
+            };
+            if let Err(e) = done {
+                // The session failed mid-job: keep it for the next attempt.
                 self.jobs.push_front(job);
                 self.failed(e).await;
                 return false;
@@ -400,12 +434,20 @@ impl DeviceTask {
         let mut keep = VecDeque::new();
         for mut job in std::mem::take(&mut self.jobs) {
             job.attempts += 1;
-            if job.attempts >= ORDER_ATTEMPTS {
-                self.ctx
-                    .complete(&job.order, orders::unreachable(&job.order, &e))
-                    .await;
-            } else {
+            if job.attempts < ORDER_ATTEMPTS {
                 keep.push_back(job);
+                continue;
+            }
+            match job.work {
+                Work::Order(order) | Work::Apply(order, _) => {
+                    self.ctx
+                        .complete(&order, orders::unreachable(&order, &e))
+                        .await;
+                }
+                Work::ReadProfile(Some(tx)) => {
+                    let _ = tx.send(Err(format!("it could not be reached: {e}")));
+                }
+                Work::ReadProfile(None) => {}
             }
         }
         if !keep.is_empty() {

@@ -50,7 +50,7 @@ use tokio::task::JoinSet;
 use crate::collect::CollectOptions;
 use crate::config::{AgentConfig, Mode, Schedule};
 use crate::identity;
-use device::DeviceTask;
+use device::{DeviceTask, Work};
 use orders::{Journal, Recorded};
 use outbound::Publisher;
 use status::{AgentStatus, Reach, StatusTable, TargetStatus};
@@ -185,7 +185,7 @@ pub(crate) struct Registry {
 
 #[derive(Debug, Default)]
 struct RegistryInner {
-    tasks: HashMap<SocketAddr, mpsc::UnboundedSender<Order>>,
+    tasks: HashMap<SocketAddr, mpsc::UnboundedSender<Work>>,
     ids: HashMap<String, SocketAddr>,
 }
 
@@ -201,7 +201,7 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn add_task(&self, addr: SocketAddr, tx: mpsc::UnboundedSender<Order>) {
+    fn add_task(&self, addr: SocketAddr, tx: mpsc::UnboundedSender<Work>) {
         let mut r = self.lock();
         r.tasks.insert(addr, tx);
         r.ids
@@ -220,14 +220,14 @@ impl Registry {
         self.first_pending.send_modify(|n| *n = n.saturating_sub(1));
     }
 
-    fn find(&self, id: &str) -> Option<mpsc::UnboundedSender<Order>> {
+    fn find(&self, id: &str) -> Option<mpsc::UnboundedSender<Work>> {
         let r = self.lock();
         r.ids.get(id).and_then(|a| r.tasks.get(a)).cloned()
     }
 
     /// The task for a device id; until every target has been tried once (the serial numbers
     /// are learnt then), waits for that, at most `wait`.
-    async fn lookup(&self, id: &str, wait: Duration) -> Option<mpsc::UnboundedSender<Order>> {
+    async fn lookup(&self, id: &str, wait: Duration) -> Option<mpsc::UnboundedSender<Work>> {
         if let Some(tx) = self.find(id) {
             return Some(tx);
         }
@@ -313,59 +313,112 @@ impl Ctx {
         )))
         .await;
     }
+}
 
-    /// Sends an order where it runs, or answers it at once.
-    async fn dispatch(&self, order: Order) {
-        if self.mode == Mode::MonitorOnly {
-            let r = orders::failed(
-                &order,
-                FailureReason::NotPermitted,
-                "this agent runs in monitor-only mode and refuses every order",
-                None,
-            );
-            return self.complete(&order, r).await;
-        }
-        if let Some(r) = orders::precheck(&order, Timestamp::now()) {
-            return self.complete(&order, r).await;
-        }
-        if order.action == OrderAction::CheckAgentUpdate {
-            let r = orders::failed(
-                &order,
-                FailureReason::NotPermitted,
-                "self-update is not configured on this agent",
-                None,
-            );
-            return self.complete(&order, r).await;
-        }
-        let Some(device) = order.device_id.clone() else {
-            let r = orders::failed(
-                &order,
-                FailureReason::NotPermitted,
-                "the order names no device",
-                None,
-            );
-            return self.complete(&order, r).await;
+/// How long a copy-settings order waits for its source device's settings.
+pub const COPY_WAIT: Duration = Duration::from_secs(180);
+
+/// Sends an order where it runs, or answers it at once.
+async fn dispatch(ctx: &Arc<Ctx>, order: Order) {
+    if ctx.mode == Mode::MonitorOnly {
+        let r = orders::failed(
+            &order,
+            FailureReason::NotPermitted,
+            "this agent runs in monitor-only mode and refuses every order",
+            None,
+        );
+        return ctx.complete(&order, r).await;
+    }
+    if let Some(r) = orders::precheck(&order, Timestamp::now()) {
+        return ctx.complete(&order, r).await;
+    }
+    if order.action == OrderAction::CheckAgentUpdate {
+        let r = orders::failed(
+            &order,
+            FailureReason::NotPermitted,
+            "self-update is not configured on this agent",
+            None,
+        );
+        return ctx.complete(&order, r).await;
+    }
+    let Some(device) = order.device_id.clone() else {
+        let r = orders::failed(
+            &order,
+            FailureReason::NotPermitted,
+            "the order names no device",
+            None,
+        );
+        return ctx.complete(&order, r).await;
+    };
+    let wait = ctx.collect.deadline.min(Duration::from_secs(60));
+    let unknown = |id: &str| {
+        orders::failed(
+            &order,
+            FailureReason::NotPermitted,
+            &format!("device {id} is not managed by this agent"),
+            None,
+        )
+    };
+    let Some(target) = ctx.registry.lookup(device.as_str(), wait).await else {
+        let r = unknown(device.as_str());
+        return ctx.complete(&order, r).await;
+    };
+    if let OrderAction::CopySettings { source_device, .. } = &order.action {
+        let Some(source) = ctx.registry.lookup(source_device.as_str(), wait).await else {
+            let r = unknown(source_device.as_str());
+            return ctx.complete(&order, r).await;
         };
-        let wait = self.collect.deadline.min(Duration::from_secs(60));
-        tracing::debug!(order = %order.order_id, %device, "dispatching");
-        match self.registry.lookup(device.as_str(), wait).await {
-            Some(tx) => {
-                self.accepted(&order).await;
-                if let Err(mpsc::error::SendError(order)) = tx.send(order) {
-                    // The task has stopped (shutdown): the order stays in the journal.
-                    tracing::info!(order = %order.order_id, "service stopping; order kept for the next start");
+        ctx.accepted(&order).await;
+        // Read the source's settings, then hand them to the target's task. A separate task:
+        // the intake goes on, and two copies in opposite directions cannot wait on each other.
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let source_id = source_device_of(&order);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if source.send(Work::ReadProfile(Some(tx))).is_err() {
+                return; // stopping: the order stays in the journal
+            }
+            let profile = match tokio::time::timeout(COPY_WAIT, rx).await {
+                Ok(Ok(Ok(p))) => p,
+                Ok(Ok(Err(why))) => {
+                    let r = orders::failed(
+                        &order,
+                        FailureReason::DeviceUnreachable,
+                        &format!("the source device {source_id}: {why}"),
+                        None,
+                    );
+                    return ctx.complete(&order, r).await;
                 }
+                Ok(Err(_)) => return, // stopping
+                Err(_) => {
+                    let r = orders::failed(
+                        &order,
+                        FailureReason::TimedOut,
+                        &format!("the source device {source_id} was not read within {COPY_WAIT:?}"),
+                        None,
+                    );
+                    return ctx.complete(&order, r).await;
+                }
+            };
+            if let Err(mpsc::error::SendError(Work::Apply(order, _))) =
+                target.send(Work::Apply(order, profile))
+            {
+                tracing::info!(order = %order.order_id, "service stopping; order kept for the next start");
             }
-            None => {
-                let r = orders::failed(
-                    &order,
-                    FailureReason::NotPermitted,
-                    &format!("device {device} is not managed by this agent"),
-                    None,
-                );
-                self.complete(&order, r).await;
-            }
-        }
+        });
+        return;
+    }
+    ctx.accepted(&order).await;
+    if let Err(mpsc::error::SendError(Work::Order(order))) = target.send(Work::Order(order)) {
+        // The task has stopped (shutdown): the order stays in the journal.
+        tracing::info!(order = %order.order_id, "service stopping; order kept for the next start");
+    }
+}
+
+fn source_device_of(order: &Order) -> String {
+    match &order.action {
+        OrderAction::CopySettings { source_device, .. } => source_device.to_string(),
+        _ => String::new(),
     }
 }
 
@@ -576,7 +629,7 @@ async fn intake(ctx: Arc<Ctx>, session: Arc<MqttSession>, restart: Vec<Order>) {
         );
     }
     for order in restart {
-        ctx.dispatch(order).await;
+        dispatch(&ctx, order).await;
     }
     loop {
         let Ok(received) = session.next_order().await else {
@@ -632,7 +685,7 @@ async fn intake(ctx: Arc<Ctx>, session: Arc<MqttSession>, restart: Vec<Order>) {
                 continue;
             }
         }
-        ctx.dispatch(order).await;
+        dispatch(&ctx, order).await;
     }
 }
 

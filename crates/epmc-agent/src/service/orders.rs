@@ -259,7 +259,9 @@ pub async fn execute(projector: &mut Projector, order: &Order) -> OrderResult {
                 }
             }
         }
-        OrderAction::CollectNow | OrderAction::CheckAgentUpdate => {
+        OrderAction::CollectNow
+        | OrderAction::CheckAgentUpdate
+        | OrderAction::CopySettings { .. } => {
             return failed(
                 order,
                 FailureReason::NotPermitted,
@@ -344,4 +346,91 @@ pub fn unreachable(order: &Order, e: &CollectError) -> OrderResult {
         &format!("the projector could not be reached: {e}"),
         None,
     )
+}
+
+/// Settings read from one device to apply to others (copy settings), in apply order.
+pub type Profile = Vec<(SettingName, String)>;
+
+/// The settings a copy carries: everything on the allow-list but the projector's name (names
+/// stay distinct).
+pub const COPYABLE: [SettingName; 5] = [
+    SettingName::ColorMode,
+    SettingName::LuminanceMode,
+    SettingName::LuminanceConstantLevel,
+    SettingName::Volume,
+    SettingName::MuteScreen,
+];
+
+/// Reads the copyable settings the projector exposes (refused ones are left out; values
+/// that do not pass the setting's own check are left out too, so a profile only ever holds
+/// values an order could set).
+pub async fn read_profile(projector: &mut Projector) -> Result<Profile, CollectError> {
+    let client = projector.client().clone();
+    let mut profile = Profile::new();
+    for name in COPYABLE {
+        let cmd = setting_command(name);
+        let Ok(query) = Command::query(cmd) else {
+            continue;
+        };
+        match client.execute(query).await {
+            Ok(Answer::Value(v)) => {
+                let v = v.trim().to_owned();
+                if name.validate(&v).is_ok() {
+                    profile.push((name, v));
+                }
+            }
+            Ok(_) | Err(ClientError::Command(CommandError::Refused)) => {}
+            Err(ClientError::Command(CommandError::TimedOut(_))) => {
+                return Err(CollectError::TimedOut(crate::collect::Stage::Command(cmd)));
+            }
+            Err(_) => return Err(CollectError::Dropped),
+        }
+    }
+    Ok(profile)
+}
+
+/// Applies a profile; the result lists each setting with the projector's answer.
+pub async fn apply_profile(
+    projector: &mut Projector,
+    order: &Order,
+    profile: &Profile,
+) -> OrderResult {
+    if profile.is_empty() {
+        return failed(
+            order,
+            FailureReason::DeviceRefused,
+            "the source device exposes none of the copyable settings",
+            None,
+        );
+    }
+    let client = projector.client().clone();
+    let mut replies = Vec::new();
+    let mut refused = 0;
+    for (name, value) in profile {
+        let cmd = setting_command(*name);
+        let Ok(set) = Command::set(cmd, value) else {
+            replies.push(format!("{cmd} {value}: invalid"));
+            refused += 1;
+            continue;
+        };
+        match client.execute(set).await {
+            Ok(Answer::Ack) => replies.push(format!("{cmd} {value}: ok")),
+            Ok(_) | Err(ClientError::Command(CommandError::Refused)) => {
+                replies.push(format!("{cmd} {value}: ERR"));
+                refused += 1;
+            }
+            Err(e) => return client_failure(order, &format!("{cmd} {value}"), e),
+        }
+    }
+    let reply = Some(replies.join("; "));
+    if refused == 0 {
+        result(order, OrderOutcome::Done, reply)
+    } else {
+        failed(
+            order,
+            FailureReason::DeviceRefused,
+            &format!("{refused} of {} settings were refused", profile.len()),
+            reply,
+        )
+    }
 }
