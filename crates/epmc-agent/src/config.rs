@@ -894,13 +894,14 @@ impl AgentConfig {
         }
         #[cfg(unix)]
         if let Some(file) = file
-            && self.targets.iter().any(|t| t.password.is_some())
+            && (self.targets.iter().any(|t| t.password.is_some())
+                || self.proxy.as_ref().is_some_and(|p| p.credentials.is_some()))
             && let Ok(meta) = std::fs::metadata(file)
         {
             use std::os::unix::fs::PermissionsExt;
             if meta.permissions().mode() & 0o004 != 0 {
                 notes.push(format!(
-                    "{} holds projector passwords and is readable by every user: chmod o-r",
+                    "{} holds passwords and is readable by every user: chmod o-r",
                     file.display()
                 ));
             }

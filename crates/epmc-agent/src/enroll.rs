@@ -36,7 +36,6 @@ use epmc_proto::topic::AgentId;
 use epmc_transport::client::ProxyCredentials;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::danger::ClientCertVerifier;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -460,13 +459,9 @@ pub async fn enroll(options: &EnrollOptions) -> Result<Enrolled, EnrollError> {
             "the configuration to write is not valid ({e}); nothing was written"
         )));
     }
-    let cert_pem = CertificateDer::from(cert_der)
-        .to_pem()
-        .map_err(|e| EnrollError::BadCertificate(e.to_string()))?;
+    let cert_pem = certificate_pem(&cert_der);
     let key_pem = key.serialize_pem();
-    let ca_file = CertificateDer::from(ca_der)
-        .to_pem()
-        .map_err(|e| EnrollError::BadAnswer(e.to_string()))?;
+    let ca_file = certificate_pem(&ca_der);
     write_all_or_nothing(
         &options.dir,
         options.force,
@@ -698,6 +693,33 @@ fn check_certificate(
     Ok(leaf.to_vec())
 }
 
+/// A certificate as PEM (RFC 7468): base64 in lines of 64 characters.
+fn certificate_pem(der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] =
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                b64.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
 /// A TOML string literal (quoted and escaped).
 fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
@@ -795,8 +817,7 @@ fn write_all_or_nothing(
     for (i, (temp, target)) in temps.iter().enumerate() {
         if let Err(source) = std::fs::rename(temp, target) {
             // Leave no partial enrollment: what was already renamed goes too.
-            for (t, placed) in &temps[..i] {
-                let _ = t;
+            for (_, placed) in &temps[..i] {
                 let _ = std::fs::remove_file(placed);
             }
             for (t, _) in &temps[i..] {
@@ -897,6 +918,26 @@ mod tests {
             bad(&TOKEN.replace(".0123456789abcdef0123", ".0123456789abcdef012")),
         ] {
             assert!(!e.to_string().contains("0123456789abcdef0123"), "{e}");
+        }
+    }
+
+    #[test]
+    fn certificates_are_written_as_pem_that_reads_back() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["x".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        // Every length modulo 3, and rcgen's own encoder as the reference.
+        assert_eq!(certificate_pem(cert.der()), cert.pem().replace("\r\n", "\n"));
+        for der in [&b"a"[..], b"ab", b"abc", b"abcd", &[0xff; 100]] {
+            let pem = certificate_pem(der);
+            let back: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(back.len(), 1, "{pem}");
+            assert_eq!(&back[0][..], der);
+            assert!(pem.lines().all(|l| l.len() <= 64));
         }
     }
 
