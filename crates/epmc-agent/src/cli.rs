@@ -15,8 +15,8 @@ use epmc_proto::{Envelope, Message};
 use escvp::net::Password;
 
 use crate::collect::{CollectOptions, Collected, collect_all};
-use crate::config::{AgentConfig, Endpoint, MAX_TOTAL_ADDRESSES, Mode, SessionMode, TargetSpec};
 use crate::config::ProxyUrl;
+use crate::config::{AgentConfig, Endpoint, MAX_TOTAL_ADDRESSES, Mode, SessionMode, TargetSpec};
 use crate::discover::{ProbeOutcome, discover};
 use crate::enroll::{EnrollOptions, EnrollProxy, ServerAddress, Token, enroll};
 use epmc_transport::client::ProxyCredentials;

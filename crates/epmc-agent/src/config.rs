@@ -508,7 +508,11 @@ impl ProxyUrl {
     }
 }
 
-pub(crate) fn parse_url(text: &str, scheme: &str, default_port: Option<u16>) -> Result<(String, u16), String> {
+pub(crate) fn parse_url(
+    text: &str,
+    scheme: &str,
+    default_port: Option<u16>,
+) -> Result<(String, u16), String> {
     let rest = text
         .strip_prefix(scheme)
         .and_then(|r| r.strip_prefix("://"))
@@ -654,18 +658,16 @@ impl RawProxy {
                     "proxy password without a username: give both or neither",
                 ));
             }
-            (Some(u), Some(p)) => {
-                Some(
-                    ProxyCredentials::new(u.get_ref(), p.get_ref()).map_err(|e| {
-                        let span = match e {
-                            CredentialsError::ControlCharacter("password")
-                            | CredentialsError::TooLong("password") => p.span(),
-                            _ => u.span(),
-                        };
-                        ConfigError::at(text, Some(span), e.to_string())
-                    })?,
-                )
-            }
+            (Some(u), Some(p)) => Some(ProxyCredentials::new(u.get_ref(), p.get_ref()).map_err(
+                |e| {
+                    let span = match e {
+                        CredentialsError::ControlCharacter("password")
+                        | CredentialsError::TooLong("password") => p.span(),
+                        _ => u.span(),
+                    };
+                    ConfigError::at(text, Some(span), e.to_string())
+                },
+            )?),
         };
         Ok(url)
     }

@@ -452,7 +452,10 @@ pub async fn enroll(options: &EnrollOptions) -> Result<Enrolled, EnrollError> {
     let cert_der = check_certificate(&answer.certificate, &ca_der, &agent_id, &key)?;
 
     // 5. Write everything, or nothing.
-    let mqtt = format!("mqtts://{}", bracket(&options.server.host, answer.mqtt_port));
+    let mqtt = format!(
+        "mqtts://{}",
+        bracket(&options.server.host, answer.mqtt_port)
+    );
     let config = config_text(&mqtt, &agent_id, actual, options.proxy.as_ref());
     if let Err(e) = AgentConfig::parse(&config) {
         return Err(EnrollError::Argument(format!(
@@ -671,8 +674,8 @@ fn check_certificate(
                 "it is not a client certificate from the pinned CA valid now ({e})"
             ))
         })?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
-        .map_err(|e| bad(format!("not X.509 ({e})")))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(leaf).map_err(|e| bad(format!("not X.509 ({e})")))?;
     let mut names = cert.subject().iter_common_name();
     let cn = names
         .next()
@@ -695,8 +698,7 @@ fn check_certificate(
 
 /// A certificate as PEM (RFC 7468): base64 in lines of 64 characters.
 fn certificate_pem(der: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
     for chunk in der.chunks(3) {
         let n = chunk
@@ -929,7 +931,10 @@ mod tests {
             .self_signed(&key)
             .unwrap();
         // Every length modulo 3, and rcgen's own encoder as the reference.
-        assert_eq!(certificate_pem(cert.der()), cert.pem().replace("\r\n", "\n"));
+        assert_eq!(
+            certificate_pem(cert.der()),
+            cert.pem().replace("\r\n", "\n")
+        );
         for der in [&b"a"[..], b"ab", b"abc", b"abcd", &[0xff; 100]] {
             let pem = certificate_pem(der);
             let back: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
@@ -949,8 +954,16 @@ mod tests {
         assert_eq!((a.host.as_str(), a.port), ("::1", 443));
         assert_eq!(a.url("/api/v1/ca"), "https://[::1]:443/api/v1/ca");
         assert!("http://epmc.example.com".parse::<ServerAddress>().is_err());
-        assert!("https://epmc.example.com/path".parse::<ServerAddress>().is_err());
-        assert!("https://user@epmc.example.com".parse::<ServerAddress>().is_err());
+        assert!(
+            "https://epmc.example.com/path"
+                .parse::<ServerAddress>()
+                .is_err()
+        );
+        assert!(
+            "https://user@epmc.example.com"
+                .parse::<ServerAddress>()
+                .is_err()
+        );
     }
 
     #[test]
@@ -971,7 +984,10 @@ mod tests {
             Some(&proxy),
         );
         let c = AgentConfig::parse(&text).unwrap();
-        assert_eq!((c.server.url.host.as_str(), c.server.url.port), ("::1", 8883));
+        assert_eq!(
+            (c.server.url.host.as_str(), c.server.url.port),
+            ("::1", 8883)
+        );
         assert_eq!(c.server.ca_cert, Path::new("ca.crt"));
         assert_eq!(c.server.client_cert, Path::new("agent.crt"));
         assert_eq!(c.server.client_key, Path::new("agent.key"));

@@ -420,15 +420,18 @@ fn proxy_credentials_are_read_and_checked_with_their_line() {
             1,
         )
     };
-    let c = AgentConfig::parse(&with("username = \"agent\"\npassword = \"p:w d\"\n"))
-        .expect("valid");
+    let c =
+        AgentConfig::parse(&with("username = \"agent\"\npassword = \"p:w d\"\n")).expect("valid");
     let p = c.proxy.expect("proxy");
     let creds = p.credentials.as_ref().expect("credentials");
     assert_eq!((creds.username(), creds.password()), ("agent", "p:w d"));
     let http = p.to_http_proxy();
     assert_eq!((http.host.as_str(), http.port), ("proxy.example.com", 3128));
     assert_eq!(http.credentials.as_ref(), Some(creds));
-    assert!(!format!("{p:?}").contains("p:w d"), "Debug hides the password");
+    assert!(
+        !format!("{p:?}").contains("p:w d"),
+        "Debug hides the password"
+    );
     // Without credentials.
     let p = AgentConfig::parse(GOOD).unwrap().proxy.unwrap();
     assert_eq!(p.credentials, None);
@@ -441,7 +444,11 @@ fn proxy_credentials_are_read_and_checked_with_their_line() {
             assert!(err.message.contains(w), "{extra:?}: {err}");
         }
     };
-    refused("username = \"agent\"\n", 17, &["username without a password"]);
+    refused(
+        "username = \"agent\"\n",
+        17,
+        &["username without a password"],
+    );
     refused("password = \"pw\"\n", 17, &["password without a username"]);
     refused(
         "username = \"a:b\"\npassword = \"pw\"\n",

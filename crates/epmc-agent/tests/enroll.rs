@@ -132,12 +132,21 @@ async fn connect_with(config: &Path, enrolled: &Enrolled, server: &Server, proxy
     assert_eq!(c.server.url.host, "localhost");
     assert_eq!(c.server.url.port, server.mqtt_addr().port());
     assert!(c.targets.is_empty());
-    let tls = TlsIdentity::from_files(&c.server.ca_cert, &c.server.client_cert, &c.server.client_key)
-        .expect("the written files make a TLS identity");
+    let tls = TlsIdentity::from_files(
+        &c.server.ca_cert,
+        &c.server.client_cert,
+        &c.server.client_key,
+    )
+    .expect("the written files make a TLS identity");
     let id = enrolled.agent_id.to_string();
     let mut options = if proxy {
         let p = c.proxy.as_ref().expect("the proxy is configured");
-        MqttOptions::via_proxy(p.to_http_proxy(), &c.server.url.host, c.server.url.port, &id)
+        MqttOptions::via_proxy(
+            p.to_http_proxy(),
+            &c.server.url.host,
+            c.server.url.port,
+            &id,
+        )
     } else {
         assert!(c.proxy.is_none());
         MqttOptions::new(server.mqtt_addr(), &c.server.url.host, &id)
@@ -191,9 +200,9 @@ async fn enrolls_writes_a_working_configuration_and_refuses_to_overwrite_it() {
     // The server knows the agent under the name given.
     let agents = f.server.store().admin().agents(None).await.unwrap();
     assert!(
-        agents
-            .iter()
-            .any(|a| a.id.to_string() == enrolled.agent_id.to_string() && a.name == "Room 101 agent"),
+        agents.iter().any(
+            |a| a.id.to_string() == enrolled.agent_id.to_string() && a.name == "Room 101 agent"
+        ),
         "{agents:?}"
     );
 
@@ -217,7 +226,9 @@ async fn enrolls_writes_a_working_configuration_and_refuses_to_overwrite_it() {
     // With --force it is replaced by a new identity that works too.
     let mut forced = f.options(&f.token(3600).await, &dir);
     forced.force = true;
-    let second = within("enroll --force", enroll(&forced)).await.expect("re-enrolled");
+    let second = within("enroll --force", enroll(&forced))
+        .await
+        .expect("re-enrolled");
     assert_ne!(second.agent_id, enrolled.agent_id);
     assert_ne!(std::fs::read(dir.join("agent.key")).unwrap(), before[2]);
     connect_with(&second.config, &second, &f.server, false).await;
@@ -267,7 +278,10 @@ async fn forged_used_and_expired_tokens_are_refused_with_the_servers_message() {
     let e = within("forged", enroll(&f.options(&forged, &dir)))
         .await
         .unwrap_err();
-    assert!(matches!(e, EnrollError::TokenRefused { status: 403, .. }), "{e}");
+    assert!(
+        matches!(e, EnrollError::TokenRefused { status: 403, .. }),
+        "{e}"
+    );
     assert!(
         e.to_string().contains("unknown, already used, or expired"),
         "{e}"
@@ -276,9 +290,12 @@ async fn forged_used_and_expired_tokens_are_refused_with_the_servers_message() {
 
     // Used: the first enrollment takes it, the second is refused.
     let token = f.token(3600).await;
-    within("first", enroll(&f.options(&token, &out.path().join("first"))))
-        .await
-        .expect("first use");
+    within(
+        "first",
+        enroll(&f.options(&token, &out.path().join("first"))),
+    )
+    .await
+    .expect("first use");
     let dir = out.path().join("reused");
     let e = within("reused", enroll(&f.options(&token, &dir)))
         .await
@@ -296,7 +313,10 @@ async fn forged_used_and_expired_tokens_are_refused_with_the_servers_message() {
     assert_empty(&dir);
     let events = f.security_events().await;
     assert_eq!(
-        events.iter().filter(|k| *k == "enroll_token_refused").count(),
+        events
+            .iter()
+            .filter(|k| *k == "enroll_token_refused")
+            .count(),
         3,
         "{events:?}"
     );
@@ -317,7 +337,9 @@ async fn an_unreachable_server_is_named_and_nothing_is_written() {
     )
     .parse()
     .unwrap();
-    let server: ServerAddress = format!("https://127.0.0.1:{}", gone.port()).parse().unwrap();
+    let server: ServerAddress = format!("https://127.0.0.1:{}", gone.port())
+        .parse()
+        .unwrap();
     let mut options = EnrollOptions::new(server, token, out.path().join("agent"));
     options.timeout = Duration::from_secs(5);
     let e = within("enroll", enroll(&options)).await.unwrap_err();
@@ -373,7 +395,10 @@ async fn enrolls_and_connects_through_an_http_proxy() {
     assert!(matches!(e, EnrollError::Unreachable { .. }), "{e}");
     let text = e.to_string();
     assert!(
-        text.contains(&format!("through the HTTP proxy 127.0.0.1:{}", proxy.addr.port())),
+        text.contains(&format!(
+            "through the HTTP proxy 127.0.0.1:{}",
+            proxy.addr.port()
+        )),
         "{text}"
     );
     assert!(text.contains("proxy authorization required"), "{text}");
@@ -388,13 +413,19 @@ async fn enrolls_and_connects_through_an_http_proxy() {
         credentials: Some(ProxyCredentials::new("enroller", "tunnel-pw").unwrap()),
     });
     let enrolled = within("enroll", enroll(&options)).await.expect("enrolled");
-    let https = format!("CONNECT localhost:{} HTTP/1.1", f.server.https_addr().port());
+    let https = format!(
+        "CONNECT localhost:{} HTTP/1.1",
+        f.server.https_addr().port()
+    );
     let tunnels = proxy.tunnels();
     assert!(tunnels >= 2, "the CA fetch and the enrollment: {tunnels}");
     connect_with(&enrolled.config, &enrolled, &f.server, true).await;
     assert_eq!(proxy.tunnels(), tunnels + 1, "MQTT went through the proxy");
     let requests = proxy.requests();
-    assert!(requests.iter().filter(|r| **r == https).count() >= 2, "{requests:?}");
+    assert!(
+        requests.iter().filter(|r| **r == https).count() >= 2,
+        "{requests:?}"
+    );
     assert_eq!(
         requests.last().unwrap(),
         &format!("CONNECT localhost:{} HTTP/1.1", f.server.mqtt_addr().port())
@@ -403,8 +434,9 @@ async fn enrolls_and_connects_through_an_http_proxy() {
     let p = c.proxy.unwrap();
     assert_eq!(
         p.to_http_proxy(),
-        HttpProxy::new("127.0.0.1", proxy.addr.port())
-            .with_credentials(Some(ProxyCredentials::new("enroller", "tunnel-pw").unwrap()))
+        HttpProxy::new("127.0.0.1", proxy.addr.port()).with_credentials(Some(
+            ProxyCredentials::new("enroller", "tunnel-pw").unwrap()
+        ))
     );
 }
 
@@ -471,7 +503,10 @@ async fn the_command_line_enrolls_and_explains_failures() {
     .await;
     let e = String::from_utf8(e).unwrap();
     assert_eq!(code, 1);
-    assert!(e.contains("--token: the enrollment token's secret must be 48"), "{e}");
+    assert!(
+        e.contains("--token: the enrollment token's secret must be 48"),
+        "{e}"
+    );
     assert!(!e.contains(&secret_bit), "{e}");
     assert!(!out.path().join("bad").exists());
 

@@ -334,8 +334,7 @@ impl ProxyCredentials {
 
 /// Standard base64 with padding (RFC 4648 section 4), for the Basic credentials.
 fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
         let b = [
@@ -536,12 +535,11 @@ impl HttpProxy {
         if end > MAX_PROXY_HEADER {
             return Err(ProxyError::HeaderTooLarge { proxy });
         }
-        let (status, reason) = parse_status_line(&header[..end]).map_err(|detail| {
-            ProxyError::Garbage {
+        let (status, reason) =
+            parse_status_line(&header[..end]).map_err(|detail| ProxyError::Garbage {
                 proxy: proxy.clone(),
                 detail,
-            }
-        })?;
+            })?;
         match status {
             200..=299 if end == header.len() => Ok(stream),
             200..=299 => Err(ProxyError::Garbage {
@@ -581,7 +579,10 @@ fn parse_status_line(header: &[u8]) -> Result<(u16, String), String> {
     let mut parts = line.splitn(3, ' ');
     let version = parts.next().unwrap_or("");
     if !matches!(version, "HTTP/1.1" | "HTTP/1.0") {
-        return Err(format!("the status line {:?} is not HTTP/1.x", truncate(line)));
+        return Err(format!(
+            "the status line {:?} is not HTTP/1.x",
+            truncate(line)
+        ));
     }
     let code = parts.next().unwrap_or("");
     let status = code
@@ -1203,6 +1204,9 @@ mod tests {
         assert_eq!(o.tunnel_target(), "epmc.example:8883");
         let o = MqttOptions::via_proxy(HttpProxy::new("proxy", 3128), "::1", 443, "a");
         assert_eq!(o.tunnel_target(), "[::1]:443");
-        assert_eq!(o.proxy.as_ref().map(HttpProxy::authority).as_deref(), Some("proxy:3128"));
+        assert_eq!(
+            o.proxy.as_ref().map(HttpProxy::authority).as_deref(),
+            Some("proxy:3128")
+        );
     }
 }

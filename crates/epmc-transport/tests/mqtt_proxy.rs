@@ -2,9 +2,9 @@
 //! Mosquitto: the tunnel carries the whole TLS session; credentials, refusals and broken
 //! proxies give clear errors.
 
-mod support;
 #[path = "support/http_proxy.rs"]
 mod http_proxy;
+mod support;
 
 use std::time::Duration;
 
@@ -49,10 +49,12 @@ async fn publishes_through_a_tunnel_with_credentials() {
     let proxy = ConnectProxy::start(Behaviour::RequireAuth(AGENT_AUTH)).await;
     // The server identity reads the agent's telemetry directly.
     let server_opts = broker.options(SERVER);
-    let (server, _, mut server_in) =
-        within(MqttClient::connect(&server_opts, &broker.ca.identity(SERVER)))
-            .await
-            .unwrap();
+    let (server, _, mut server_in) = within(MqttClient::connect(
+        &server_opts,
+        &broker.ca.identity(SERVER),
+    ))
+    .await
+    .unwrap();
     within(server.subscribe(&[(&t("telemetry"), QoS::AtLeastOnce)]))
         .await
         .unwrap();
@@ -89,12 +91,18 @@ async fn missing_or_wrong_credentials_are_named() {
         "{e:?}"
     );
     let text = e.to_string();
-    assert!(text.contains("refused the credentials of user \"agent\""), "{text}");
+    assert!(
+        text.contains("refused the credentials of user \"agent\""),
+        "{text}"
+    );
     assert!(text.contains("407"), "{text}");
     assert!(!text.contains("wrong"), "the password is not shown: {text}");
 
     let e = connect_err(&broker, &via(&broker, &proxy, None)).await;
-    assert!(matches!(e, ProxyError::AuthenticationRequired { .. }), "{e:?}");
+    assert!(
+        matches!(e, ProxyError::AuthenticationRequired { .. }),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("requires authentication"), "{e}");
     assert_eq!(proxy.tunnels(), 0);
     assert_eq!(proxy.requests().len(), 2);
@@ -110,8 +118,10 @@ async fn refusing_and_broken_proxies_are_clear_errors() {
         "{e:?}"
     );
     assert!(
-        e.to_string()
-            .contains(&format!("refused to connect to localhost:{}", broker.addr.port())),
+        e.to_string().contains(&format!(
+            "refused to connect to localhost:{}",
+            broker.addr.port()
+        )),
         "{e}"
     );
 
@@ -142,8 +152,10 @@ async fn refusing_and_broken_proxies_are_clear_errors() {
     let e = connect_err(&broker, &options).await;
     assert!(matches!(e, ProxyError::Unreachable { .. }), "{e:?}");
     assert!(
-        e.to_string()
-            .contains(&format!("cannot reach the HTTP proxy 127.0.0.1:{}", gone.port())),
+        e.to_string().contains(&format!(
+            "cannot reach the HTTP proxy 127.0.0.1:{}",
+            gone.port()
+        )),
         "{e}"
     );
 
@@ -184,12 +196,8 @@ async fn a_session_reconnects_through_the_proxy() {
 
     // A session whose proxy refuses reports why.
     let refusing = ConnectProxy::start(Behaviour::Refuse("403 Forbidden")).await;
-    let session = MqttSession::start(
-        via(&broker, &refusing, None),
-        broker.ca.identity(A),
-        &[],
-    )
-    .unwrap();
+    let session =
+        MqttSession::start(via(&broker, &refusing, None), broker.ca.identity(A), &[]).unwrap();
     assert!(!session.wait_connected(Duration::from_millis(1500)).await);
     let stats = session.stats();
     assert!(stats.failures >= 1);

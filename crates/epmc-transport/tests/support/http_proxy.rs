@@ -196,7 +196,11 @@ async fn serve(
             inbound.write_all(b"HTTP/1.1 200 OK\r\n").await?;
             // Bounded: 64 KiB of header lines at most, then hold the connection.
             for _ in 0..1024 {
-                if inbound.write_all(b"X-Filler: 0123456789abcdef0123456789abcdef0123456789abcdef\r\n").await.is_err() {
+                if inbound
+                    .write_all(b"X-Filler: 0123456789abcdef0123456789abcdef0123456789abcdef\r\n")
+                    .await
+                    .is_err()
+                {
                     return Ok(());
                 }
             }
