@@ -134,8 +134,13 @@ pub struct EnrollArgs {
     #[arg(long, value_name = "URL", value_parser = parse_server)]
     pub server: ServerAddress,
     /// The one-time enrollment token (epmc1.<id>.<secret>.<ca-sha256>) from
-    /// `epmc-server token create`.
-    #[arg(long, value_name = "TOKEN")]
+    /// `epmc-server token create`. From the environment, it stays out of the process list.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "EPMC_ENROLL_TOKEN",
+        hide_env_values = true
+    )]
     pub token: String,
     /// Where to write ca.crt, agent.crt, agent.key and agent.toml (created owner-only if
     /// missing).
@@ -151,7 +156,13 @@ pub struct EnrollArgs {
     #[arg(long, value_name = "USER", requires_all = ["proxy", "proxy_password"])]
     pub proxy_user: Option<String>,
     /// Password for the proxy.
-    #[arg(long, value_name = "PW", requires = "proxy_user")]
+    #[arg(
+        long,
+        value_name = "PW",
+        requires = "proxy_user",
+        env = "EPMC_PROXY_PASSWORD",
+        hide_env_values = true
+    )]
     pub proxy_password: Option<String>,
     /// Replace an existing enrollment in DIR.
     #[arg(long)]

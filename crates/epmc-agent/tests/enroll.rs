@@ -510,6 +510,50 @@ async fn the_command_line_enrolls_and_explains_failures() {
     assert!(!e.contains(&secret_bit), "{e}");
     assert!(!out.path().join("bad").exists());
 
+    // Through a proxy that wants credentials, given on the command line.
+    let proxy = ConnectProxy::start(Behaviour::RequireAuth(PROXY_AUTH)).await;
+    let dir = out.path().join("via-proxy");
+    let (mut o, mut e) = (Vec::new(), Vec::new());
+    let code = run(
+        cli(&[
+            "epmc-agent",
+            "enroll",
+            "--server",
+            &f.server_url(),
+            "--token",
+            &f.token(3600).await,
+            "--dir",
+            dir.to_str().unwrap(),
+            "--proxy",
+            &proxy.url(),
+            "--proxy-user",
+            "enroller",
+            "--proxy-password",
+            "tunnel-pw",
+        ]),
+        &mut o,
+        &mut e,
+    )
+    .await;
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&e));
+    assert!(proxy.tunnels() >= 2);
+    let c = AgentConfig::load(&dir.join("agent.toml")).unwrap();
+    let creds = c.proxy.unwrap().credentials.unwrap();
+    assert_eq!(
+        (creds.username(), creds.password()),
+        ("enroller", "tunnel-pw")
+    );
+    // A proxy password needs a user, a user needs a proxy.
+    for args in [
+        &["--proxy", "http://127.0.0.1:1", "--proxy-password", "x"][..],
+        &["--proxy-user", "u", "--proxy-password", "x"][..],
+    ] {
+        let mut argv = vec!["epmc-agent", "enroll", "--server", "https://localhost:1"];
+        argv.extend(["--token", &token]);
+        argv.extend(args);
+        assert!(Cli::try_parse_from(&argv).is_err(), "{args:?}");
+    }
+
     // A bad server URL is refused by the parser.
     assert!(
         Cli::try_parse_from([
