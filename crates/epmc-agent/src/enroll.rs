@@ -306,6 +306,19 @@ pub enum EnrollError {
         /// Why, with its causes.
         detail: String,
     },
+    /// The server did not present a certificate from the pinned CA when the token was to be
+    /// sent (someone else answers at that address); the token was not sent.
+    #[error(
+        "{server} did not present a certificate from the pinned CA (sha256 {ca}): {detail}; the token was not sent"
+    )]
+    UntrustedServer {
+        /// The server's URL.
+        server: String,
+        /// The pinned CA's fingerprint.
+        ca: Fingerprint,
+        /// What TLS said.
+        detail: String,
+    },
     /// The CA the server presented is not the one the token names.
     #[error(
         "the server's CA certificate (sha256 {actual}) is not the one the enrollment token names (sha256 {expected}); the token was not sent. Check --server, or ask for a token from this server"
@@ -390,6 +403,7 @@ pub async fn enroll(options: &EnrollOptions) -> Result<Enrolled, EnrollError> {
     let untrusted = http_client(options, None)?;
     let ca_pem = fetch(
         options,
+        None,
         untrusted.get(options.server.url("/api/v1/ca")),
         "the CA certificate",
     )
@@ -419,6 +433,7 @@ pub async fn enroll(options: &EnrollOptions) -> Result<Enrolled, EnrollError> {
     };
     let body = fetch(
         options,
+        Some(actual),
         pinned
             .post(options.server.url("/api/v1/enroll"))
             .json(&EnrollRequest {
@@ -565,10 +580,32 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// The certificate problem rustls found, if that is why `e` happened. The rustls error sits
+/// inside `io::Error`s (which do not list what they wrap as their source).
+fn certificate_problem(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(tls @ rustls::Error::InvalidCertificate(_)) = e.downcast_ref::<rustls::Error>()
+        {
+            return Some(tls.to_string());
+        }
+        next = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    None
+}
+
 /// Sends `request`; returns the body of a 2xx answer (at most [`MAX_ANSWER`] bytes) or the
-/// error the status and the server's message mean.
+/// error the status and the server's message mean. With `pinned`, the connection trusts only
+/// that CA, and a certificate it did not issue is [`EnrollError::UntrustedServer`].
 async fn fetch(
     options: &EnrollOptions,
+    pinned: Option<Fingerprint>,
     request: reqwest::RequestBuilder,
     what: &str,
 ) -> Result<Vec<u8>, EnrollError> {
@@ -581,7 +618,13 @@ async fn fetch(
         ),
     };
     let failed = |e: reqwest::Error| {
-        if e.is_timeout() {
+        if let (Some(ca), Some(detail)) = (pinned, certificate_problem(&e)) {
+            EnrollError::UntrustedServer {
+                server: options.server.url(""),
+                ca,
+                detail,
+            }
+        } else if e.is_timeout() {
             EnrollError::Unreachable {
                 what: target(),
                 detail: format!("no answer for {what} within {:?}", options.timeout),
