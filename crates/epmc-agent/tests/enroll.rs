@@ -223,6 +223,22 @@ async fn enrolls_writes_a_working_configuration_and_refuses_to_overwrite_it() {
         .collect();
     assert_eq!(before, after);
 
+    // --force with a token the server refuses leaves the enrollment as it was.
+    let forged = EnrollmentToken::generate(f.fingerprint())
+        .unwrap()
+        .to_token_string();
+    let mut refused = f.options(&forged, &dir);
+    refused.force = true;
+    let e = within("enroll --force, refused", enroll(&refused))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, EnrollError::TokenRefused { .. }), "{e}");
+    let unchanged: Vec<Vec<u8>> = FILES
+        .iter()
+        .map(|n| std::fs::read(dir.join(n)).unwrap())
+        .collect();
+    assert_eq!(before, unchanged);
+
     // With --force it is replaced by a new identity that works too.
     let mut forced = f.options(&f.token(3600).await, &dir);
     forced.force = true;
