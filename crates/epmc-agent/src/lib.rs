@@ -9,8 +9,8 @@
 //! - [`enroll`]: enrollment with a one-time token: the CA pinned from the token's
 //!   fingerprint, the key made locally, the certificate checked, the files written all or
 //!   nothing.
-//! - [`cli`]: the `epmc-agent` command line (`collect --once`, `discover`, `check`,
-//!   `enroll`); the binary only sets up logging and calls it.
+//! - [`cli`]: the `epmc-agent` command line (`collect --once`, `discover`, `check`, `run`,
+//!   `status`, `enroll`); the binary only sets up logging and calls it.
 //!
 //! Not here yet (see `DESIGN.md`): the scheduler and device tasks, IMEVENT forwarding, the
 //! server connection, orders and self-update.
@@ -23,4 +23,6 @@ pub mod collect;
 pub mod config;
 pub mod discover;
 pub mod enroll;
+pub mod identity;
+pub mod service;
 pub mod sweep;

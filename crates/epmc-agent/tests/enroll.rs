@@ -446,7 +446,26 @@ async fn enrolls_and_connects_through_an_http_proxy() {
         requests.last().unwrap(),
         &format!("CONNECT localhost:{} HTTP/1.1", f.server.mqtt_addr().port())
     );
+    // The service started on that configuration reaches the server through the proxy too.
     let c = AgentConfig::load(&enrolled.config).unwrap();
+    let before = proxy.tunnels();
+    let service = epmc_agent::service::Service::start(
+        c.clone(),
+        epmc_agent::service::ServiceOptions::new(dir.join("state")),
+    )
+    .await
+    .expect("the service starts");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !service.connected() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        service.connected(),
+        "the service connected through the proxy"
+    );
+    assert_eq!(service.agent_id(), enrolled.agent_id);
+    assert_eq!(proxy.tunnels(), before + 1);
+    within("stop", service.stop()).await;
     let p = c.proxy.unwrap();
     assert_eq!(
         p.to_http_proxy(),
