@@ -63,7 +63,6 @@ impl DeviceTask {
     ) -> DeviceTask {
         let now = Instant::now();
         DeviceTask {
-            ctx,
             endpoint,
             jobs_rx,
             jobs: VecDeque::new(),
@@ -72,8 +71,13 @@ impl DeviceTask {
             reachable: None,
             next_status: now + start_in,
             // A full collection on the first contact: the server learns what the device is.
-            next_full: now + start_in,
+            next_full: if ctx.full_on_first_contact {
+                now + start_in
+            } else {
+                now + ctx.schedule.full_collection_interval
+            },
             first_done: false,
+            ctx,
         }
     }
 
@@ -134,18 +138,17 @@ impl DeviceTask {
                 continue;
             }
             self.take_queued();
-            let permit = self.ctx.permits.clone().acquire_owned().await;
-            let connected = self.connect().await;
-            match connected {
-                Ok(mut p) => {
+            let ctx = self.ctx.clone();
+            let session = ctx
+                .talking(async {
+                    let mut p = self.connect().await?;
                     self.work(&mut p, None).await;
-                    drop(permit);
-                    p.close().await;
-                }
-                Err(e) => {
-                    drop(permit);
-                    self.failed(e).await;
-                }
+                    Ok(p)
+                })
+                .await;
+            match session {
+                Ok(p) => p.close().await,
+                Err(e) => self.failed(e).await,
             }
             self.mark_first_done();
         }
@@ -158,10 +161,8 @@ impl DeviceTask {
                 return;
             }
             self.take_queued();
-            let connected = {
-                let _permit = self.ctx.permits.clone().acquire_owned().await;
-                self.connect().await
-            };
+            let ctx = self.ctx.clone();
+            let connected = ctx.talking(self.connect()).await;
             let mut p = match connected {
                 Ok(p) => p,
                 Err(e) => {
@@ -206,10 +207,8 @@ impl DeviceTask {
                     },
                     _ = tokio::time::sleep_until(until) => {
                         self.take_queued();
-                        let ok = {
-                            let _permit = self.ctx.permits.clone().acquire_owned().await;
-                            self.work(&mut p, None).await
-                        };
+                        let ctx = self.ctx.clone();
+                        let ok = ctx.talking(self.work(&mut p, None)).await;
                         if !ok {
                             break;
                         }
@@ -307,6 +306,7 @@ impl DeviceTask {
         self.ctx.status.update(self.endpoint.addr, |e| {
             e.status = Some(status);
             e.last_contact = Some(Timestamp::now().unix());
+            e.reads += 1;
         });
     }
 
@@ -391,6 +391,7 @@ impl DeviceTask {
                 Reach::Failed(e.to_string())
             };
             s.failures = failures;
+            s.failed_attempts += 1;
         });
         let interval = self.ctx.schedule.status_interval;
         let pause = interval.saturating_mul(1 << (self.failures - 1).min(3));

@@ -74,6 +74,13 @@ pub struct ServiceOptions {
     pub forward_retry: Duration,
     /// The first reads are spread over this long (so a big fleet does not start in step).
     pub spread_start: Duration,
+    /// A projector still being talked to after this long gives up its place among the
+    /// `concurrency` slots and goes on waiting outside them, so silent or very slow
+    /// projectors wait in parallel instead of holding up the rest of a round.
+    pub slow_grace: Duration,
+    /// Whether the first contact with a projector is a full collection (the server then knows
+    /// what the device is at once) rather than a status read.
+    pub full_on_first_contact: bool,
 }
 
 impl ServiceOptions {
@@ -88,6 +95,8 @@ impl ServiceOptions {
             exceptions_every: Duration::from_secs(60),
             forward_retry: Duration::from_secs(1),
             spread_start: Duration::from_secs(2),
+            slow_grace: Duration::from_millis(500),
+            full_on_first_contact: true,
         }
     }
 }
@@ -241,9 +250,24 @@ pub(crate) struct Ctx {
     stop: watch::Receiver<bool>,
     order_retry: Duration,
     mode: Mode,
+    slow_grace: Duration,
+    full_on_first_contact: bool,
 }
 
 impl Ctx {
+    /// Runs `f` (talking to a projector) in one of the `concurrency` slots; after
+    /// [`ServiceOptions::slow_grace`] it gives the slot up and finishes outside.
+    async fn talking<F: std::future::Future>(&self, f: F) -> F::Output {
+        let permit = self.permits.clone().acquire_owned().await;
+        tokio::pin!(f);
+        tokio::select! {
+            out = &mut f => return out,
+            () = tokio::time::sleep(self.slow_grace) => {}
+        }
+        drop(permit);
+        f.await
+    }
+
     /// Queues a message; a failure is logged and kept in the exception log (the outbox only
     /// refuses when it is full of more important messages, or its disk fails).
     async fn publish(&self, message: Message) {
@@ -445,6 +469,8 @@ impl Service {
             stop: stop_rx,
             order_retry: options.order_retry,
             mode: config.mode,
+            slow_grace: options.slow_grace,
+            full_on_first_contact: options.full_on_first_contact,
         });
 
         let mut devices = JoinSet::new();
@@ -465,6 +491,8 @@ impl Service {
                 status: None,
                 last_contact: None,
                 failures: 0,
+                reads: 0,
+                failed_attempts: 0,
             });
             let start_in = options
                 .spread_start

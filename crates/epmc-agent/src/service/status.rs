@@ -48,6 +48,12 @@ pub struct TargetStatus {
     pub last_contact: Option<i64>,
     /// Consecutive failed attempts.
     pub failures: u32,
+    /// Successful reads (status or full) since the service started.
+    #[serde(default)]
+    pub reads: u64,
+    /// Failed attempts since the service started.
+    #[serde(default)]
+    pub failed_attempts: u64,
 }
 
 /// The whole agent screen.
