@@ -761,6 +761,18 @@ async fn run_enroll(
                 done.config.display(),
                 done.config.display()
             )?;
+            // `run` keeps its state for one agent id only (see `identity::claim_state_dir`).
+            let state = args.dir.dir.join("state");
+            if let Ok(owner) = std::fs::read_to_string(state.join("agent-id"))
+                && owner.trim() != done.agent_id.to_string()
+            {
+                writeln!(
+                    out,
+                    "note: {} holds the state of the previous agent {} (messages not yet sent, orders); `run` will refuse it: move it away first",
+                    state.display(),
+                    owner.trim()
+                )?;
+            }
             Ok(0)
         }
         Err(e) => {

@@ -506,6 +506,38 @@ async fn the_command_line_enrolls_and_explains_failures() {
     assert!(o.contains(&f.fingerprint().to_string()), "{o}");
     assert!(dir.join("agent.toml").is_file());
 
+    // Enrolling again with --force over a directory whose state belongs to the previous
+    // agent says that `run` will refuse that state.
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    std::fs::write(
+        dir.join("state/agent-id"),
+        "6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f\n",
+    )
+    .unwrap();
+    let (mut o, mut e) = (Vec::new(), Vec::new());
+    let code = run(
+        cli(&[
+            "epmc-agent",
+            "enroll",
+            "--server",
+            &f.server_url(),
+            "--token",
+            &f.token(3600).await,
+            "--dir",
+            dir.to_str().unwrap(),
+            "--force",
+        ]),
+        &mut o,
+        &mut e,
+    )
+    .await;
+    let o = String::from_utf8(o).unwrap();
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&e));
+    assert!(
+        o.contains("holds the state of the previous agent 6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f"),
+        "{o}"
+    );
+
     // The check command accepts what was written.
     let (mut o, mut e) = (Vec::new(), Vec::new());
     let config = dir.join("agent.toml");
