@@ -15,8 +15,11 @@ use epmc_proto::{Envelope, Message};
 use escvp::net::Password;
 
 use crate::collect::{CollectOptions, Collected, collect_all};
+use crate::config::ProxyUrl;
 use crate::config::{AgentConfig, Endpoint, MAX_TOTAL_ADDRESSES, Mode, SessionMode, TargetSpec};
 use crate::discover::{ProbeOutcome, discover};
+use crate::enroll::{EnrollOptions, EnrollProxy, ServerAddress, Token, enroll};
+use epmc_transport::client::ProxyCredentials;
 
 /// EPMC-rs agent: discovers Epson projectors on the LAN and collects their data.
 #[derive(Debug, Parser)]
@@ -40,6 +43,8 @@ pub enum Command {
     Run(RunArgs),
     /// Show the agent screen: every target with its power, source, errors and last contact.
     Status(StatusArgs),
+    /// Enroll with a server: make a key, get a certificate, write the configuration.
+    Enroll(EnrollArgs),
 }
 
 /// The agent's directory: `agent.toml`, its certificates, and `state/`.
@@ -164,6 +169,64 @@ pub struct CheckArgs {
     pub config: PathBuf,
 }
 
+/// `enroll`.
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    /// The server's enrollment endpoint, https://HOST[:PORT].
+    #[arg(long, value_name = "URL", value_parser = parse_server)]
+    pub server: ServerAddress,
+    /// The one-time enrollment token (epmc1.<id>.<secret>.<ca-sha256>) from
+    /// `epmc-server token create`. From the environment, it stays out of the process list.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "EPMC_ENROLL_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: String,
+    /// Where to write ca.crt, agent.crt, agent.key and agent.toml (created owner-only if
+    /// missing): the directory `run` reads.
+    #[command(flatten)]
+    pub dir: DirArgs,
+    /// A name for this agent on the server (default: its id).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Go through this HTTP proxy (CONNECT), http://HOST:PORT; also written to agent.toml.
+    #[arg(long, value_name = "URL", value_parser = parse_proxy)]
+    pub proxy: Option<ProxyUrl>,
+    /// User name for the proxy (Basic authentication).
+    #[arg(long, value_name = "USER", requires_all = ["proxy", "proxy_password"])]
+    pub proxy_user: Option<String>,
+    /// Password for the proxy.
+    #[arg(
+        long,
+        value_name = "PW",
+        requires = "proxy_user",
+        env = "EPMC_PROXY_PASSWORD",
+        hide_env_values = true
+    )]
+    pub proxy_password: Option<String>,
+    /// Replace an existing enrollment in DIR.
+    #[arg(long)]
+    pub force: bool,
+    /// Seconds each request to the server may take.
+    #[arg(long, value_name = "S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub timeout_s: u64,
+}
+
+fn parse_server(s: &str) -> Result<ServerAddress, String> {
+    s.parse()
+}
+
+fn parse_proxy(s: &str) -> Result<ProxyUrl, String> {
+    let (host, port) = crate::config::parse_url(s.trim(), "http", None)?;
+    Ok(ProxyUrl {
+        host,
+        port,
+        credentials: None,
+    })
+}
+
 fn parse_spec(s: &str) -> Result<TargetSpec, String> {
     s.parse::<TargetSpec>().map_err(|e| e.to_string())
 }
@@ -187,6 +250,7 @@ pub async fn run(cli: Cli, out: &mut impl Write, err: &mut impl Write) -> u8 {
         Command::Collect(a) => run_collect(a, out, err).await,
         Command::Discover(a) => run_discover(a, out, err).await,
         Command::Check(a) => run_check(a, out, err),
+        Command::Enroll(a) => run_enroll(a, out, err).await,
         Command::Run(a) => run_service(a, err).await,
         Command::Status(a) => run_status(a, out, err),
     };
@@ -648,4 +712,72 @@ pub fn write_status(
         )?;
     }
     Ok(())
+}
+
+async fn run_enroll(
+    args: EnrollArgs,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> std::io::Result<u8> {
+    let token: Token = match args.token.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            writeln!(err, "epmc-agent enroll: --token: {e}")?;
+            return Ok(1);
+        }
+    };
+    let credentials = match (&args.proxy_user, &args.proxy_password) {
+        (Some(u), Some(p)) => match ProxyCredentials::new(u, p) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                writeln!(err, "epmc-agent enroll: --proxy-user/--proxy-password: {e}")?;
+                return Ok(1);
+            }
+        },
+        _ => None,
+    };
+    let mut options = EnrollOptions::new(args.server, token, &args.dir.dir);
+    options.name = args.name;
+    options.force = args.force;
+    options.timeout = Duration::from_secs(args.timeout_s);
+    options.proxy = args.proxy.map(|url| EnrollProxy { url, credentials });
+    match enroll(&options).await {
+        Ok(done) => {
+            let dir = args.dir.dir.display();
+            writeln!(
+                out,
+                "enrolled as agent {} (server CA sha256 {})",
+                done.agent_id, done.ca_fingerprint
+            )?;
+            writeln!(
+                out,
+                "wrote {dir}/ca.crt, {dir}/agent.crt, {dir}/agent.key and {}; MQTT server {}",
+                done.config.display(),
+                done.mqtt
+            )?;
+            writeln!(
+                out,
+                "next: add the projectors to {} ([[target]] sections), check it with `epmc-agent check --config {}`, then start it with `epmc-agent run --dir {dir}`",
+                done.config.display(),
+                done.config.display()
+            )?;
+            // `run` keeps its state for one agent id only (see `identity::claim_state_dir`).
+            let state = args.dir.dir.join("state");
+            if let Ok(owner) = std::fs::read_to_string(state.join("agent-id"))
+                && owner.trim() != done.agent_id.to_string()
+            {
+                writeln!(
+                    out,
+                    "note: {} holds the state of the previous agent {} (messages not yet sent, orders); `run` will refuse it: move it away first",
+                    state.display(),
+                    owner.trim()
+                )?;
+            }
+            Ok(0)
+        }
+        Err(e) => {
+            writeln!(err, "epmc-agent enroll: {e}")?;
+            Ok(1)
+        }
+    }
 }

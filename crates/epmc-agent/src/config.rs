@@ -14,8 +14,10 @@
 //! client_cert = "/etc/epmc-agent/agent.pem"
 //! client_key = "/etc/epmc-agent/agent.key"
 //!
-//! [proxy]                        # optional
+//! [proxy]                        # optional: the server is reached through it (HTTP CONNECT)
 //! url = "http://proxy.example.com:3128"
+//! username = "agent"             # optional Basic credentials (both or neither)
+//! password = "proxy-pw"
 //!
 //! [[target]]
 //! address = "192.168.10.21"      # ADDR[:PORT] (port 3629 by default)
@@ -41,6 +43,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use epmc_transport::client::{CredentialsError, HttpProxy, ProxyCredentials};
 use escvp::net::{DEFAULT_PORT, Password};
 use serde::Deserialize;
 use toml::Spanned;
@@ -487,16 +490,29 @@ pub struct ServerUrl {
     pub port: u16,
 }
 
-/// An HTTP proxy URL: `http://HOST:PORT`.
+/// An HTTP proxy: `url = "http://HOST:PORT"` and optional `username`/`password` (Basic).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxyUrl {
     /// Host name or address.
     pub host: String,
     /// Port.
     pub port: u16,
+    /// Basic credentials (`username` and `password` in the `[proxy]` section).
+    pub credentials: Option<ProxyCredentials>,
 }
 
-fn parse_url(text: &str, scheme: &str, default_port: Option<u16>) -> Result<(String, u16), String> {
+impl ProxyUrl {
+    /// The proxy as the MQTT client takes it ([`epmc_transport::client::MqttOptions::proxy`]).
+    pub fn to_http_proxy(&self) -> HttpProxy {
+        HttpProxy::new(&self.host, self.port).with_credentials(self.credentials.clone())
+    }
+}
+
+pub(crate) fn parse_url(
+    text: &str,
+    scheme: &str,
+    default_port: Option<u16>,
+) -> Result<(String, u16), String> {
     let rest = text
         .strip_prefix(scheme)
         .and_then(|r| r.strip_prefix("://"))
@@ -545,7 +561,11 @@ impl<'de> Deserialize<'de> for ProxyUrl {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         let (host, port) = parse_url(&s, "http", None).map_err(serde::de::Error::custom)?;
-        Ok(ProxyUrl { host, port })
+        Ok(ProxyUrl {
+            host,
+            port,
+            credentials: None,
+        })
     }
 }
 
@@ -615,6 +635,42 @@ struct RawServer {
 #[serde(deny_unknown_fields)]
 struct RawProxy {
     url: ProxyUrl,
+    username: Option<Spanned<String>>,
+    password: Option<Spanned<String>>,
+}
+
+impl RawProxy {
+    fn validate(self, text: &str) -> Result<ProxyUrl, ConfigError> {
+        let mut url = self.url;
+        url.credentials = match (self.username, self.password) {
+            (None, None) => None,
+            (Some(u), None) => {
+                return Err(ConfigError::at(
+                    text,
+                    Some(u.span()),
+                    "proxy username without a password: give both or neither",
+                ));
+            }
+            (None, Some(p)) => {
+                return Err(ConfigError::at(
+                    text,
+                    Some(p.span()),
+                    "proxy password without a username: give both or neither",
+                ));
+            }
+            (Some(u), Some(p)) => Some(ProxyCredentials::new(u.get_ref(), p.get_ref()).map_err(
+                |e| {
+                    let span = match e {
+                        CredentialsError::ControlCharacter("password")
+                        | CredentialsError::TooLong("password") => p.span(),
+                        _ => u.span(),
+                    };
+                    ConfigError::at(text, Some(span), e.to_string())
+                },
+            )?),
+        };
+        Ok(url)
+    }
 }
 
 #[derive(Deserialize)]
@@ -790,7 +846,7 @@ impl AgentConfig {
                 full_collection_interval: full,
             },
             server,
-            proxy: raw.proxy.map(|p| p.url),
+            proxy: raw.proxy.map(|p| p.validate(text)).transpose()?,
             targets,
         })
     }
@@ -840,13 +896,14 @@ impl AgentConfig {
         }
         #[cfg(unix)]
         if let Some(file) = file
-            && self.targets.iter().any(|t| t.password.is_some())
+            && (self.targets.iter().any(|t| t.password.is_some())
+                || self.proxy.as_ref().is_some_and(|p| p.credentials.is_some()))
             && let Ok(meta) = std::fs::metadata(file)
         {
             use std::os::unix::fs::PermissionsExt;
             if meta.permissions().mode() & 0o004 != 0 {
                 notes.push(format!(
-                    "{} holds projector passwords and is readable by every user: chmod o-r",
+                    "{} holds passwords and is readable by every user: chmod o-r",
                     file.display()
                 ));
             }

@@ -6,11 +6,14 @@
 //!   (`DeviceSnapshot`, `FullCollection`); failures are typed (busy, password, timeout,
 //!   garbage, dropped, refused).
 //! - [`discover`]: a bounded-concurrency TCP sweep of the configured addresses.
-//! - [`cli`]: the `epmc-agent` command line (`collect --once`, `discover`, `check`); the
-//!   binary only sets up logging and calls it.
+//! - [`enroll`]: enrollment with a one-time token: the CA pinned from the token's
+//!   fingerprint, the key made locally, the certificate checked, the files written all or
+//!   nothing.
+//! - [`cli`]: the `epmc-agent` command line (`collect --once`, `discover`, `check`, `run`,
+//!   `status`, `enroll`); the binary only sets up logging and calls it.
 //!
 //! Not here yet (see `DESIGN.md`): the scheduler and device tasks, IMEVENT forwarding, the
-//! server connection, orders, enrollment and self-update.
+//! server connection, orders and self-update.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -19,6 +22,7 @@ pub mod cli;
 pub mod collect;
 pub mod config;
 pub mod discover;
+pub mod enroll;
 pub mod identity;
 pub mod service;
 pub mod sweep;

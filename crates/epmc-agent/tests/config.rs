@@ -412,6 +412,63 @@ fn load_names_the_file() {
 }
 
 #[test]
+fn proxy_credentials_are_read_and_checked_with_their_line() {
+    let with = |extra: &str| {
+        GOOD.replacen(
+            "url = \"http://proxy.example.com:3128\"\n",
+            &format!("url = \"http://proxy.example.com:3128\"\n{extra}"),
+            1,
+        )
+    };
+    let c =
+        AgentConfig::parse(&with("username = \"agent\"\npassword = \"p:w d\"\n")).expect("valid");
+    let p = c.proxy.expect("proxy");
+    let creds = p.credentials.as_ref().expect("credentials");
+    assert_eq!((creds.username(), creds.password()), ("agent", "p:w d"));
+    let http = p.to_http_proxy();
+    assert_eq!((http.host.as_str(), http.port), ("proxy.example.com", 3128));
+    assert_eq!(http.credentials.as_ref(), Some(creds));
+    assert!(
+        !format!("{p:?}").contains("p:w d"),
+        "Debug hides the password"
+    );
+    // Without credentials.
+    let p = AgentConfig::parse(GOOD).unwrap().proxy.unwrap();
+    assert_eq!(p.credentials, None);
+    assert_eq!(p.to_http_proxy().credentials, None);
+
+    let refused = |extra: &str, line: usize, words: &[&str]| {
+        let err = AgentConfig::parse(&with(extra)).expect_err(extra);
+        assert_eq!(err.line, Some(line), "{extra:?}: {err}");
+        for w in words {
+            assert!(err.message.contains(w), "{extra:?}: {err}");
+        }
+    };
+    refused(
+        "username = \"agent\"\n",
+        17,
+        &["username without a password"],
+    );
+    refused("password = \"pw\"\n", 17, &["password without a username"]);
+    refused(
+        "username = \"a:b\"\npassword = \"pw\"\n",
+        17,
+        &["may not contain ':'"],
+    );
+    refused(
+        "username = \"agent\"\npassword = \"p\\u0000w\"\n",
+        18,
+        &["password", "control character"],
+    );
+    refused(
+        "username = \"\"\npassword = \"pw\"\n",
+        17,
+        &["user name is empty"],
+    );
+    refused("user = \"agent\"\n", 17, &["user"]);
+}
+
+#[test]
 fn the_shipped_example_is_valid() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("agent.example.toml");
     let c = AgentConfig::load(&path).expect("agent.example.toml is valid");

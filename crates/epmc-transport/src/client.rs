@@ -13,6 +13,11 @@
 //!   more than [`MqttOptions::incoming_window`] unacknowledged QoS 1 deliveries (a broker
 //!   ignoring its own in-flight limit) end the connection with a protocol error, and QoS 0
 //!   publishes beyond that many waiting are dropped (at most once, as QoS 0 allows).
+//! - Optionally through an HTTP proxy ([`HttpProxy`], [`MqttOptions::proxy`]): the client
+//!   opens TCP to the proxy, asks it to `CONNECT` to the server (with Basic credentials when
+//!   given), checks for a 2xx answer (headers bounded by [`MAX_PROXY_HEADER`], within the
+//!   connect timeout), then does TLS end to end through the tunnel; the proxy sees only
+//!   ciphertext.
 //! - [`crate::session::MqttSession`] keeps one connected (reconnecting with back-off and
 //!   re-subscribing) and is the agent's [`crate::Uplink`] and [`crate::OrderSource`].
 
@@ -187,8 +192,13 @@ pub struct MqttOptions {
     pub incoming_window: usize,
     /// Largest packet sent or accepted.
     pub max_packet: usize,
-    /// TCP + TLS + CONNACK must complete within this.
+    /// TCP + TLS + CONNACK must complete within this (and the proxy's answer, with a proxy).
     pub connect_timeout: Duration,
+    /// An HTTP proxy to tunnel through (`CONNECT`), or `None` to connect directly. Through a
+    /// proxy the client asks it to connect to [`MqttOptions::server_name`] at the port of
+    /// [`MqttOptions::addr`]; the proxy resolves the name, so `addr`'s IP is not used (see
+    /// [`MqttOptions::via_proxy`]).
+    pub proxy: Option<HttpProxy>,
 }
 
 impl MqttOptions {
@@ -206,8 +216,389 @@ impl MqttOptions {
             incoming_window: 1000,
             max_packet: DEFAULT_MAX_PACKET,
             connect_timeout: Duration::from_secs(10),
+            proxy: None,
         }
     }
+
+    /// Options for a connection through `proxy` to `server_name:port`, with the defaults of
+    /// [`MqttOptions::new`]. The proxy resolves `server_name`, so the agent needs no DNS
+    /// answer for it (behind a proxy there is often none); [`MqttOptions::addr`] is set to
+    /// the unspecified address with that port and only its port is used.
+    pub fn via_proxy(proxy: HttpProxy, server_name: &str, port: u16, client_id: &str) -> Self {
+        let mut options = MqttOptions::new(
+            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)),
+            server_name,
+            client_id,
+        );
+        options.proxy = Some(proxy);
+        options
+    }
+
+    /// What the proxy is asked to connect to: `server_name:port` (an IPv6 address in
+    /// brackets).
+    pub fn tunnel_target(&self) -> String {
+        authority(&self.server_name, self.addr.port())
+    }
+}
+
+fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Largest proxy answer header read (status line and headers together).
+pub const MAX_PROXY_HEADER: usize = 8 * 1024;
+
+/// Basic credentials for an HTTP proxy. `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyCredentials {
+    username: String,
+    password: String,
+}
+
+impl std::fmt::Debug for ProxyCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyCredentials")
+            .field("username", &self.username)
+            .field("password", &"[hidden]")
+            .finish()
+    }
+}
+
+/// Why proxy credentials were refused before use.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CredentialsError {
+    /// The user name is empty.
+    #[error("the proxy user name is empty")]
+    EmptyUsername,
+    /// The user name contains `:` (Basic authentication separates it from the password with
+    /// one).
+    #[error("the proxy user name may not contain ':'")]
+    ColonInUsername,
+    /// A control character in the user name or password.
+    #[error("the proxy {0} contains a control character")]
+    ControlCharacter(&'static str),
+    /// Longer than [`ProxyCredentials::MAX_LEN`] bytes.
+    #[error("the proxy {0} is longer than {max} bytes", max = ProxyCredentials::MAX_LEN)]
+    TooLong(&'static str),
+}
+
+impl ProxyCredentials {
+    /// Longest user name or password accepted, in bytes.
+    pub const MAX_LEN: usize = 256;
+
+    /// Checks and wraps a user name and password for Basic authentication.
+    pub fn new(username: &str, password: &str) -> Result<Self, CredentialsError> {
+        if username.is_empty() {
+            return Err(CredentialsError::EmptyUsername);
+        }
+        if username.contains(':') {
+            return Err(CredentialsError::ColonInUsername);
+        }
+        for (what, v) in [("user name", username), ("password", password)] {
+            if v.len() > Self::MAX_LEN {
+                return Err(CredentialsError::TooLong(what));
+            }
+            if v.chars().any(char::is_control) {
+                return Err(CredentialsError::ControlCharacter(what));
+            }
+        }
+        Ok(ProxyCredentials {
+            username: username.to_owned(),
+            password: password.to_owned(),
+        })
+    }
+
+    /// The user name.
+    pub fn username(&self) -> &str {
+        &self.username
+    }
+
+    /// The password.
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// The `Proxy-Authorization` header value: `Basic base64(user:password)`.
+    fn header_value(&self) -> String {
+        format!(
+            "Basic {}",
+            base64(format!("{}:{}", self.username, self.password).as_bytes())
+        )
+    }
+}
+
+/// Standard base64 with padding (RFC 4648 section 4), for the Basic credentials.
+fn base64(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// An HTTP proxy that connections tunnel through with `CONNECT` (RFC 9110 section 9.3.6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpProxy {
+    /// The proxy's host name or address.
+    pub host: String,
+    /// The proxy's port.
+    pub port: u16,
+    /// Basic credentials, sent with the `CONNECT` when present.
+    pub credentials: Option<ProxyCredentials>,
+}
+
+/// Why a tunnel through an HTTP proxy could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// The proxy could not be reached (TCP).
+    #[error("cannot reach the HTTP proxy {proxy}: {source}")]
+    Unreachable {
+        /// `host:port` of the proxy.
+        proxy: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The proxy wants credentials (407) and none were configured.
+    #[error(
+        "the HTTP proxy {proxy} requires authentication (407 {reason}); configure a user name and password for it"
+    )]
+    AuthenticationRequired {
+        /// `host:port` of the proxy.
+        proxy: String,
+        /// The reason phrase it gave.
+        reason: String,
+    },
+    /// The proxy refused the configured credentials (407).
+    #[error("the HTTP proxy {proxy} refused the credentials of user {username:?} (407 {reason})")]
+    CredentialsRefused {
+        /// `host:port` of the proxy.
+        proxy: String,
+        /// The user name sent.
+        username: String,
+        /// The reason phrase it gave.
+        reason: String,
+    },
+    /// The proxy answered with another non-2xx status (403: not allowed to go there, 502:
+    /// could not reach the server, ...).
+    #[error("the HTTP proxy {proxy} refused to connect to {target}: {status} {reason}")]
+    Refused {
+        /// `host:port` of the proxy.
+        proxy: String,
+        /// What it was asked to connect to.
+        target: String,
+        /// The status code.
+        status: u16,
+        /// The reason phrase.
+        reason: String,
+    },
+    /// The answer is not HTTP.
+    #[error("the HTTP proxy {proxy} did not answer with HTTP: {detail}")]
+    Garbage {
+        /// `host:port` of the proxy.
+        proxy: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The answer's header exceeded [`MAX_PROXY_HEADER`].
+    #[error("the HTTP proxy {proxy} sent a header longer than {MAX_PROXY_HEADER} bytes")]
+    HeaderTooLarge {
+        /// `host:port` of the proxy.
+        proxy: String,
+    },
+    /// The proxy closed the connection before answering completely.
+    #[error("the HTTP proxy {proxy} closed the connection before answering the CONNECT")]
+    Closed {
+        /// `host:port` of the proxy.
+        proxy: String,
+    },
+    /// No complete answer within the timeout.
+    #[error("the HTTP proxy {proxy} did not answer the CONNECT within {timeout:?}")]
+    TimedOut {
+        /// `host:port` of the proxy.
+        proxy: String,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// Reading or writing failed after the connection was open.
+    #[error("talking to the HTTP proxy {proxy}: {source}")]
+    Io {
+        /// `host:port` of the proxy.
+        proxy: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl HttpProxy {
+    /// A proxy without credentials.
+    pub fn new(host: &str, port: u16) -> Self {
+        HttpProxy {
+            host: host.to_owned(),
+            port,
+            credentials: None,
+        }
+    }
+
+    /// Sets the credentials.
+    pub fn with_credentials(mut self, credentials: Option<ProxyCredentials>) -> Self {
+        self.credentials = credentials;
+        self
+    }
+
+    /// `host:port` of the proxy.
+    pub fn authority(&self) -> String {
+        authority(&self.host, self.port)
+    }
+
+    /// Opens a tunnel to `target` (`host:port`): TCP to the proxy, `CONNECT target`, a 2xx
+    /// answer; all within `timeout`. The stream returned carries the caller's bytes to
+    /// `target` and back.
+    pub async fn connect(&self, target: &str, timeout: Duration) -> Result<TcpStream, ProxyError> {
+        tokio::time::timeout(timeout, self.connect_inner(target))
+            .await
+            .map_err(|_| ProxyError::TimedOut {
+                proxy: self.authority(),
+                timeout,
+            })?
+    }
+
+    async fn connect_inner(&self, target: &str) -> Result<TcpStream, ProxyError> {
+        let proxy = self.authority();
+        let io = |source| ProxyError::Io {
+            proxy: proxy.clone(),
+            source,
+        };
+        if target.is_empty() || target.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{target:?} is not a host:port to CONNECT to"),
+            )));
+        }
+        let mut stream = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|source| ProxyError::Unreachable {
+                proxy: proxy.clone(),
+                source,
+            })?;
+        stream.set_nodelay(true).map_err(io)?;
+        let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+        if let Some(c) = &self.credentials {
+            request.push_str("Proxy-Authorization: ");
+            request.push_str(&c.header_value());
+            request.push_str("\r\n");
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).await.map_err(io)?;
+        // Read up to the end of the header. TLS speaks first from our side, so a proxy that
+        // followed the protocol has sent nothing after its header yet.
+        let mut header = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 1024];
+        let end = loop {
+            let n = stream.read(&mut chunk).await.map_err(io)?;
+            if n == 0 {
+                return Err(ProxyError::Closed { proxy });
+            }
+            let from = header.len().saturating_sub(3);
+            header.extend_from_slice(&chunk[..n]);
+            if let Some(i) = header[from..].windows(4).position(|w| w == b"\r\n\r\n") {
+                break from + i + 4;
+            }
+            if header.len() > MAX_PROXY_HEADER {
+                return Err(ProxyError::HeaderTooLarge { proxy });
+            }
+            if !header.starts_with(&b"HTTP/"[..header.len().min(5)]) {
+                return Err(ProxyError::Garbage {
+                    proxy,
+                    detail: "the answer does not start with HTTP/".into(),
+                });
+            }
+        };
+        if end > MAX_PROXY_HEADER {
+            return Err(ProxyError::HeaderTooLarge { proxy });
+        }
+        let (status, reason) =
+            parse_status_line(&header[..end]).map_err(|detail| ProxyError::Garbage {
+                proxy: proxy.clone(),
+                detail,
+            })?;
+        match status {
+            200..=299 if end == header.len() => Ok(stream),
+            200..=299 => Err(ProxyError::Garbage {
+                proxy,
+                detail: format!(
+                    "{} bytes after the {status} answer, before the TLS handshake",
+                    header.len() - end
+                ),
+            }),
+            407 => Err(match &self.credentials {
+                None => ProxyError::AuthenticationRequired { proxy, reason },
+                Some(c) => ProxyError::CredentialsRefused {
+                    proxy,
+                    username: c.username.clone(),
+                    reason,
+                },
+            }),
+            status => Err(ProxyError::Refused {
+                proxy,
+                target: target.to_owned(),
+                status,
+                reason,
+            }),
+        }
+    }
+}
+
+/// `HTTP/1.x NNN reason` from the first line of `header`: the status code and the reason
+/// phrase (sanitised, at most 100 characters).
+fn parse_status_line(header: &[u8]) -> Result<(u16, String), String> {
+    let line_end = header
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .unwrap_or(header.len());
+    let line = std::str::from_utf8(&header[..line_end])
+        .map_err(|_| "the status line is not text".to_owned())?;
+    let mut parts = line.splitn(3, ' ');
+    let version = parts.next().unwrap_or("");
+    if !matches!(version, "HTTP/1.1" | "HTTP/1.0") {
+        return Err(format!(
+            "the status line {:?} is not HTTP/1.x",
+            truncate(line)
+        ));
+    }
+    let code = parts.next().unwrap_or("");
+    let status = code
+        .parse::<u16>()
+        .ok()
+        .filter(|c| code.len() == 3 && (100..=599).contains(c))
+        .ok_or_else(|| format!("the status line {:?} has no status code", truncate(line)))?;
+    let reason = parts.next().unwrap_or("").trim();
+    Ok((status, truncate(reason)))
+}
+
+fn truncate(s: &str) -> String {
+    s.chars()
+        .take(100)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// Connection errors.
@@ -221,6 +612,9 @@ pub enum MqttError {
     /// The server name is not a valid DNS name or IP address.
     #[error("invalid server name {0:?}")]
     ServerName(String),
+    /// The HTTP proxy could not open a tunnel to the server.
+    #[error("{0}")]
+    Proxy(#[from] ProxyError),
     /// CONNACK refused.
     #[error("CONNECT refused: {0:?}")]
     Refused(ConnectReturn),
@@ -286,7 +680,8 @@ impl PendingAck {
 }
 
 impl MqttClient {
-    /// Connects: TCP, TLS (pinned CA, name check, client certificate), CONNECT, CONNACK.
+    /// Connects: TCP (or a tunnel through [`MqttOptions::proxy`]), TLS (pinned CA, name
+    /// check, client certificate), CONNECT, CONNACK.
     /// Returns the client, whether the broker resumed a session, and the receiver of incoming
     /// publishes, in arrival order. Each QoS 1 publish is acknowledged only by its
     /// [`ReceivedOrder::ack`]; one dropped unacknowledged comes again after a reconnection
@@ -318,7 +713,14 @@ impl MqttClient {
         connect
             .encode(&mut out, options.max_packet)
             .map_err(MqttError::Unsendable)?;
-        let tcp = TcpStream::connect(options.addr).await?;
+        let tcp = match &options.proxy {
+            None => TcpStream::connect(options.addr).await?,
+            Some(proxy) => {
+                proxy
+                    .connect(&options.tunnel_target(), options.connect_timeout)
+                    .await?
+            }
+        };
         tcp.set_nodelay(true)?;
         let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
         let mut stream = connector.connect(name, tcp).await?;
@@ -732,5 +1134,79 @@ impl Driver {
                 "a packet only a client sends",
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_known_answers() {
+        // RFC 4648 section 10.
+        for (plain, encoded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(plain.as_bytes()), encoded, "{plain:?}");
+        }
+        // RFC 7617 section 2.
+        let c = ProxyCredentials::new("Aladdin", "open sesame").unwrap();
+        assert_eq!(c.header_value(), "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
+        assert!(!format!("{c:?}").contains("sesame"));
+    }
+
+    #[test]
+    fn credentials_are_checked() {
+        assert_eq!(
+            ProxyCredentials::new("", "x"),
+            Err(CredentialsError::EmptyUsername)
+        );
+        assert_eq!(
+            ProxyCredentials::new("a:b", "x"),
+            Err(CredentialsError::ColonInUsername)
+        );
+        assert_eq!(
+            ProxyCredentials::new("a", "x\r\nHost: evil"),
+            Err(CredentialsError::ControlCharacter("password"))
+        );
+        assert_eq!(
+            ProxyCredentials::new(&"u".repeat(257), "x"),
+            Err(CredentialsError::TooLong("user name"))
+        );
+        assert!(ProxyCredentials::new("user", "p:a:s").is_ok());
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(
+            parse_status_line(b"HTTP/1.1 200 Connection established\r\n\r\n"),
+            Ok((200, "Connection established".into()))
+        );
+        assert_eq!(
+            parse_status_line(b"HTTP/1.0 407\r\n\r\n"),
+            Ok((407, String::new()))
+        );
+        assert!(parse_status_line(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+        assert!(parse_status_line(b"HTTP/1.1 20 OK\r\n\r\n").is_err());
+        assert!(parse_status_line(b"HTTP/1.1 2000 OK\r\n\r\n").is_err());
+        assert!(parse_status_line(b"HTTP/1.1 abc OK\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn tunnel_targets_bracket_ipv6() {
+        let o = MqttOptions::new("127.0.0.1:8883".parse().unwrap(), "epmc.example", "a");
+        assert_eq!(o.tunnel_target(), "epmc.example:8883");
+        let o = MqttOptions::via_proxy(HttpProxy::new("proxy", 3128), "::1", 443, "a");
+        assert_eq!(o.tunnel_target(), "[::1]:443");
+        assert_eq!(
+            o.proxy.as_ref().map(HttpProxy::authority).as_deref(),
+            Some("proxy:3128")
+        );
     }
 }

@@ -460,15 +460,27 @@ impl Service {
         identity::claim_state_dir(&options.state_dir, &agent)?;
         let tls = TlsIdentity::from_files(&server.ca_cert, &server.client_cert, &server.client_key)
             .map_err(|e| ServiceError::Tls(e.to_string()))?;
-        let addr = tokio::net::lookup_host((server.url.host.as_str(), server.url.port))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|mut a| a.next().ok_or_else(|| "no address".to_owned()))
-            .map_err(|detail| ServiceError::Resolve {
-                host: server.url.host.clone(),
-                port: server.url.port,
-                detail,
-            })?;
+        // Through a proxy, the proxy resolves the server's name (often the agent cannot).
+        let mut mqtt = match &config.proxy {
+            Some(proxy) => MqttOptions::via_proxy(
+                proxy.to_http_proxy(),
+                &server.url.host,
+                server.url.port,
+                &agent.to_string(),
+            ),
+            None => {
+                let addr = tokio::net::lookup_host((server.url.host.as_str(), server.url.port))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut a| a.next().ok_or_else(|| "no address".to_owned()))
+                    .map_err(|detail| ServiceError::Resolve {
+                        host: server.url.host.clone(),
+                        port: server.url.port,
+                        detail,
+                    })?;
+                MqttOptions::new(addr, &server.url.host, &agent.to_string())
+            }
+        };
 
         let outbox_dir = options.state_dir.join("outbox");
         let outbox = Outbox::open(&outbox_dir, Limits::default())
@@ -478,8 +490,11 @@ impl Service {
             Journal::open(&journal_dir).map_err(|e| state_err(&journal_dir, e.to_string()))?;
         let restart_orders = journal.pending();
 
-        let mut mqtt = MqttOptions::new(addr, &server.url.host, &agent.to_string());
         mqtt.keep_alive = options.keep_alive;
+        let route = match &mqtt.proxy {
+            Some(proxy) => format!("{} via proxy {}", mqtt.tunnel_target(), proxy.authority()),
+            None => mqtt.addr.to_string(),
+        };
         let orders_topic = topic::orders(&agent);
         let session = Arc::new(
             MqttSession::start(mqtt, tls, &[(orders_topic.as_str(), QoS::AtLeastOnce)])
@@ -548,7 +563,7 @@ impl Service {
             options.state_dir.clone(),
             options.status_every,
         ));
-        tracing::info!(%agent, %addr, "agent service started");
+        tracing::info!(%agent, server = %route, "agent service started");
         Ok(Service {
             ctx,
             stop: stop_tx,
