@@ -6,11 +6,13 @@
 //!   (`DeviceSnapshot`, `FullCollection`); failures are typed (busy, password, timeout,
 //!   garbage, dropped, refused).
 //! - [`discover`]: a bounded-concurrency TCP sweep of the configured addresses.
+//! - [`update`]: self-update from a signed (ed25519) release manifest: verified, never a
+//!   downgrade, installed atomically, rolled back when the new binary fails its self-test.
 //! - [`cli`]: the `epmc-agent` command line (`collect --once`, `discover`, `check`); the
 //!   binary only sets up logging and calls it.
 //!
 //! Not here yet (see `DESIGN.md`): the scheduler and device tasks, IMEVENT forwarding, the
-//! server connection, orders, enrollment and self-update.
+//! server connection, orders and enrollment.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -20,3 +22,4 @@ pub mod collect;
 pub mod config;
 pub mod discover;
 pub mod sweep;
+pub mod update;
