@@ -476,7 +476,11 @@ async fn run_update(
     if args.check {
         return match updater.check().await {
             Ok(Check::NotPublished) => {
-                writeln!(out, "no release is published for {}", crate::update::BUILD_TARGET)?;
+                writeln!(
+                    out,
+                    "no release is published for {}",
+                    crate::update::BUILD_TARGET
+                )?;
                 Ok(0)
             }
             Ok(Check::UpToDate { current, published }) => {
@@ -490,10 +494,6 @@ async fn run_update(
                     manifest.version(),
                     manifest.size()
                 )?;
-                Ok(0)
-            }
-            Ok(other) => {
-                writeln!(out, "{other:?}")?;
                 Ok(0)
             }
             Err(e) => {
@@ -518,7 +518,11 @@ async fn run_update(
     };
     match updater.update(&binary, &test).await {
         Ok(UpdateOutcome::NotPublished) => {
-            writeln!(out, "no release is published for {}", crate::update::BUILD_TARGET)?;
+            writeln!(
+                out,
+                "no release is published for {}",
+                crate::update::BUILD_TARGET
+            )?;
             Ok(0)
         }
         Ok(UpdateOutcome::Installed { from, installed }) => {
@@ -529,10 +533,6 @@ async fn run_update(
                 installed.binary.display(),
                 installed.previous.display()
             )?;
-            Ok(0)
-        }
-        Ok(other) => {
-            writeln!(out, "{other:?}")?;
             Ok(0)
         }
         Err(UpdateError::NotNewer { current, offered }) if current == offered => {

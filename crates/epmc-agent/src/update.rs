@@ -306,7 +306,8 @@ impl Updater {
             client,
             base: url.to_string(),
             public_key,
-            target: TargetTriple::new(BUILD_TARGET).map_err(|e| UpdateError::Setup(e.to_string()))?,
+            target: TargetTriple::new(BUILD_TARGET)
+                .map_err(|e| UpdateError::Setup(e.to_string()))?,
             current: running_version(),
         })
     }
@@ -323,12 +324,7 @@ impl Updater {
         let ca = fs::read(ca_path).map_err(|e| {
             UpdateError::Setup(format!("the pinned server CA {}: {e}", ca_path.display()))
         })?;
-        Updater::new(
-            &update.url,
-            &ca,
-            update.public_key,
-            config.proxy.as_ref(),
-        )
+        Updater::new(&update.url, &ca, update.public_key, config.proxy.as_ref())
     }
 
     /// Compares releases with `version` instead of the running version.
@@ -738,10 +734,11 @@ fn link_or_copy(from: &Path, tmp: &Path, to: &Path) -> Result<(), UpdateError> {
             .and_then(|f| f.sync_all())
             .map_err(io_err(tmp))?;
     }
-    fs::rename(tmp, to).map_err(|e| {
-        let _ = fs::remove_file(tmp);
-        io_err(to)(e)
-    })
+    let renamed = fs::rename(tmp, to).map_err(io_err(to));
+    // rename() leaves `tmp` in place when both already name the same file (as `binary` and
+    // `.previous` do after a rollback); either way it must not stay.
+    let _ = fs::remove_file(tmp);
+    renamed
 }
 
 fn sync_dir(dir: &Path) -> Result<(), UpdateError> {
@@ -783,8 +780,12 @@ fn run_self_test(binary: &Path, version: ReleaseVersion, test: &SelfTest) -> Res
         }
     };
     // A grandchild may hold the pipes open: wait a moment for the output, no longer.
-    let out = stdout.recv_timeout(Duration::from_secs(1)).unwrap_or_default();
-    let err = stderr.recv_timeout(Duration::from_secs(1)).unwrap_or_default();
+    let out = stdout
+        .recv_timeout(Duration::from_secs(1))
+        .unwrap_or_default();
+    let err = stderr
+        .recv_timeout(Duration::from_secs(1))
+        .unwrap_or_default();
     let status = status?;
     let err_tail = err.trim();
     if !status.success() {
@@ -895,7 +896,10 @@ mod tests {
     #[test]
     fn self_test_passes_in_this_build() {
         let line = self_test(None).unwrap();
-        assert!(line.starts_with(&format!("epmc-agent {} ", running_version())), "{line}");
+        assert!(
+            line.starts_with(&format!("epmc-agent {} ", running_version())),
+            "{line}"
+        );
     }
 
     fn staged_files(dir: &Path) -> Vec<String> {
@@ -938,7 +942,14 @@ mod tests {
         r.accept(&content[..15]).unwrap();
         let e = r.finish().unwrap_err();
         assert!(
-            matches!(e, UpdateError::Truncated { received: 15, expected: 16, .. }),
+            matches!(
+                e,
+                UpdateError::Truncated {
+                    received: 15,
+                    expected: 16,
+                    ..
+                }
+            ),
             "{e}"
         );
         assert!(e.to_string().contains("truncated"), "{e}");

@@ -88,14 +88,9 @@ impl Fixture {
     }
 
     fn updater_at(&self, url: HttpsUrl, current: &str) -> Updater {
-        Updater::new(
-            &url,
-            self.ca_pem.as_bytes(),
-            self.key.public_key(),
-            None,
-        )
-        .unwrap()
-        .with_current_version(v(current))
+        Updater::new(&url, self.ca_pem.as_bytes(), self.key.public_key(), None)
+            .unwrap()
+            .with_current_version(v(current))
     }
 
     /// The installed "agent": `agent/epmc-agent`, a script saying "v1".
@@ -138,10 +133,7 @@ impl Fixture {
     }
 
     fn stored(&self, version: &str, file: &str) -> PathBuf {
-        self.releases()
-            .join(BUILD_TARGET)
-            .join(version)
-            .join(file)
+        self.releases().join(BUILD_TARGET).join(version).join(file)
     }
 }
 
@@ -178,7 +170,10 @@ async fn a_valid_update_installs_and_keeps_the_previous_binary() {
     let f = Fixture::start().await;
     let bin = f.installed();
     let updater = f.updater("1.0.0");
-    assert_eq!(within("check", updater.check()).await.unwrap(), Check::NotPublished);
+    assert_eq!(
+        within("check", updater.check()).await.unwrap(),
+        Check::NotPublished
+    );
 
     let new = script("v2", "epmc-agent 2.0.0 test: self-test ok", 0);
     let m = f.publish(&new, "2.0.0");
@@ -213,10 +208,7 @@ async fn a_valid_update_installs_and_keeps_the_previous_binary() {
     let again = within("update", f.updater("2.0.0").update(&bin, &quick_test()))
         .await
         .unwrap_err();
-    assert!(
-        matches!(again, UpdateError::NotNewer { .. }),
-        "{again}"
-    );
+    assert!(matches!(again, UpdateError::NotNewer { .. }), "{again}");
     f.server.shutdown().await;
 }
 
@@ -242,12 +234,18 @@ async fn a_bad_signature_is_refused() {
     let manifest = f.stored("2.0.0", "manifest.json");
     let text = std::fs::read_to_string(&manifest).unwrap();
     std::fs::write(&manifest, text.replacen("\"size\": ", "\"size\": 1", 1)).unwrap();
-    let e = within("check", f.updater("1.0.0").check()).await.unwrap_err();
+    let e = within("check", f.updater("1.0.0").check())
+        .await
+        .unwrap_err();
     assert!(matches!(e, UpdateError::Signature { .. }), "{e}");
     assert_untouched(&bin);
-    // A signature that is not even hex.
+    // The manifest restored, the signature replaced by a well-formed wrong one.
     std::fs::write(&manifest, text).unwrap();
-    std::fs::write(f.stored("2.0.0", "manifest.json.sig"), "zz\n").unwrap();
+    std::fs::write(
+        f.stored("2.0.0", "manifest.json.sig"),
+        format!("{}\n", "5a".repeat(64)),
+    )
+    .unwrap();
     let e = within("update", f.updater("1.0.0").update(&bin, &quick_test()))
         .await
         .unwrap_err();
@@ -456,7 +454,10 @@ async fn only_the_pinned_ca_is_trusted() {
     // Another server's CA pinned: the connection is refused before anything is read.
     let other = tempfile::tempdir().unwrap();
     datadir::init(&other.path().join("d"), &[]).unwrap();
-    let other_ca = datadir::load(&other.path().join("d")).unwrap().ca.cert_pem();
+    let other_ca = datadir::load(&other.path().join("d"))
+        .unwrap()
+        .ca
+        .cert_pem();
     let updater = Updater::new(&f.url(), other_ca.as_bytes(), f.key.public_key(), None)
         .unwrap()
         .with_current_version(v("1.0.0"));
@@ -585,14 +586,13 @@ async fn the_update_command_checks_then_installs() {
     assert_eq!(run(&bin), "v1");
 
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = within(
-        "update",
-        epmc_agent::cli::run(cmd(&[]), &mut out, &mut err),
-    )
-    .await;
+    let code = within("update", epmc_agent::cli::run(cmd(&[]), &mut out, &mut err)).await;
     let text = String::from_utf8_lossy(&out);
     assert_eq!(code, 0, "{}", String::from_utf8_lossy(&err));
-    assert!(text.contains(&format!("installed {next} (was {running})")), "{text}");
+    assert!(
+        text.contains(&format!("installed {next} (was {running})")),
+        "{text}"
+    );
     assert_eq!(run(&bin), "next");
 
     // A tampered signature: exit 1 and the reason.
@@ -602,11 +602,7 @@ async fn the_update_command_checks_then_installs() {
     )
     .unwrap();
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = within(
-        "update",
-        epmc_agent::cli::run(cmd(&[]), &mut out, &mut err),
-    )
-    .await;
+    let code = within("update", epmc_agent::cli::run(cmd(&[]), &mut out, &mut err)).await;
     let text = String::from_utf8_lossy(&err);
     assert_eq!(code, 1);
     assert!(text.contains("refused: signature:"), "{text}");
@@ -618,11 +614,7 @@ async fn the_update_command_checks_then_installs() {
     )
     .unwrap();
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = within(
-        "update",
-        epmc_agent::cli::run(cmd(&[]), &mut out, &mut err),
-    )
-    .await;
+    let code = within("update", epmc_agent::cli::run(cmd(&[]), &mut out, &mut err)).await;
     assert_eq!(code, 1);
     let text = String::from_utf8_lossy(&err);
     assert!(text.contains("no [update] section"), "{text}");

@@ -77,9 +77,7 @@ fn bad_sections_are_refused_with_line_and_reason() {
             "no path",
         ),
         (
-            format!(
-                "url = \"https://x\"\npublic_key = \"{KEY}\"\ncheck_interval_seconds = 60\n"
-            ),
+            format!("url = \"https://x\"\npublic_key = \"{KEY}\"\ncheck_interval_seconds = 60\n"),
             11,
             "check_interval_seconds = 60 is out of range",
         ),

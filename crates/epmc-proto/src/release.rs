@@ -177,8 +177,9 @@ fn name_ok(s: &str, max: usize, extra: &[u8]) -> bool {
     !s.is_empty()
         && s.len() <= max
         && !s.starts_with(['.', '-'])
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-' || extra.contains(&b))
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-' || extra.contains(&b)
+        })
 }
 
 macro_rules! checked_name {
@@ -555,8 +556,18 @@ mod tests {
         assert_eq!(v("1.2.3"), Ok(ReleaseVersion::new(1, 2, 3)));
         assert_eq!(v("0.10.0").unwrap().to_string(), "0.10.0");
         for bad in [
-            "", "1", "1.2", "1.2.3.4", "01.2.3", "1.02.3", "1.2.3-rc1", "1.2.+3", " 1.2.3", "a.b.c",
-            "1..3", "99999999999999999999.0.0",
+            "",
+            "1",
+            "1.2",
+            "1.2.3.4",
+            "01.2.3",
+            "1.02.3",
+            "1.2.3-rc1",
+            "1.2.+3",
+            " 1.2.3",
+            "a.b.c",
+            "1..3",
+            "99999999999999999999.0.0",
         ] {
             assert!(matches!(v(bad), Err(ReleaseError::Version(_))), "{bad:?}");
         }
@@ -570,7 +581,17 @@ mod tests {
     fn names_are_single_safe_segments() {
         assert!(TargetTriple::new("x86_64-unknown-linux-gnu").is_ok());
         assert!(TargetTriple::new("aarch64-apple-darwin").is_ok());
-        for bad in ["", "..", ".hidden", "-x", "a/b", "a\\b", "a b", "x%2f", &"a".repeat(65)] {
+        for bad in [
+            "",
+            "..",
+            ".hidden",
+            "-x",
+            "a/b",
+            "a\\b",
+            "a b",
+            "x%2f",
+            &"a".repeat(65),
+        ] {
             assert!(TargetTriple::new(bad).is_err(), "{bad:?}");
         }
         assert!(FileName::new("epmc-agent+1.2.3").is_ok());

@@ -39,8 +39,7 @@ use std::path::{Path, PathBuf};
 use aws_lc_rs::signature::{self, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
 use epmc_proto::release::{
     FileName, MAX_MANIFEST_BYTES, MAX_RELEASE_SIZE, ReleaseError as FormatError, ReleaseManifest,
-    ReleasePublicKey, ReleaseSignature, ReleaseVersion, Sha256Digest, SignedManifest,
-    TargetTriple,
+    ReleasePublicKey, ReleaseSignature, ReleaseVersion, Sha256Digest, SignedManifest, TargetTriple,
 };
 use rustls_pki_types::PrivatePkcs8KeyDer;
 use rustls_pki_types::pem::PemObject;
@@ -171,12 +170,11 @@ impl std::fmt::Debug for ReleaseKey {
 impl ReleaseKey {
     /// Generates a key; returns it with its PKCS#8 PEM form.
     pub fn generate() -> Result<(ReleaseKey, String), Error> {
-        let generated = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|e| {
-            Error::Io {
+        let generated =
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|e| Error::Io {
                 path: PathBuf::from("(new release key)"),
                 source: io::Error::other(e.to_string()),
-            }
-        })?;
+            })?;
         let pem = generated.serialize_pem();
         let key = ReleaseKey::from_pem(pem.as_bytes(), Path::new("(new release key)"))?;
         Ok((key, pem))
@@ -347,7 +345,9 @@ pub fn read_signed(manifest: &Path, signature: &Path) -> Result<SignedManifest, 
     ReleaseManifest::from_bytes(text.as_bytes()).map_err(|e| invalid(manifest, e.to_string()))?;
     let sig = read_bounded(signature, 1024)?;
     let sig = String::from_utf8(sig).map_err(|_| invalid(signature, "not UTF-8 text"))?;
-    let parsed: ReleaseSignature = sig.parse().map_err(|e: FormatError| invalid(signature, e.to_string()))?;
+    let parsed: ReleaseSignature = sig
+        .parse()
+        .map_err(|e: FormatError| invalid(signature, e.to_string()))?;
     Ok(SignedManifest {
         manifest: text,
         signature: parsed.to_string(),
@@ -575,10 +575,7 @@ fn write_new(path: &Path, content: &[u8], private: bool) -> Result<(), Error> {
 /// Replaces `path` atomically: a synced temporary file renamed over it.
 fn replace_file(path: &Path, content: &[u8]) -> Result<(), Error> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("file");
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let _ = fs::remove_file(&tmp);
     write_new(&tmp, content, false)?;
@@ -763,7 +760,11 @@ mod tests {
         let sig = key.sign(msg);
         assert!(verify(&key.public_key(), msg, &sig));
         assert!(!verify(&other.public_key(), msg, &sig));
-        assert!(!verify(&key.public_key(), b"{\"version\": \"1.0.1\"}\n", &sig));
+        assert!(!verify(
+            &key.public_key(),
+            b"{\"version\": \"1.0.1\"}\n",
+            &sig
+        ));
         let mut flipped = *sig.as_bytes();
         flipped[10] ^= 1;
         assert!(!verify(
@@ -816,7 +817,10 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
             let e = ReleaseKey::load(&path).unwrap_err();
-            assert!(matches!(e, Error::LoosePermissions { mode: 0o640, .. }), "{e}");
+            assert!(
+                matches!(e, Error::LoosePermissions { mode: 0o640, .. }),
+                "{e}"
+            );
             assert!(e.to_string().contains("chmod 600"), "{e}");
         }
     }

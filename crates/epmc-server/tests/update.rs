@@ -112,11 +112,15 @@ async fn manifest_and_binary_are_served_exactly_as_published() {
         &signed.signature().unwrap()
     ));
 
-    let (status, body) = f.get(&format!("/api/v1/update/binary/1.0.0/{TARGET}")).await;
+    let (status, body) = f
+        .get(&format!("/api/v1/update/binary/1.0.0/{TARGET}"))
+        .await;
     assert_eq!(status, 200);
     assert_eq!(body, content);
     // Served from memory the second time: the same bytes.
-    let (_, again) = f.get(&format!("/api/v1/update/binary/1.0.0/{TARGET}")).await;
+    let (_, again) = f
+        .get(&format!("/api/v1/update/binary/1.0.0/{TARGET}"))
+        .await;
     assert_eq!(again, content);
 
     // A newer release becomes the manifest served; the old binary stays reachable.
@@ -127,11 +131,15 @@ async fn manifest_and_binary_are_served_exactly_as_published() {
         ReleaseManifest::from_bytes(signed.manifest.as_bytes()).unwrap(),
         m2
     );
-    let (status, body) = f.get(&format!("/api/v1/update/binary/1.1.0/{TARGET}")).await;
+    let (status, body) = f
+        .get(&format!("/api/v1/update/binary/1.1.0/{TARGET}"))
+        .await;
     assert_eq!((status, body.as_slice()), (200, &b"version two"[..]));
 
     // Unknown version, unknown target: 404.
-    let (status, _) = f.get(&format!("/api/v1/update/binary/1.2.0/{TARGET}")).await;
+    let (status, _) = f
+        .get(&format!("/api/v1/update/binary/1.2.0/{TARGET}"))
+        .await;
     assert_eq!(status, 404);
     let (status, _) = f
         .get("/api/v1/update/manifest?target=aarch64-apple-darwin")
@@ -149,7 +157,10 @@ async fn requests_cannot_leave_the_releases_folder() {
     for (path, want) in [
         ("/api/v1/update/manifest?target=..", 400),
         ("/api/v1/update/manifest?target=%2e%2e%2f%2e%2e", 400),
-        ("/api/v1/update/manifest?target=x86_64-unknown-linux-gnu%2f1.0.0", 400),
+        (
+            "/api/v1/update/manifest?target=x86_64-unknown-linux-gnu%2f1.0.0",
+            400,
+        ),
         ("/api/v1/update/manifest", 400),
         // The client's URL parser may normalise these away (then: 404).
         ("/api/v1/update/binary/1.0.0/%2e%2e", 404),
@@ -181,11 +192,15 @@ async fn a_binary_that_no_longer_matches_its_manifest_size_is_not_served() {
         .join("1.0.0")
         .join("epmc-agent");
     std::fs::write(&stored, b"01234").unwrap();
-    let (status, body) = f.get(&format!("/api/v1/update/binary/1.0.0/{TARGET}")).await;
+    let (status, body) = f
+        .get(&format!("/api/v1/update/binary/1.0.0/{TARGET}"))
+        .await;
     assert_eq!(status, 500, "{}", String::from_utf8_lossy(&body));
     // Repaired on disk: served again (a failed read is not cached).
     std::fs::write(&stored, b"0123456789").unwrap();
-    let (status, body) = f.get(&format!("/api/v1/update/binary/1.0.0/{TARGET}")).await;
+    let (status, body) = f
+        .get(&format!("/api/v1/update/binary/1.0.0/{TARGET}"))
+        .await;
     assert_eq!((status, body.as_slice()), (200, &b"0123456789"[..]));
     f.server.shutdown().await;
 }
@@ -256,7 +271,10 @@ fn release_commands_keygen_sign_publish() {
     };
     let (code, out, err) = sign("1.2.3");
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("signed x86_64-unknown-linux-gnu 1.2.3 (18 bytes"), "{out}");
+    assert!(
+        out.contains("signed x86_64-unknown-linux-gnu 1.2.3 (18 bytes"),
+        "{out}"
+    );
     let (code, _, err) = sign("1.2");
     assert_eq!(code, 2, "clap refuses a malformed version: {err}");
     assert!(err.contains("MAJOR.MINOR.PATCH"), "{err}");
@@ -285,7 +303,10 @@ fn release_commands_keygen_sign_publish() {
     let public_s = public.to_string();
     let (code, out, err) = publish(&["--public-key", &public_s]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("published x86_64-unknown-linux-gnu 1.2.3"), "{out}");
+    assert!(
+        out.contains("published x86_64-unknown-linux-gnu 1.2.3"),
+        "{out}"
+    );
     assert!(out.contains("signature verified"), "{out}");
     let (code, _, err) = publish(&[]);
     assert_eq!(code, 1);
