@@ -756,14 +756,26 @@ const MAX_OUTPUT: usize = 4096;
 
 /// Runs `<binary> self-test ARGS`; `Err` says how it failed.
 fn run_self_test(binary: &Path, version: ReleaseVersion, test: &SelfTest) -> Result<(), String> {
-    let mut child = Command::new(binary)
+    let mut command = Command::new(binary);
+    command
         .arg(SELF_TEST_COMMAND)
         .args(&test.args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start it: {e}"))?;
+        .stderr(Stdio::piped());
+    // "Text file busy": another thread of this process forked while the new file was still
+    // open for writing, and the child has not reached exec yet. It passes within moments.
+    let mut attempts = 0;
+    let mut child = loop {
+        match command.spawn() {
+            Ok(child) => break child,
+            Err(e) if e.kind() == io::ErrorKind::ExecutableFileBusy && attempts < 50 => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(format!("cannot start it: {e}")),
+        }
+    };
     let stdout = collect(child.stdout.take());
     let stderr = collect(child.stderr.take());
     let started = Instant::now();
@@ -960,6 +972,37 @@ mod tests {
         assert!(matches!(e, UpdateError::Hash { .. }), "{e}");
         assert!(e.to_string().starts_with("hash:"), "{e}");
         assert!(staged_files(dir.path()).is_empty(), "temporary files left");
+    }
+
+    #[test]
+    fn the_signature_is_checked_before_the_manifest_is_read() {
+        // RFC 8032 section 7.1, TEST 2: a valid signature over one byte that is no manifest.
+        let key: ReleasePublicKey =
+            "ed25519:3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"
+                .parse()
+                .unwrap();
+        let sig = "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da\
+                   085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00";
+        let signed = |manifest: &str, signature: &str| SignedManifest {
+            manifest: manifest.into(),
+            signature: signature.into(),
+        };
+        assert!(matches!(
+            verify_manifest(&signed("r", sig), &key),
+            Err(UpdateError::Manifest(_))
+        ));
+        // Any other text, or a malformed or other signature: refused as a signature
+        // failure, whatever the text holds.
+        for (text, signature) in [
+            ("s", sig),
+            ("not json at all {", sig),
+            ("r", &sig[..126]),
+            ("r", "zz"),
+            ("r", ""),
+        ] {
+            let e = verify_manifest(&signed(text, signature), &key).unwrap_err();
+            assert!(matches!(e, UpdateError::Signature { .. }), "{text:?}: {e}");
+        }
     }
 
     #[test]

@@ -57,7 +57,7 @@ fn bad_sections_are_refused_with_line_and_reason() {
     // The [update] table starts on line 8 of these documents; its first key is on line 9.
     let cases = [
         (
-            format!("url = \"https://x:8443\"\npublic_key = \"ed25519:abcd\"\n"),
+            "url = \"https://x:8443\"\npublic_key = \"ed25519:abcd\"\n".to_owned(),
             10,
             "public key",
         ),
