@@ -585,7 +585,7 @@ pub struct UpdateConfig {
     pub url: HttpsUrl,
     /// The release public key; only manifests signed with it are installed.
     pub public_key: ReleasePublicKey,
-    /// How often the service looks for an update.
+    /// How often the service looks for an update ([`crate::update::Updater::watch`]).
     pub check_interval: Duration,
 }
 

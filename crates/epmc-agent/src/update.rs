@@ -480,6 +480,48 @@ impl Updater {
     }
 }
 
+impl Updater {
+    /// The service's update loop: every `interval` (the configuration's
+    /// `check_interval_seconds`), [`Updater::update`]. Returns the installation as soon as one
+    /// succeeds (the caller then restarts into the new binary), or `None` once `stop` turns
+    /// true or its sender is gone. A refusal is logged and the next round tries again.
+    pub async fn watch(
+        &self,
+        binary: &Path,
+        test: &SelfTest,
+        interval: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Option<Installed> {
+        loop {
+            if *stop.borrow() {
+                return None;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                changed = stop.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                    continue;
+                }
+            }
+            match self.update(binary, test).await {
+                Ok(UpdateOutcome::Installed { from, installed }) => {
+                    tracing::info!(%from, to = %installed.version, "agent updated");
+                    return Some(installed);
+                }
+                Ok(UpdateOutcome::NotPublished) => {
+                    tracing::debug!(target = %self.target, "no agent release published");
+                }
+                Err(UpdateError::NotNewer { current, offered }) if current == offered => {
+                    tracing::debug!(%current, "agent up to date");
+                }
+                Err(e) => tracing::warn!(error = %e, "agent update refused"),
+            }
+        }
+    }
+}
+
 fn bracket(host: &str) -> String {
     if host.contains(':') {
         format!("[{host}]")

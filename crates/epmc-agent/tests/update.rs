@@ -620,3 +620,44 @@ async fn the_update_command_checks_then_installs() {
     assert!(text.contains("no [update] section"), "{text}");
     f.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_loop_installs_a_release_when_it_appears_and_stops_on_request() {
+    let f = Fixture::start().await;
+    let bin = f.installed();
+    let updater = f.updater("1.0.0");
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let task = {
+        let bin = bin.clone();
+        tokio::spawn(async move {
+            updater
+                .watch(&bin, &quick_test(), Duration::from_millis(100), stop)
+                .await
+        })
+    };
+    // A few rounds find nothing; a refused release is skipped; a good one is installed.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(!task.is_finished());
+    let (other, _) = ReleaseKey::generate().unwrap();
+    f.publish_with(&other, &script("evil", "epmc-agent 1.5.0", 0), "1.5.0");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(!task.is_finished());
+    assert_untouched(&bin);
+    f.publish(&script("v2", "epmc-agent 2.0.0", 0), "2.0.0");
+    let installed = within("watch", task).await.unwrap().unwrap();
+    assert_eq!(installed.version, v("2.0.0"));
+    assert_eq!(run(&bin), "v2");
+    drop(stop_tx);
+
+    // Stopped: returns None without another round.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let updater = f.updater("2.0.0");
+    let task = tokio::spawn(async move {
+        updater
+            .watch(&bin, &quick_test(), Duration::from_secs(3600), stop)
+            .await
+    });
+    stop_tx.send(true).unwrap();
+    assert_eq!(within("stop", task).await.unwrap(), None);
+    f.server.shutdown().await;
+}
