@@ -21,5 +21,7 @@ pub mod cli;
 pub mod collect;
 pub mod config;
 pub mod discover;
+pub mod identity;
+pub mod service;
 pub mod sweep;
 pub mod update;

@@ -525,7 +525,7 @@ pub struct SignedManifest {
 
 impl SignedManifest {
     /// Parses the response body (at most [`MAX_SIGNED_MANIFEST_BYTES`]). The manifest inside
-    /// is not parsed: verify [`SignedManifest::signature`] first.
+    /// is not parsed: verify [`SignedManifest::signature()`] first.
     pub fn from_json(bytes: &[u8]) -> Result<SignedManifest, ReleaseError> {
         if bytes.len() > MAX_SIGNED_MANIFEST_BYTES {
             return Err(ReleaseError::TooLarge {

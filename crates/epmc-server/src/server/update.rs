@@ -2,17 +2,18 @@
 //! publish` put into the data directory's `releases/` folder ([`crate::release`]).
 //!
 //! - `GET /api/v1/update/manifest?target=TRIPLE` answers the newest release for that target
-//!   as a [`SignedManifest`] (`{"manifest": "<exact text>", "signature": "<hex>"}`), 404 when
-//!   none is published.
+//!   as an [`epmc_proto::release::SignedManifest`]
+//!   (`{"manifest": "<exact text>", "signature": "<hex>"}`), 404 when none is published.
 //! - `GET /api/v1/update/binary/{version}/{target}` answers that release's binary, 404 when it
 //!   is not published.
 //!
 //! The server holds no key: agents verify the signature with the public key they are
 //! configured with, and the SHA-256 of what they download. A binary is read (and its size
-//! checked against its manifest) once, then served from memory to every agent that asks, so a fleet updating at once shares
-//! one copy; at most [`CACHED_BINARIES`] binaries are kept. Values from the path and the query
-//! are validated before they touch the file system, so no request can reach outside
-//! `releases/`.
+//! checked against its manifest) once, then served from memory to every agent that asks, so
+//! a fleet updating at once shares one copy; at most [`CACHED_BINARIES`] binaries are kept.
+//! Values from the path and the query are validated before they touch the file system, so no
+//! request can reach outside `releases/`. Neither route asks for a client certificate: what
+//! they serve is public and signed.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
