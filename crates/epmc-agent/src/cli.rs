@@ -175,7 +175,7 @@ pub struct UpdateArgs {
     /// Only look: say whether a newer release verifies; download nothing.
     #[arg(long)]
     pub check: bool,
-    /// Directory (agent.toml with its [update] section, the pinned CA).
+    /// Directory (agent.toml with its `[update]` section, the pinned CA).
     #[command(flatten)]
     pub dir: DirArgs,
     /// The configuration file [default: DIR/agent.toml].
