@@ -45,6 +45,11 @@ pub enum Command {
     Status(StatusArgs),
     /// Enroll with a server: make a key, get a certificate, write the configuration.
     Enroll(EnrollArgs),
+    /// Install the newest signed release from the server (or, with --check, only look).
+    Update(UpdateArgs),
+    /// Check that this binary works (run by `update` on a new binary before keeping it).
+    #[command(hide = true)]
+    SelfTest(SelfTestArgs),
 }
 
 /// The agent's directory: `agent.toml`, its certificates, and `state/`.
@@ -227,6 +232,34 @@ fn parse_proxy(s: &str) -> Result<ProxyUrl, String> {
     })
 }
 
+/// `update`.
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// Only look: say whether a newer release verifies; download nothing.
+    #[arg(long)]
+    pub check: bool,
+    /// Directory (agent.toml with its `[update]` section, the pinned CA).
+    #[command(flatten)]
+    pub dir: DirArgs,
+    /// The configuration file [default: DIR/agent.toml].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The binary to replace [default: this executable].
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+    /// Seconds the new binary's self-test may take.
+    #[arg(long, value_name = "S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub self_test_timeout: u64,
+}
+
+/// `self-test`.
+#[derive(Debug, Args)]
+pub struct SelfTestArgs {
+    /// A configuration file that must load.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
 fn parse_spec(s: &str) -> Result<TargetSpec, String> {
     s.parse::<TargetSpec>().map_err(|e| e.to_string())
 }
@@ -253,6 +286,8 @@ pub async fn run(cli: Cli, out: &mut impl Write, err: &mut impl Write) -> u8 {
         Command::Enroll(a) => run_enroll(a, out, err).await,
         Command::Run(a) => run_service(a, err).await,
         Command::Status(a) => run_status(a, out, err),
+        Command::Update(a) => run_update(a, out, err).await,
+        Command::SelfTest(a) => run_self_test(a, out, err),
     };
     match result {
         Ok(code) => code,
@@ -777,6 +812,119 @@ async fn run_enroll(
         }
         Err(e) => {
             writeln!(err, "epmc-agent enroll: {e}")?;
+            Ok(1)
+        }
+    }
+}
+
+async fn run_update(
+    args: UpdateArgs,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> std::io::Result<u8> {
+    use crate::update::{Check, SelfTest, UpdateError, UpdateOutcome, Updater};
+    let config_path = args
+        .config
+        .unwrap_or_else(|| args.dir.dir.join("agent.toml"));
+    let config = match AgentConfig::load(&config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            writeln!(err, "epmc-agent update: {e}")?;
+            return Ok(1);
+        }
+    };
+    let updater = match Updater::from_config(&config) {
+        Ok(u) => u,
+        Err(e) => {
+            writeln!(err, "epmc-agent update: {}: {e}", config_path.display())?;
+            return Ok(1);
+        }
+    };
+    if args.check {
+        return match updater.check().await {
+            Ok(Check::NotPublished) => {
+                writeln!(
+                    out,
+                    "no release is published for {}",
+                    crate::update::BUILD_TARGET
+                )?;
+                Ok(0)
+            }
+            Ok(Check::UpToDate { current, published }) => {
+                writeln!(out, "up to date: running {current}, published {published}")?;
+                Ok(0)
+            }
+            Ok(Check::Available { current, manifest }) => {
+                writeln!(
+                    out,
+                    "update available: {} (running {current}), {} bytes, signature verified",
+                    manifest.version(),
+                    manifest.size()
+                )?;
+                Ok(0)
+            }
+            Err(e) => {
+                writeln!(err, "epmc-agent update: refused: {e}")?;
+                Ok(1)
+            }
+        };
+    }
+    let binary = match args.binary {
+        Some(b) => b,
+        None => match std::env::current_exe() {
+            Ok(b) => b,
+            Err(e) => {
+                writeln!(err, "epmc-agent update: cannot find this executable: {e}")?;
+                return Ok(1);
+            }
+        },
+    };
+    let test = SelfTest {
+        timeout: Duration::from_secs(args.self_test_timeout),
+        ..SelfTest::with_config(&config_path)
+    };
+    match updater.update(&binary, &test).await {
+        Ok(UpdateOutcome::NotPublished) => {
+            writeln!(
+                out,
+                "no release is published for {}",
+                crate::update::BUILD_TARGET
+            )?;
+            Ok(0)
+        }
+        Ok(UpdateOutcome::Installed { from, installed }) => {
+            writeln!(
+                out,
+                "installed {} (was {from}) at {}; the previous binary is kept as {}; restart the agent to run the new version",
+                installed.version,
+                installed.binary.display(),
+                installed.previous.display()
+            )?;
+            Ok(0)
+        }
+        Err(UpdateError::NotNewer { current, offered }) if current == offered => {
+            writeln!(out, "up to date: running {current}, published {offered}")?;
+            Ok(0)
+        }
+        Err(e) => {
+            writeln!(err, "epmc-agent update: refused: {e}")?;
+            Ok(1)
+        }
+    }
+}
+
+fn run_self_test(
+    args: SelfTestArgs,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> std::io::Result<u8> {
+    match crate::update::self_test(args.config.as_deref()) {
+        Ok(line) => {
+            writeln!(out, "{line}")?;
+            Ok(0)
+        }
+        Err(e) => {
+            writeln!(err, "epmc-agent self-test: {e}")?;
             Ok(1)
         }
     }

@@ -19,6 +19,11 @@
 //! username = "agent"             # optional Basic credentials (both or neither)
 //! password = "proxy-pw"
 //!
+//! [update]                       # optional: self-update (see the update module)
+//! url = "https://epmc.example.com:8443"   # the server's HTTPS address (443 by default)
+//! public_key = "ed25519:…"                # printed by `epmc-server release keygen`
+//! check_interval_seconds = 86400          # 3600-2592000, default 86400
+//!
 //! [[target]]
 //! address = "192.168.10.21"      # ADDR[:PORT] (port 3629 by default)
 //! password = "monitor-pw"        # ESC/VP.net password, at most 16 characters
@@ -44,6 +49,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use epmc_transport::client::{CredentialsError, HttpProxy, ProxyCredentials};
+use epmc_proto::release::{ReleaseError, ReleasePublicKey};
 use escvp::net::{DEFAULT_PORT, Password};
 use serde::Deserialize;
 use toml::Spanned;
@@ -68,6 +74,10 @@ pub const DEFAULT_FULL_INTERVAL: Duration = Duration::from_secs(86_400);
 pub const MAX_NAME_LEN: usize = 64;
 /// Longest comment (the protocol's `Text`).
 pub const MAX_COMMENT_LEN: usize = 1000;
+/// Bounds of `update.check_interval_seconds`.
+pub const UPDATE_INTERVAL_RANGE: std::ops::RangeInclusive<u64> = 3600..=2_592_000;
+/// Default `update.check_interval_seconds`.
+pub const DEFAULT_UPDATE_INTERVAL: Duration = Duration::from_secs(86_400);
 
 /// A configuration that could not be loaded: where and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -557,6 +567,44 @@ impl<'de> Deserialize<'de> for ServerUrl {
     }
 }
 
+/// The server's HTTPS address: `https://HOST[:PORT]` (port 443 by default).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpsUrl {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl fmt::Display for HttpsUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "https://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "https://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HttpsUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let (host, port) = parse_url(&s, "https", Some(443)).map_err(serde::de::Error::custom)?;
+        Ok(HttpsUrl { host, port })
+    }
+}
+
+/// The `[update]` section: where to look for agent releases and the key they are signed with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpdateConfig {
+    /// The server's HTTPS address (the same CA as `[server]` is pinned).
+    pub url: HttpsUrl,
+    /// The release public key; only manifests signed with it are installed.
+    pub public_key: ReleasePublicKey,
+    /// How often the service looks for an update ([`crate::update::Updater::watch`]).
+    pub check_interval: Duration,
+}
+
 impl<'de> Deserialize<'de> for ProxyUrl {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -595,6 +643,8 @@ pub struct AgentConfig {
     pub server: ServerConfig,
     /// HTTP proxy for the server connection.
     pub proxy: Option<ProxyUrl>,
+    /// Self-update, when configured.
+    pub update: Option<UpdateConfig>,
     /// The targets, in file order.
     pub targets: Vec<Target>,
 }
@@ -611,6 +661,7 @@ struct RawConfig {
     schedule: RawSchedule,
     server: RawServer,
     proxy: Option<RawProxy>,
+    update: Option<RawUpdate>,
     #[serde(default)]
     target: Vec<RawTarget>,
 }
@@ -671,6 +722,14 @@ impl RawProxy {
         };
         Ok(url)
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpdate {
+    url: HttpsUrl,
+    public_key: Spanned<String>,
+    check_interval_seconds: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -792,6 +851,22 @@ impl AgentConfig {
             client_cert: path_field(text, raw.server.client_cert, "client_cert")?,
             client_key: path_field(text, raw.server.client_key, "client_key")?,
         };
+        let update = match raw.update {
+            None => None,
+            Some(u) => Some(UpdateConfig {
+                url: u.url,
+                public_key: u.public_key.get_ref().parse().map_err(|e: ReleaseError| {
+                    ConfigError::at(text, Some(u.public_key.span()), e.to_string())
+                })?,
+                check_interval: bounded(
+                    text,
+                    u.check_interval_seconds,
+                    "check_interval_seconds",
+                    UPDATE_INTERVAL_RANGE,
+                )?
+                .map_or(DEFAULT_UPDATE_INTERVAL, Duration::from_secs),
+            }),
+        };
         let mut targets = Vec::with_capacity(raw.target.len());
         // Which target (by line) first claimed each address.
         let mut claimed: BTreeMap<SocketAddr, usize> = BTreeMap::new();
@@ -847,6 +922,7 @@ impl AgentConfig {
             },
             server,
             proxy: raw.proxy.map(|p| p.validate(text)).transpose()?,
+            update,
             targets,
         })
     }

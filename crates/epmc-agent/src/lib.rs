@@ -9,11 +9,12 @@
 //! - [`enroll`]: enrollment with a one-time token: the CA pinned from the token's
 //!   fingerprint, the key made locally, the certificate checked, the files written all or
 //!   nothing.
+//! - [`update`]: self-update from a signed (ed25519) release manifest: verified, never a
+//!   downgrade, installed atomically, rolled back when the new binary fails its self-test.
+//! - [`service`]: the agent service (`run`): device tasks, the durable outbox to the server,
+//!   orders journaled and executed, the agent screen.
 //! - [`cli`]: the `epmc-agent` command line (`collect --once`, `discover`, `check`, `run`,
-//!   `status`, `enroll`); the binary only sets up logging and calls it.
-//!
-//! Not here yet (see `DESIGN.md`): the scheduler and device tasks, IMEVENT forwarding, the
-//! server connection, orders and self-update.
+//!   `status`, `enroll`, `update`); the binary only sets up logging and calls it.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -26,3 +27,4 @@ pub mod enroll;
 pub mod identity;
 pub mod service;
 pub mod sweep;
+pub mod update;

@@ -41,6 +41,7 @@
 pub mod bounded;
 pub mod model;
 pub mod order;
+pub mod release;
 pub mod sample;
 pub mod topic;
 

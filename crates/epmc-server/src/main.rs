@@ -84,6 +84,11 @@ enum Command {
         #[command(subcommand)]
         command: OrderCommand,
     },
+    /// Agent releases: signing key, signed manifests, publishing (see `release --help`).
+    Release {
+        #[command(subcommand)]
+        command: epmc_server::release::ReleaseCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -223,6 +228,9 @@ fn timestamp_in(d: Duration) -> Result<Timestamp, String> {
 
 async fn run(cli: Cli) -> Result<(), String> {
     match &cli.command {
+        Command::Release { command } => command
+            .run(&cli.data, &mut std::io::stdout().lock())
+            .map_err(|e| e.to_string()),
         Command::Init { hostnames } => {
             match datadir::init(&cli.data, hostnames).map_err(|e| e.to_string())? {
                 InitOutcome::Created { ca_fingerprint } => {

@@ -27,6 +27,7 @@ use crate::ingest::{
 use crate::store::{IngestItem, IngestOutcome, Store, StoreError, StoreOptions};
 
 mod enroll;
+mod update;
 
 pub use enroll::{EnrollRequest, EnrollResponse};
 
@@ -328,8 +329,15 @@ impl Server {
                 stop_rx.clone(),
             )),
         ];
-        let (https, https_addr) =
-            enroll::serve(config.https, pki.clone(), store.clone(), mqtt_addr.port()).await?;
+        let updates = update::routes(config.data_dir.join(crate::release::RELEASES_DIR));
+        let (https, https_addr) = enroll::serve(
+            config.https,
+            pki.clone(),
+            store.clone(),
+            mqtt_addr.port(),
+            updates,
+        )
+        .await?;
         tracing::info!(%mqtt_addr, %https_addr, backend = ?store.backend(), "server started");
         Ok(Server {
             store,

@@ -153,12 +153,14 @@ async fn record(store: &Store, kind: &str, detail: &str) {
     }
 }
 
-/// Starts the HTTPS listener; returns its handle and address.
+/// Starts the HTTPS listener with the enrollment routes and `more` (the update routes);
+/// returns its handle and address.
 pub(super) async fn serve(
     addr: SocketAddr,
     pki: Arc<Pki>,
     store: Store,
     mqtt_port: u16,
+    more: Router,
 ) -> Result<(axum_server::Handle<SocketAddr>, SocketAddr), ServeError> {
     let key = pki.key()?;
     let mut config = rustls::ServerConfig::builder_with_provider(ca::crypto_provider())
@@ -177,7 +179,8 @@ pub(super) async fn serve(
         .route("/api/v1/ca", get(get_ca))
         .route("/api/v1/enroll", post(enroll))
         .layer(DefaultBodyLimit::max(64 * 1024))
-        .with_state(app);
+        .with_state(app)
+        .merge(more);
     let listener =
         std::net::TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
     let bound = listener
