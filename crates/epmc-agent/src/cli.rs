@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use epmc_proto::{Envelope, Message};
 use escvp::net::Password;
 
-use crate::collect::{CollectOptions, Collected, collect_all};
+use crate::collect::{CollectOptions, Collected, Interface, collect_all};
 use crate::config::{AgentConfig, Endpoint, MAX_TOTAL_ADDRESSES, Mode, SessionMode, TargetSpec};
 use crate::discover::{ProbeOutcome, discover};
 
@@ -75,9 +75,16 @@ pub struct CollectArgs {
     /// A projector to read (repeatable); port 3629 by default.
     #[arg(long = "target", value_name = "ADDR[:PORT]", required = true, value_parser = parse_single)]
     pub targets: Vec<SocketAddr>,
-    /// ESC/VP.net password (at most 16 characters), used for every target.
+    /// ESC/VP.net password (at most 16 characters), used for every target (and as the
+    /// HTTP Digest password of the fallback).
     #[arg(long, value_name = "PW", value_parser = parse_password)]
     pub password: Option<Password>,
+    /// Port of the HTTP json_query fallback, tried where the ESC/VP.net port is closed.
+    #[arg(long, value_name = "PORT", default_value_t = crate::config::DEFAULT_HTTP_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+    pub http_port: u16,
+    /// Never fall back to HTTP.
+    #[arg(long, conflicts_with = "http_port")]
+    pub no_http: bool,
     /// Print the epmc-proto JSON envelopes (one per line) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -165,7 +172,11 @@ async fn run_collect(
         .targets
         .iter()
         .filter(|a| seen.insert(**a))
-        .map(|a| Endpoint::new(*a).with_password(args.password.clone()))
+        .map(|a| {
+            Endpoint::new(*a)
+                .with_password(args.password.clone())
+                .with_http_port((!args.no_http).then_some(args.http_port))
+        })
         .collect();
     let results = collect_all(
         &endpoints,
@@ -177,6 +188,9 @@ async fn run_collect(
     for (endpoint, result) in endpoints.iter().zip(results) {
         match result {
             Ok(c) if args.json => {
+                if c.via != Interface::EscVpNet {
+                    writeln!(err, "{}: read over {} at {}", endpoint.addr, c.via, c.addr)?;
+                }
                 for message in [
                     Message::Snapshot(c.snapshot.clone()),
                     Message::Collection(Box::new(c.collection.clone())),
@@ -210,6 +224,7 @@ fn write_human(out: &mut impl Write, c: &Collected) -> std::io::Result<()> {
     let opt = |v: Option<String>| v.unwrap_or_else(|| absent.to_owned());
     writeln!(out, "{}  {}", c.addr, col.device_id)?;
     let rows: Vec<(&str, String)> = vec![
+        ("interface", format!("{} ({})", c.via, c.addr)),
         (
             "serial",
             opt(col.info.serial_number.as_ref().map(|s| s.to_string())),

@@ -5,7 +5,10 @@
 //! - [`collect`]: reads a projector over ESC/VP.net into `epmc-proto` messages
 //!   (`DeviceSnapshot`, `FullCollection`); failures are typed (busy, password, timeout,
 //!   garbage, dropped, refused).
-//! - [`discover`]: a bounded-concurrency TCP sweep of the configured addresses.
+//! - [`http`]: the HTTP `json_query` collector (Digest auth), the fallback where port 3629
+//!   is closed.
+//! - [`discover`]: a bounded-concurrency TCP sweep of the configured addresses, combined
+//!   with UDP HELLO.
 //! - [`cli`]: the `epmc-agent` command line (`collect --once`, `discover`, `check`); the
 //!   binary only sets up logging and calls it.
 //!
@@ -19,4 +22,5 @@ pub mod cli;
 pub mod collect;
 pub mod config;
 pub mod discover;
+pub mod http;
 pub mod sweep;
