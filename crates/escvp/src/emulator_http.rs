@@ -164,7 +164,7 @@ async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
                 }
                 Ok(None) if buf.len() >= MAX_HEAD => {
                     let r = Response::new(431, "Request Header Fields Too Large").closing();
-                    let _ = stream.write_all(&r.to_bytes(false)).await;
+                    refuse(stream, &r).await;
                     return;
                 }
                 Ok(None) => {}
@@ -172,7 +172,7 @@ async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
                     tracing::debug!(why, "bad HTTP request");
                     let mut r = Response::new(400, "Bad Request").closing();
                     r.body = why.as_bytes().to_vec();
-                    let _ = stream.write_all(&r.to_bytes(false)).await;
+                    refuse(stream, &r).await;
                     return;
                 }
             }
@@ -183,7 +183,7 @@ async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
         };
         if head.content_length > 0 {
             let r = Response::new(413, "Content Too Large").closing();
-            let _ = stream.write_all(&r.to_bytes(false)).await;
+            refuse(stream, &r).await;
             return;
         }
         // Faults, as on the ESC/VP21 side.
@@ -228,6 +228,27 @@ async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
             return;
         }
     }
+}
+
+/// Answers and closes a connection whose request was not read completely: shuts down the
+/// sending side, then reads and discards (bounded in bytes and time) so that the unread
+/// request does not turn the close into a reset that destroys the answer.
+async fn refuse(mut stream: TcpStream, response: &Response) {
+    if stream.write_all(&response.to_bytes(false)).await.is_err() {
+        return;
+    }
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let mut left: usize = 256 * 1024;
+    let drain = async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 || n >= left {
+                break;
+            }
+            left -= n;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
 }
 
 async fn write(
