@@ -16,7 +16,7 @@ use escvp::net::Password;
 
 use crate::collect::{CollectOptions, Collected, Interface, collect_all};
 use crate::config::{AgentConfig, Endpoint, MAX_TOTAL_ADDRESSES, Mode, SessionMode, TargetSpec};
-use crate::discover::{ProbeOutcome, discover};
+use crate::discover::{HelloOptions, HttpProbe, ProbeOutcome, discover_combined};
 
 /// EPMC-rs agent: discovers Epson projectors on the LAN and collects their data.
 #[derive(Debug, Parser)]
@@ -116,6 +116,19 @@ pub struct DiscoverArgs {
     /// List every address, not only those that answered ESC/VP.net.
     #[arg(long)]
     pub all: bool,
+    /// Do not send the UDP HELLO (unicast, to the same addresses and ports).
+    #[arg(long)]
+    pub no_hello: bool,
+    /// Milliseconds to wait for UDP HELLO replies.
+    #[arg(long, value_name = "MS", default_value_t = 1500, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub hello_timeout_ms: u64,
+    /// Port of the HTTP json_query interface probed where the ESC/VP.net port is closed
+    /// (for --range; a configuration file names its own).
+    #[arg(long, value_name = "PORT", default_value_t = crate::config::DEFAULT_HTTP_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+    pub http_port: u16,
+    /// Do not probe HTTP.
+    #[arg(long, conflicts_with = "http_port")]
+    pub no_http: bool,
     /// Timeouts.
     #[command(flatten)]
     pub timeouts: TimeoutArgs,
@@ -326,7 +339,14 @@ async fn run_discover(
     let mut endpoints = Vec::new();
     if let Some(path) = &args.config {
         match AgentConfig::load(path) {
-            Ok(c) => endpoints = c.endpoints(),
+            Ok(c) => {
+                endpoints = c.endpoints();
+                if args.no_http {
+                    for e in &mut endpoints {
+                        e.http_port = None;
+                    }
+                }
+            }
             Err(e) => {
                 writeln!(err, "--config: {e}")?;
                 return Ok(1);
@@ -343,40 +363,84 @@ async fn run_discover(
                     )?;
                     return Ok(1);
                 }
-                endpoints.push(Endpoint::new(addr).with_password(args.password.clone()));
+                endpoints.push(
+                    Endpoint::new(addr)
+                        .with_password(args.password.clone())
+                        .with_http_port((!args.no_http).then_some(args.http_port)),
+                );
             }
         }
     }
-    let probes = discover(
+    let hello = HelloOptions {
+        timeout: Duration::from_millis(args.hello_timeout_ms),
+        ..HelloOptions::default()
+    };
+    let probes = discover_combined(
         &endpoints,
         &args.timeouts.options(),
         args.concurrency as usize,
+        (!args.no_hello).then_some(&hello),
     )
     .await;
+    // The first address each serial number was seen at.
+    let mut first_seen: Vec<(String, SocketAddr)> = Vec::new();
     let mut found = 0;
     for p in &probes {
-        match &p.outcome {
-            ProbeOutcome::Projector { serial, problem } => {
-                found += 1;
-                write!(
-                    out,
+        let mut line = String::new();
+        match (&p.tcp, &p.http, &p.hello) {
+            (ProbeOutcome::Projector { serial, problem }, _, _) => {
+                line = format!(
                     "{}  projector  {}",
                     p.addr,
                     serial.as_deref().unwrap_or("-")
-                )?;
-                match problem {
-                    Some(e) => writeln!(out, "  ({e})")?,
-                    None => writeln!(out)?,
+                );
+                if let Some(e) = problem {
+                    line.push_str(&format!("  ({e})"));
                 }
             }
-            ProbeOutcome::Locked(e) => {
-                found += 1;
-                writeln!(out, "{}  locked     {} ({})", p.addr, e.code(), e)?;
+            (ProbeOutcome::Locked(e), _, _) => {
+                line = format!("{}  locked     {} ({})", p.addr, e.code(), e);
             }
-            ProbeOutcome::Absent(e) if args.all => {
-                writeln!(out, "{}  absent     {} ({})", p.addr, e.code(), e)?;
+            (ProbeOutcome::Absent(tcp), Some(HttpProbe::Projector { serial }), _) => {
+                line = format!(
+                    "{}  projector  {}  (over HTTP json_query; ESC/VP.net: {})",
+                    p.addr,
+                    serial.as_deref().unwrap_or("-"),
+                    tcp.code()
+                );
             }
-            ProbeOutcome::Absent(_) => {}
+            (ProbeOutcome::Absent(_), Some(HttpProbe::Locked(e)), _) => {
+                line = format!(
+                    "{}  locked     {} ({}) over HTTP json_query",
+                    p.addr,
+                    e.code(),
+                    e
+                );
+            }
+            (ProbeOutcome::Absent(tcp), _, Some(h)) => {
+                line = format!(
+                    "{}  hello      {}  (answered HELLO; ESC/VP.net session: {})",
+                    p.addr,
+                    h.name.as_deref().unwrap_or("-"),
+                    tcp.code()
+                );
+            }
+            (ProbeOutcome::Absent(e), _, None) if args.all => {
+                line = format!("{}  absent     {} ({})", p.addr, e.code(), e);
+            }
+            (ProbeOutcome::Absent(_), _, None) => {}
+        }
+        if p.is_projector() {
+            found += 1;
+            if let Some(serial) = p.serial() {
+                match first_seen.iter().find(|(s, _)| s == serial) {
+                    Some((_, first)) => line.push_str(&format!("  (same device as {first})")),
+                    None => first_seen.push((serial.to_owned(), p.addr)),
+                }
+            }
+        }
+        if !line.is_empty() {
+            writeln!(out, "{line}")?;
         }
     }
     writeln!(
