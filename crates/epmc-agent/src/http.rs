@@ -209,6 +209,9 @@ impl HttpProjector {
             // Projectors are on the LAN: never through the agent's (or the environment's)
             // HTTP proxy.
             .no_proxy()
+            // Plain http:// only: no TLS roots to load (loading the platform's roots costs
+            // more than a whole projector read).
+            .tls_certs_only(std::iter::empty())
             .http1_only()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(options.connect_timeout)
