@@ -32,6 +32,9 @@ use tokio::net::TcpListener;
 
 const BOUND: Duration = Duration::from_secs(30);
 
+/// Whether an error is the expected one.
+type Verdict = fn(&HttpError) -> bool;
+
 async fn bounded<T>(f: impl Future<Output = T>) -> T {
     tokio::time::timeout(BOUND, f)
         .await
@@ -259,7 +262,7 @@ async fn items_the_interface_refuses_or_hides_are_absent_not_zero() {
 #[tokio::test]
 async fn faulty_http_sides_give_typed_errors_within_bounds() {
     bounded(async {
-        let cases: Vec<(Faults, fn(&HttpError) -> bool)> = vec![
+        let cases: Vec<(Faults, Verdict)> = vec![
             (
                 Faults {
                     garbage: b"\x00\x01\x02 not http at all ".to_vec(),
@@ -344,7 +347,7 @@ async fn other_web_servers_are_not_projectors() {
             100_000,
             "{".repeat(100_000)
         );
-        let bodies: Vec<(String, fn(&HttpError) -> bool)> = vec![
+        let bodies: Vec<(String, Verdict)> = vec![
             (
                 ok("<html></html>"),
                 |e| matches!(e, HttpError::Garbage(_)),
