@@ -27,7 +27,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
-//! use escvp::emulator::{Fleet, ProjectorConfig};
+//! use escvp::emulator::{Fleet, HttpConfig, ProjectorConfig, TcpService};
 //!
 //! let fleet = Fleet::spawn_consecutive("127.0.0.1:0".parse().unwrap(), 3, ProjectorConfig::default()).await?;
 //! for p in fleet.projectors() {
