@@ -204,7 +204,13 @@ impl HttpProjector {
         password: Option<Password>,
         options: &CollectOptions,
     ) -> Result<HttpProjector, HttpError> {
-        let query_timeout = QUERY_TIMEOUT.mul_f64(options.command_timeout_scale.clamp(0.01, 100.0));
+        let scale = options.command_timeout_scale;
+        let scale = if scale.is_finite() {
+            scale.clamp(0.01, 100.0)
+        } else {
+            1.0
+        };
+        let query_timeout = QUERY_TIMEOUT.mul_f64(scale);
         let client = reqwest::Client::builder()
             // Projectors are on the LAN: never through the agent's (or the environment's)
             // HTTP proxy.

@@ -300,13 +300,11 @@ pub struct Challenge {
 }
 
 impl Challenge {
-    /// A challenge with `qop="auth"`, no opaque value, not stale. `realm` and `nonce` must not
-    /// contain `"` or `\` (callers choose them; they are replaced by `_` otherwise).
+    /// A challenge with `qop="auth"`, no opaque value, not stale.
     pub fn new(realm: &str, nonce: &str, algorithm: DigestAlgorithm) -> Challenge {
-        let clean = |s: &str| s.replace(['"', '\\'], "_");
         Challenge {
-            realm: clean(realm),
-            nonce: clean(nonce),
+            realm: realm.to_owned(),
+            nonce: nonce.to_owned(),
             opaque: None,
             algorithm,
             qop_auth: true,
@@ -322,7 +320,7 @@ impl Challenge {
 
     /// Sets the opaque value.
     pub fn with_opaque(mut self, opaque: &str) -> Challenge {
-        self.opaque = Some(opaque.replace(['"', '\\'], "_"));
+        self.opaque = Some(opaque.to_owned());
         self
     }
 
@@ -354,14 +352,16 @@ impl Challenge {
     /// The header value (`Digest realm="…", …`).
     pub fn to_header(&self) -> String {
         let mut h = format!(
-            "Digest realm=\"{}\", nonce=\"{}\", algorithm={}",
-            self.realm, self.nonce, self.algorithm
+            "Digest realm={}, nonce={}, algorithm={}",
+            quote(&self.realm),
+            quote(&self.nonce),
+            self.algorithm
         );
         if self.qop_auth {
             h.push_str(", qop=\"auth\"");
         }
         if let Some(o) = &self.opaque {
-            let _ = write!(h, ", opaque=\"{o}\"");
+            let _ = write!(h, ", opaque={}", quote(o));
         }
         if self.stale {
             h.push_str(", stale=true");
@@ -459,14 +459,13 @@ impl Authorization {
         cnonce: &str,
         nc: u32,
     ) -> Authorization {
-        let clean = |s: &str| s.replace(['"', '\\'], "_");
         let mut auth = Authorization {
-            username: clean(username),
+            username: username.to_owned(),
             realm: challenge.realm.clone(),
             nonce: challenge.nonce.clone(),
-            uri: clean(uri),
+            uri: uri.to_owned(),
             algorithm: challenge.algorithm,
-            qop: challenge.qop_auth.then(|| (nc, clean(cnonce))),
+            qop: challenge.qop_auth.then(|| (nc, cnonce.to_owned())),
             opaque: challenge.opaque.clone(),
             response: String::new(),
         };
@@ -534,14 +533,19 @@ impl Authorization {
     /// The header value (`Digest username="…", …`).
     pub fn to_header(&self) -> String {
         let mut h = format!(
-            "Digest username=\"{}\", realm=\"{}\", nonce=\"{}\", uri=\"{}\", algorithm={}, response=\"{}\"",
-            self.username, self.realm, self.nonce, self.uri, self.algorithm, self.response
+            "Digest username={}, realm={}, nonce={}, uri={}, algorithm={}, response={}",
+            quote(&self.username),
+            quote(&self.realm),
+            quote(&self.nonce),
+            quote(&self.uri),
+            self.algorithm,
+            quote(&self.response)
         );
         if let Some((nc, cnonce)) = &self.qop {
-            let _ = write!(h, ", qop=auth, nc={nc:08x}, cnonce=\"{cnonce}\"");
+            let _ = write!(h, ", qop=auth, nc={nc:08x}, cnonce={}", quote(cnonce));
         }
         if let Some(o) = &self.opaque {
-            let _ = write!(h, ", opaque=\"{o}\"");
+            let _ = write!(h, ", opaque={}", quote(o));
         }
         h
     }
@@ -733,6 +737,25 @@ fn parse_auth_header(
     Ok(out)
 }
 
+/// A quoted-string: `"` and `\` escaped with `\`; control characters (which a header
+/// cannot carry) become `_`.
+fn quote(s: &str) -> String {
+    let mut q = String::with_capacity(s.len() + 2);
+    q.push('"');
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                q.push('\\');
+                q.push(c);
+            }
+            c if c.is_control() => q.push('_'),
+            c => q.push(c),
+        }
+    }
+    q.push('"');
+    q
+}
+
 fn is_tchar(c: u8) -> bool {
     c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
 }
@@ -867,7 +890,13 @@ mod tests {
         let c = Challenge::new("re\"alm", "no\\nce", DigestAlgorithm::Md5).with_opaque("o,p");
         let parsed = Challenge::parse_header(&c.to_header()).expect("parses");
         assert_eq!(parsed, vec![c]);
-        assert_eq!(parsed[0].realm(), "re_alm");
+        assert_eq!(parsed[0].realm(), "re\"alm");
+        assert_eq!(parsed[0].nonce(), "no\\nce");
+        // A value cannot break out of its quotes to add parameters.
+        let evil = Challenge::new("x\", stale=true, y=\"", "n", DigestAlgorithm::Md5);
+        let parsed = Challenge::parse_header(&evil.to_header()).expect("parses");
+        assert!(!parsed[0].is_stale());
+        assert_eq!(parsed[0].realm(), "x\", stale=true, y=\"");
     }
 
     #[test]
@@ -896,6 +925,43 @@ mod tests {
         }
         let long = JsonQueryReply::value("X?", &"a".repeat(MAX_REPLY_LEN + 1));
         assert!(JsonQueryReply::parse(long.to_json().as_bytes()).is_err());
+    }
+
+    proptest::proptest! {
+        /// Arbitrary header values and bodies are errors or values, never panics.
+        #[test]
+        fn arbitrary_input_never_panics(s in "\\PC{0,300}", b in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = Challenge::parse_header(&s);
+            let _ = Authorization::parse(&s);
+            let _ = JsonQueryReply::parse(s.as_bytes());
+            let _ = JsonQueryReply::parse(&b);
+            if let Ok(t) = std::str::from_utf8(&b) {
+                let _ = Challenge::parse_header(t);
+            }
+        }
+
+        /// What we encode, we parse back unchanged; a response verifies with its password
+        /// only.
+        #[test]
+        fn challenges_and_answers_round_trip(
+            realm in "[ -~]{0,40}",
+            nonce in "[ -~]{1,40}",
+            password in "[ -~]{0,16}",
+            uri in "/[!-~]{0,60}",
+            nc in 1u32..,
+            sha in proptest::bool::ANY,
+        ) {
+            let alg = if sha { DigestAlgorithm::Sha256 } else { DigestAlgorithm::Md5 };
+            let c = Challenge::new(&realm, &nonce, alg).with_opaque("op");
+            let parsed = Challenge::parse_header(&c.to_header()).expect("parses");
+            proptest::prop_assert_eq!(&parsed, &vec![c.clone()]);
+            let a = Authorization::respond(&parsed[0], DIGEST_USER, &password, "GET", &uri, "cn", nc);
+            let back = Authorization::parse(&a.to_header()).expect("parses");
+            proptest::prop_assert!(back.verify(&password, "GET"));
+            let wrong = format!("{password}x");
+            proptest::prop_assert!(!back.verify(&wrong, "GET"));
+            proptest::prop_assert_eq!(back.nonce_count(), Some(nc));
+        }
     }
 
     #[test]
