@@ -764,3 +764,50 @@ fn http_port_in_the_configuration() {
         );
     }
 }
+
+/// HELLO replies are taken only from the configured addresses: a reply that comes from
+/// another address or port (a spoofer, or a device that was not asked) is ignored.
+#[tokio::test]
+async fn hello_replies_from_addresses_not_configured_are_ignored() {
+    bounded(async {
+        use escvp::net::{Info, Message};
+        let asked = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let other = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let asked_addr = asked.local_addr().expect("addr");
+        let answering = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = asked.recv_from(&mut buf).await {
+                if Message::decode(&buf[..n]).is_ok() {
+                    let reply =
+                        Message::hello_reply(Info::new(b"SPOOF").expect("info"), 0x30).to_bytes();
+                    // From another port than the one asked.
+                    let _ = other.send_to(&reply, from).await;
+                }
+            }
+        });
+        let (_f, real) = one(ProjectorConfig::default()).await;
+        let endpoints = [
+            Endpoint::new(asked_addr).with_http_port(None),
+            Endpoint::new(real.tcp_addr()).with_http_port(None),
+        ];
+        let found = hello_sweep(
+            &endpoints,
+            &HelloOptions {
+                timeout: Duration::from_millis(600),
+                attempts: 2,
+            },
+        )
+        .await
+        .expect("UDP socket");
+        assert_eq!(
+            found.keys().copied().collect::<Vec<_>>(),
+            vec![real.udp_addr()]
+        );
+        answering.abort();
+    })
+    .await;
+}
