@@ -811,3 +811,89 @@ async fn hello_replies_from_addresses_not_configured_are_ignored() {
     })
     .await;
 }
+
+/// A mixed fleet: ESC/VP.net projectors, HTTP-only ones with a password, and HTTP-only ones
+/// with a faulty web side. `collect_all` reads every healthy one through the right
+/// interface with the right values and reports each faulty one with its own error.
+#[tokio::test]
+async fn mixed_fleet_is_collected_through_the_right_interfaces() {
+    bounded(async {
+        const N: usize = 30;
+        let addr: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let faults = [
+            Faults {
+                silent: true,
+                ..Faults::default()
+            },
+            Faults {
+                garbage: b"garbage".to_vec(),
+                ..Faults::default()
+            },
+            Faults {
+                drop_after: Some(0),
+                ..Faults::default()
+            },
+            Faults {
+                busy: true,
+                ..Faults::default()
+            },
+        ];
+        let plan: Vec<(SocketAddr, ProjectorConfig)> = (0..N)
+            .map(|i| {
+                let base = ProjectorConfig {
+                    serial: format!("MIX{i:08}"),
+                    on_time_hours: 1000 + i as u32,
+                    ..healthy()
+                };
+                let config = match i % 3 {
+                    0 => base
+                        .with_password(pw("web-pw"))
+                        .with_http(HttpConfig::default())
+                        .with_tcp(TcpService::Closed),
+                    1 => base,
+                    _ => base
+                        .with_http(HttpConfig::default().with_faults(faults[(i / 3) % 4].clone()))
+                        .with_tcp(TcpService::Closed),
+                };
+                (addr, config)
+            })
+            .collect();
+        let fleet = Fleet::spawn(plan).await.expect("fleet");
+        let endpoints: Vec<Endpoint> = fleet
+            .projectors()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| endpoint(p, (i % 3 == 0).then_some("web-pw")))
+            .collect();
+        let results = collect_all(&endpoints, &quick(), 32).await;
+        for (i, r) in results.iter().enumerate() {
+            match i % 3 {
+                0 | 1 => {
+                    let c = r.as_ref().unwrap_or_else(|e| panic!("#{i}: {e}"));
+                    let via = if i % 3 == 0 {
+                        Interface::Http
+                    } else {
+                        Interface::EscVpNet
+                    };
+                    assert_eq!(c.via, via, "#{i}");
+                    assert_eq!(c.collection.device_id.to_string(), format!("MIX{i:08}"));
+                    assert_eq!(
+                        c.collection.status.total_operation_time_hours,
+                        Some(1000 + i as u32)
+                    );
+                }
+                _ => {
+                    let err = r.as_ref().expect_err("faulty");
+                    let expected = match (i / 3) % 4 {
+                        0 => "http_timeout",
+                        1 => "http_garbage",
+                        2 => "http_dropped",
+                        _ => "http_busy",
+                    };
+                    assert_eq!(err.code(), expected, "#{i}: {err}");
+                }
+            }
+        }
+    })
+    .await;
+}
