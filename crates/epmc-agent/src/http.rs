@@ -575,6 +575,22 @@ fn cnonce() -> Result<String, HttpError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// Reads the status items over HTTP, within [`CollectOptions::deadline`] (for a service loop
+/// whose ESC/VP.net connection [`fallback_applies`]).
+pub async fn status_http(
+    endpoint: &Endpoint,
+    http_port: u16,
+    options: &CollectOptions,
+) -> Result<StatusRead, HttpError> {
+    let work = async {
+        let mut projector = HttpProjector::for_endpoint(endpoint, http_port, options)?;
+        projector.read_status().await
+    };
+    tokio::time::timeout(options.deadline, work)
+        .await
+        .unwrap_or(Err(HttpError::TimedOut(Stage::Deadline)))
+}
+
 /// Reads everything over HTTP, within [`CollectOptions::deadline`].
 pub async fn collect_http(
     endpoint: &Endpoint,
@@ -591,10 +607,14 @@ pub async fn collect_http(
 }
 
 /// Whether an ESC/VP.net connection failure calls for the HTTP fallback: the port refused
-/// the connection, or closed it before the handshake reply (the host is up, but ESC/VP.net
-/// is not served there). Timeouts and ESC/VP.net refusals (busy, password) do not.
+/// the connection, closed it before the handshake reply (the host is up, but ESC/VP.net is
+/// not served there), or answered `0x45` (request not allowed: command communication set to
+/// "Protected", which refuses ESC/VP.net 1.0). Timeouts, busy and password refusals do not.
 pub fn fallback_applies(tcp_error: &CollectError) -> bool {
-    matches!(tcp_error, CollectError::Refused | CollectError::Dropped)
+    matches!(
+        tcp_error,
+        CollectError::Refused | CollectError::Dropped | CollectError::NotAllowed
+    )
 }
 
 /// The fallback: after `tcp_error` on port 3629, reads the endpoint over HTTP (its

@@ -19,7 +19,7 @@ use epmc_agent::config::{AgentConfig, DEFAULT_HTTP_PORT, Endpoint};
 use epmc_agent::discover::{
     HelloOptions, HttpProbe, ProbeOutcome, devices, discover_combined, hello_sweep,
 };
-use epmc_agent::http::{HttpError, HttpProjector, QueryAnswer, collect_http};
+use epmc_agent::http::{HttpError, HttpProjector, QueryAnswer, collect_http, status_http};
 use epmc_proto::model::PowerState;
 use escvp::emulator::{
     DigestAlgorithm, Faults, Fleet, HttpConfig, ProjectorConfig, ProjectorHandle, TcpService,
@@ -400,7 +400,11 @@ async fn other_web_servers_are_not_projectors() {
 #[tokio::test]
 async fn a_projector_with_3629_closed_is_collected_over_http() {
     bounded(async {
-        for tcp in [TcpService::Closed, TcpService::AcceptAndClose] {
+        for tcp in [
+            TcpService::Closed,
+            TcpService::AcceptAndClose,
+            TcpService::Protected,
+        ] {
             let (_f, p) = one(healthy()
                 .with_password(pw("web-pw"))
                 .with_http(HttpConfig::default())
@@ -412,6 +416,10 @@ async fn a_projector_with_3629_closed_is_collected_over_http() {
             assert_eq!(c.collection.device_id.as_str(), "WEB00000042");
             assert_eq!(c.collection.status.power, Some(PowerState::On));
             assert_eq!(c.collection.status.total_operation_time_hours, Some(5021));
+            let status = status_http(&e, http_port(&p), &quick())
+                .await
+                .expect("status over HTTP");
+            assert_eq!(status.snapshot.status, c.collection.status);
             // A wrong password over HTTP is reported as such, with the ESC/VP.net context.
             let err = collect_once(&endpoint(&p, Some("nope")), &quick())
                 .await
@@ -422,6 +430,7 @@ async fn a_projector_with_3629_closed_is_collected_over_http() {
             let no_http = endpoint(&p, Some("web-pw")).with_http_port(None);
             let expected = match tcp {
                 TcpService::Closed => CollectError::Refused,
+                TcpService::Protected => CollectError::NotAllowed,
                 _ => CollectError::Dropped,
             };
             assert_eq!(

@@ -112,6 +112,10 @@ pub enum TcpService {
     Closed,
     /// Connections are accepted and closed at once, before any reply.
     AcceptAndClose,
+    /// "Command communication: Protected": an ESC/VP.net 1.0 CONNECT is refused with `0x45`
+    /// (request not allowed) and the connection closed, as on projectors that accept only
+    /// version 2.0 there.
+    Protected,
 }
 
 /// The HTTP control interface of an emulated projector.
@@ -693,7 +697,7 @@ async fn start(
     });
     let tcp_service = shared.lock().config.tcp;
     match tcp_service {
-        TcpService::Open => {
+        TcpService::Open | TcpService::Protected => {
             tasks.spawn(serve_tcp(tcp, shared.clone()));
         }
         TcpService::AcceptAndClose => {
@@ -889,6 +893,9 @@ fn handshake_status(s: &State, msg: &Message) -> Status {
     };
     match msg.kind() {
         MessageType::CONNECT => {
+            if s.config.tcp == TcpService::Protected {
+                return Status::NOT_ALLOWED;
+            }
             if s.faults.busy {
                 return Status::BUSY;
             }

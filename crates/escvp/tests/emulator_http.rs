@@ -402,6 +402,19 @@ async fn closed_escvp_port() {
         "04"
     );
 
+    // Protected: ESC/VP.net 1.0 CONNECT refused with 0x45, then closed.
+    let (_f, p) = start(ProjectorConfig::default().with_tcp(TcpService::Protected)).await;
+    let mut s = TcpStream::connect(p.tcp_addr()).await.unwrap();
+    s.write_all(&escvp::net::Message::connect(None).to_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(BOUND, s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    let (_, reply) = escvp::net::Message::decode(&out).unwrap();
+    assert_eq!(reply.status(), escvp::net::Status::NOT_ALLOWED);
+
     let (_f, p) = start(ProjectorConfig::default().with_tcp(TcpService::AcceptAndClose)).await;
     assert_eq!(p.http_addr(), None);
     let mut s = TcpStream::connect(p.tcp_addr()).await.unwrap();
