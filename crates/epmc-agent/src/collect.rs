@@ -29,7 +29,8 @@
 //! password required or wrong, timeout, garbage, dropped connection and refused connection
 //! are distinct.
 //!
-//! Where port 3629 refuses or closes the connection before the handshake, [`collect_once`]
+//! Where port 3629 refuses or closes the connection before the handshake, or answers
+//! `0x45` (command communication "Protected"), [`collect_once`]
 //! (and so [`collect_all`]) falls back to the projector's HTTP `json_query` interface
 //! ([`crate::http`]); [`Collected::via`] says which interface was used.
 //!
@@ -693,7 +694,7 @@ pub(crate) fn alarms(a: Alarms, report: &mut Report) -> BoundedVec<Alarm, 16> {
 }
 
 /// Connects, reads everything and disconnects, within [`CollectOptions::deadline`]. Where
-/// port 3629 refuses or closes the connection, reads over HTTP instead
+/// port 3629 refuses or closes the connection, or answers `0x45`, reads over HTTP instead
 /// ([`crate::http::collect_fallback`]).
 pub async fn collect_once(
     endpoint: &Endpoint,
