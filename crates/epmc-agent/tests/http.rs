@@ -906,3 +906,43 @@ async fn mixed_fleet_is_collected_through_the_right_interfaces() {
     })
     .await;
 }
+
+/// When the projector forgets the nonce the agent keeps answering (it issues new ones to
+/// other clients), it answers `401` with `stale=true`; the agent takes the new challenge and
+/// the query succeeds, instead of reporting a wrong password.
+#[tokio::test]
+async fn a_stale_nonce_is_renewed_not_reported_as_a_wrong_password() {
+    bounded(async {
+        let (_f, p) = one(healthy()
+            .with_password(pw("web-pw"))
+            .with_http(HttpConfig::default()))
+        .await;
+        let http = p.http_addr().expect("http");
+        let mut h = HttpProjector::new(http, Some(pw("web-pw")), &quick()).expect("client");
+        assert_eq!(
+            h.query("PWR").await.expect("PWR"),
+            QueryAnswer::Value("01".into())
+        );
+        // Other clients make the emulator issue (and remember) 300 newer nonces; it keeps
+        // 256, so ours is forgotten.
+        for _ in 0..300 {
+            let mut s = tokio::net::TcpStream::connect(http).await.expect("connect");
+            s.write_all(
+                b"GET /cgi-bin/json_query?jsoncallback=PWR? HTTP/1.1\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .expect("write");
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).await.expect("read");
+            assert!(out.starts_with(b"HTTP/1.1 401"));
+        }
+        let before = p.http_requests_seen();
+        assert_eq!(
+            h.query("SNO").await.expect("SNO after a stale nonce"),
+            QueryAnswer::Value("WEB00000042".into())
+        );
+        // The stale answer, then the retry with the new challenge.
+        assert_eq!(p.http_requests_seen() - before, 2);
+    })
+    .await;
+}
