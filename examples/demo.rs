@@ -1,7 +1,6 @@
-//! The project demo (`scripts/demo`). Today it shows what exists: a fleet of emulated
-//! projectors on loopback, discovered with UDP HELLO and read through the `escvp` client.
-//! The server exists without its portal, the agent only as a projector collector; the service
-//! that joins them does not, so the demo does not start them, and it says so.
+//! The `escvp` crate on its own, as an integrator embeds it: a fleet of emulated projectors on
+//! loopback, discovered with UDP HELLO and read through the `escvp` client. (The whole system,
+//! server, agent and projectors, is `scripts/demo`.)
 //!
 //! `demo ADDR... [--password PW]` reads real projectors instead (read only: it does not
 //! switch them on).
@@ -23,10 +22,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if !real.is_empty() {
         return read_real(&args, real).await;
     }
-    println!("EPMC-rs demo: this shows the escvp protocol crate, its async client and its");
-    println!("projector emulator. The server (without its web portal) and the agent's projector");
-    println!("side exist, but the agent service that joins them does not yet, so there is no");
-    println!("portal URL or login to show. See the README for the server commands.\n");
+    println!("escvp demo: the protocol crate, its async client and its projector emulator on");
+    println!("their own, as an integrator embeds them (the whole system is scripts/demo).\n");
 
     let template = ProjectorConfig {
         warm_up: Duration::from_millis(1500),

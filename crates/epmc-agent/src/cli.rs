@@ -36,6 +36,48 @@ pub enum Command {
     Discover(DiscoverArgs),
     /// Validate a configuration file without starting.
     Check(CheckArgs),
+    /// Run the agent service: watch every target, report to the server, execute orders.
+    Run(RunArgs),
+    /// Show the agent screen: every target with its power, source, errors and last contact.
+    Status(StatusArgs),
+}
+
+/// The agent's directory: `agent.toml`, its certificates, and `state/`.
+#[derive(Debug, Args, Clone)]
+pub struct DirArgs {
+    /// The agent's directory (configuration, certificates and the `state/` directory).
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "EPMC_AGENT_DIR",
+        default_value = "/var/lib/epmc-agent"
+    )]
+    pub dir: PathBuf,
+}
+
+/// `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Directory.
+    #[command(flatten)]
+    pub dir: DirArgs,
+    /// The configuration file (default: DIR/agent.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// More targets, added to those in the file (repeatable; CIDR ranges too).
+    #[arg(long = "target", value_name = "ADDR[:PORT]|CIDR[:PORT]", value_parser = parse_spec)]
+    pub targets: Vec<TargetSpec>,
+}
+
+/// `status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Directory.
+    #[command(flatten)]
+    pub dir: DirArgs,
+    /// Print the status file as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Timeouts shared by `collect` and `discover`.
@@ -165,6 +207,8 @@ pub async fn run(cli: Cli, out: &mut impl Write, err: &mut impl Write) -> u8 {
         Command::Collect(a) => run_collect(a, out, err).await,
         Command::Discover(a) => run_discover(a, out, err).await,
         Command::Check(a) => run_check(a, out, err),
+        Command::Run(a) => run_service(a, err).await,
+        Command::Status(a) => run_status(a, out, err),
     };
     match result {
         Ok(code) => code,
@@ -489,4 +533,199 @@ fn run_check(args: CheckArgs, out: &mut impl Write, err: &mut impl Write) -> std
             Ok(1)
         }
     }
+}
+
+/// The configuration `run` uses: the file, plus the command line's targets (an address the
+/// file already covers is not added twice).
+pub fn service_config(args: &RunArgs) -> Result<AgentConfig, String> {
+    let path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| args.dir.dir.join("agent.toml"));
+    let mut config = AgentConfig::load(&path).map_err(|e| e.to_string())?;
+    let known: BTreeSet<SocketAddr> = config.endpoints().iter().map(|e| e.addr).collect();
+    for spec in &args.targets {
+        if spec.addresses().all(|a| known.contains(&a)) {
+            continue;
+        }
+        config.targets.push(crate::config::Target {
+            spec: *spec,
+            password: None,
+            meta: Default::default(),
+            session: SessionMode::Poll,
+            http_port: crate::config::DEFAULT_HTTP_PORT,
+            line: 0,
+        });
+    }
+    Ok(config)
+}
+
+async fn run_service(args: RunArgs, err: &mut impl Write) -> std::io::Result<u8> {
+    let config = match service_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            writeln!(err, "epmc-agent: {e}")?;
+            return Ok(1);
+        }
+    };
+    if config.targets.is_empty() {
+        writeln!(
+            err,
+            "epmc-agent: no targets: add [[target]] entries to the configuration or --target ADDR"
+        )?;
+    }
+    let options = crate::service::ServiceOptions::new(args.dir.dir.join("state"));
+    match crate::service::run(config, options, shutdown_signal()).await {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            writeln!(err, "epmc-agent: {e}")?;
+            Ok(1)
+        }
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn run_status(args: StatusArgs, out: &mut impl Write, err: &mut impl Write) -> std::io::Result<u8> {
+    let state = args.dir.dir.join("state");
+    let status = match crate::service::status::read(&state) {
+        Ok(s) => s,
+        Err(e) => {
+            writeln!(err, "epmc-agent: {e}")?;
+            return Ok(1);
+        }
+    };
+    if args.json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&status).map_err(std::io::Error::other)?
+        )?;
+        return Ok(0);
+    }
+    write_status(out, &status, epmc_proto::bounded::Timestamp::now().unix())?;
+    Ok(0)
+}
+
+fn ago(now: i64, then: Option<i64>) -> String {
+    match then {
+        None => "never".into(),
+        Some(t) => {
+            let s = (now - t).max(0);
+            if s < 120 {
+                format!("{s} s ago")
+            } else if s < 7200 {
+                format!("{} min ago", s / 60)
+            } else {
+                format!("{} h ago", s / 3600)
+            }
+        }
+    }
+}
+
+/// Prints the agent screen.
+pub fn write_status(
+    out: &mut impl Write,
+    s: &crate::service::status::AgentStatus,
+    now: i64,
+) -> std::io::Result<()> {
+    use crate::service::status::Reach;
+    writeln!(
+        out,
+        "agent {} (epmc-agent {}, {})",
+        s.agent_id, s.version, s.mode
+    )?;
+    writeln!(
+        out,
+        "server: {}; {} message(s) waiting; {} order(s) in progress; updated {}",
+        if s.server_connected {
+            "connected".to_owned()
+        } else {
+            format!(
+                "not connected ({})",
+                s.server_error.as_deref().unwrap_or("connecting")
+            )
+        },
+        s.outbox_messages,
+        s.orders_in_progress,
+        ago(now, Some(s.written_at)),
+    )?;
+    writeln!(
+        out,
+        "{:<18} {:<24} {:<22} {:<18} {:<10} {:<28} last contact",
+        "name", "device", "address", "power", "source", "state / errors"
+    )?;
+    for t in &s.targets {
+        let st = t.status.as_ref();
+        let power = st
+            .and_then(|s| s.power)
+            .and_then(|p| serde_json::to_value(p).ok())
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| "-".to_owned());
+        let source = st
+            .and_then(|s| s.source.as_ref())
+            .map_or("-".to_owned(), |src| {
+                src.name
+                    .as_ref()
+                    .map_or(format!("{:02X}", src.code.get()), |n| n.to_string())
+            });
+        let mut problems = Vec::new();
+        match &t.reach {
+            Reach::Unknown => problems.push("not tried yet".to_owned()),
+            Reach::Ok => {}
+            Reach::Busy => problems.push("busy (another controller)".to_owned()),
+            Reach::Failed(why) => problems.push(why.clone()),
+        }
+        if let Some(st) = st {
+            if let Some(code) = st.error_code
+                && code.get() != 0
+            {
+                problems.push(format!("error {:02X}", code.get()));
+            }
+            for w in st.warnings.iter().flat_map(|w| w.as_slice()) {
+                problems.push(format!("{w:?}"));
+            }
+            for a in st.alarms.iter().flat_map(|a| a.as_slice()) {
+                problems.push(format!("ALARM {a:?}"));
+            }
+        }
+        let state = if problems.is_empty() {
+            "ok".to_owned()
+        } else {
+            problems.join(", ")
+        };
+        writeln!(
+            out,
+            "{:<18} {:<24} {:<22} {:<18} {:<10} {:<28} {}",
+            t.display_name.as_deref().unwrap_or("-"),
+            t.device_id.as_deref().unwrap_or("-"),
+            t.addr.to_string(),
+            power,
+            source,
+            state,
+            ago(now, t.last_contact),
+        )?;
+    }
+    Ok(())
 }

@@ -23,4 +23,6 @@ pub mod collect;
 pub mod config;
 pub mod discover;
 pub mod http;
+pub mod identity;
+pub mod service;
 pub mod sweep;

@@ -15,11 +15,8 @@ async fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
-    let code = run(
-        cli,
-        &mut std::io::stdout().lock(),
-        &mut std::io::stderr().lock(),
-    )
-    .await;
+    // Not `stderr().lock()`: the log writes to stderr from the runtime's threads, and a lock
+    // held here for the whole of a long `run` would block them forever.
+    let code = run(cli, &mut std::io::stdout(), &mut std::io::stderr()).await;
     ExitCode::from(code)
 }

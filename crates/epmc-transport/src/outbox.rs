@@ -511,6 +511,19 @@ impl Outbox {
         }
     }
 
+    /// Makes every record written so far durable (acknowledgements are appended without a
+    /// sync; a caller that must not forget one, such as an order journal marking an order
+    /// done, syncs after it).
+    pub fn sync(&mut self) -> Result<(), OutboxError> {
+        self.heal()?;
+        if let Err(e) = self.file.sync() {
+            self.poisoned = true;
+            tracing::error!(error = %e, "outbox sync failed");
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
     /// Whether a message with this id was acknowledged recently (see [`ACKED_MEMORY`]), so
     /// that pushing it again stores nothing.
     pub fn recently_acked(&self, id: &MessageId) -> bool {

@@ -139,6 +139,13 @@ impl MqttSession {
         .is_ok_and(|r| r.is_ok())
     }
 
+    /// Watches the connection: `Some` while connected (and subscribed), `None` between
+    /// connections. Every new connection is a change, so a caller can greet the server (the
+    /// agent's hello) on each one.
+    pub fn watch_connection(&self) -> watch::Receiver<Option<MqttClient>> {
+        self.current.clone()
+    }
+
     /// What the session has been through.
     pub fn stats(&self) -> SessionStats {
         self.shared

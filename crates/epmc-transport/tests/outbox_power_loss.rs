@@ -565,3 +565,26 @@ fn the_full_outbox_policy_survives_power_loss() {
     let unique: HashMap<u64, ()> = got.iter().map(|n| (*n, ())).collect();
     assert_eq!(unique.len(), got.len());
 }
+
+/// An acknowledgement followed by `sync` survives a power loss; one without it may not (the
+/// order journal relies on the first half to never run an order twice).
+#[test]
+fn an_ack_followed_by_sync_survives_a_power_loss() {
+    for synced in [true, false] {
+        let sim = SimStorage::new();
+        let mut o = open(&sim);
+        for n in 0..3 {
+            o.push(msg(n, Priority::Critical, 10)).unwrap();
+        }
+        assert!(o.ack_id(&id(1)).unwrap());
+        if synced {
+            o.sync().unwrap();
+        }
+        drop(o);
+        sim.crash(CrashMode::LoseUnsynced);
+        let o = open(&sim);
+        let expected: &[u64] = if synced { &[0, 2] } else { &[0, 1, 2] };
+        assert_eq!(pending_ns(&o), expected, "synced: {synced}");
+        assert_eq!(o.recently_acked(&id(1)), synced);
+    }
+}

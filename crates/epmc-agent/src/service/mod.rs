@@ -1,0 +1,716 @@
+//! The agent service (`epmc-agent run`): every configured projector watched, everything it
+//! learns sent durably to the server, and the server's orders executed.
+//!
+//! ```text
+//! targets ──> device tasks (one per address) ──> Publisher ──> outbox (disk) ──> Forwarder ──> MqttSession ──> server
+//!                  ^                                                                              │
+//!                  └──── Registry (device id → task) <── intake <── journal (disk) <── orders ─────┘
+//! ```
+//!
+//! - Identity: the agent id is the CN of its certificate ([`crate::identity`]); every topic
+//!   is built from it, and the state directory must belong to it.
+//! - Device tasks ([`device`]): status reads on schedule, a full collection on first contact
+//!   and then on its own schedule, IMEVENT notifications forwarded at once on held sessions,
+//!   orders for the device one after another, back-off for projectors that do not answer.
+//! - Everything sent goes through the durable outbox ([`outbound`]): a server outage loses
+//!   nothing; the forwarder sends the backlog, oldest first, once the connection is back.
+//! - Orders ([`orders`]): written to the journal before they are acknowledged to the broker,
+//!   run once, their result sent through the outbox, then marked finished.
+//! - A hello on every connection; the agent's exception log every minute when it has
+//!   entries; the agent screen's data ([`status`]) written to `status.json` every few
+//!   seconds.
+
+pub mod device;
+pub mod orders;
+pub mod outbound;
+pub mod status;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use epmc_proto::bounded::{BoundedVec, Timestamp};
+use epmc_proto::model::{
+    AgentDeviceSettings, AgentExceptionLog, AgentHello, ExceptionEntry, Severity,
+};
+use epmc_proto::order::{FailureReason, Order, OrderAction, OrderOutcome, OrderResult};
+use epmc_proto::topic::{self, AgentId};
+use epmc_proto::{Envelope, Message};
+use epmc_transport::client::{MqttOptions, TlsIdentity};
+use epmc_transport::forward::{Forwarder, Running};
+use epmc_transport::mqtt::QoS;
+use epmc_transport::outbox::{Limits, Outbox};
+use epmc_transport::session::MqttSession;
+use epmc_transport::{OrderSource, Uplink};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::collect::CollectOptions;
+use crate::config::{AgentConfig, Mode, Schedule};
+use crate::identity;
+use device::DeviceTask;
+use orders::{Journal, Recorded};
+use outbound::Publisher;
+use status::{AgentStatus, Reach, StatusTable, TargetStatus};
+
+/// Settings of the service that are not in the configuration file.
+#[derive(Clone, Debug)]
+pub struct ServiceOptions {
+    /// Where the outbox, the order journal and `status.json` live.
+    pub state_dir: PathBuf,
+    /// Timeouts of projector sessions.
+    pub collect: CollectOptions,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Pause before an order for an unreachable projector is tried again.
+    pub order_retry: Duration,
+    /// How often `status.json` is written.
+    pub status_every: Duration,
+    /// How often the exception log is sent (when it has entries).
+    pub exceptions_every: Duration,
+    /// Pause between forwarding attempts while the server is unreachable.
+    pub forward_retry: Duration,
+    /// The first reads are spread over this long (so a big fleet does not start in step).
+    pub spread_start: Duration,
+}
+
+impl ServiceOptions {
+    /// Defaults, with the state in `state_dir`.
+    pub fn new(state_dir: impl Into<PathBuf>) -> ServiceOptions {
+        ServiceOptions {
+            state_dir: state_dir.into(),
+            collect: CollectOptions::default(),
+            keep_alive: Duration::from_secs(30),
+            order_retry: Duration::from_secs(5),
+            status_every: Duration::from_secs(2),
+            exceptions_every: Duration::from_secs(60),
+            forward_retry: Duration::from_secs(1),
+            spread_start: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The certificate or the state directory's owner.
+    #[error("{0}")]
+    Identity(#[from] identity::IdentityError),
+    /// The certificate, key or CA files.
+    #[error("TLS files: {0}")]
+    Tls(String),
+    /// The server's name does not resolve.
+    #[error("cannot resolve the server {host}:{port}: {detail}")]
+    Resolve {
+        /// Host.
+        host: String,
+        /// Port.
+        port: u16,
+        /// Why.
+        detail: String,
+    },
+    /// The outbox or the journal cannot be opened.
+    #[error("state directory {dir}: {detail}")]
+    State {
+        /// Which directory.
+        dir: String,
+        /// Why.
+        detail: String,
+    },
+    /// The MQTT session could not start.
+    #[error("MQTT: {0}")]
+    Mqtt(String),
+}
+
+/// Writes a file atomically: a temporary file beside it, synced, renamed over it, and the
+/// directory synced.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The agent's exception log: entries wait here until the next send.
+#[derive(Clone, Debug, Default)]
+pub struct ExceptionLog(Arc<Mutex<Vec<ExceptionEntry>>>);
+
+impl ExceptionLog {
+    /// Records an entry (the oldest go first when more than a message holds are waiting).
+    pub fn record(&self, severity: Severity, component: &str, message: &str) {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if v.len() >= epmc_proto::model::MAX_LOG_ENTRIES {
+            v.remove(0);
+        }
+        v.push(ExceptionEntry {
+            at: Timestamp::now(),
+            severity,
+            component: orders::text(component),
+            message: orders::text(message),
+        });
+    }
+
+    fn take(&self) -> Vec<ExceptionEntry> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Which device task serves which device id.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    inner: Mutex<RegistryInner>,
+    first_pending: watch::Sender<usize>,
+}
+
+#[derive(Debug, Default)]
+struct RegistryInner {
+    tasks: HashMap<SocketAddr, mpsc::UnboundedSender<Order>>,
+    ids: HashMap<String, SocketAddr>,
+}
+
+impl Registry {
+    fn new(tasks: usize) -> Registry {
+        Registry {
+            inner: Mutex::default(),
+            first_pending: watch::Sender::new(tasks),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RegistryInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add_task(&self, addr: SocketAddr, tx: mpsc::UnboundedSender<Order>) {
+        let mut r = self.lock();
+        r.tasks.insert(addr, tx);
+        r.ids
+            .insert(crate::collect::device_id(None, addr).to_string(), addr);
+    }
+
+    /// The device at `addr` is `id` (an address serves one device; a serial moves with its
+    /// projector when its address changes).
+    pub(crate) fn register(&self, id: &str, addr: SocketAddr) {
+        let mut r = self.lock();
+        r.ids.retain(|k, a| *a != addr || k.starts_with("ip:"));
+        r.ids.insert(id.to_owned(), addr);
+    }
+
+    pub(crate) fn first_attempt_done(&self) {
+        self.first_pending.send_modify(|n| *n = n.saturating_sub(1));
+    }
+
+    fn find(&self, id: &str) -> Option<mpsc::UnboundedSender<Order>> {
+        let r = self.lock();
+        r.ids.get(id).and_then(|a| r.tasks.get(a)).cloned()
+    }
+
+    /// The task for a device id; until every target has been tried once (the serial numbers
+    /// are learnt then), waits for that, at most `wait`.
+    async fn lookup(&self, id: &str, wait: Duration) -> Option<mpsc::UnboundedSender<Order>> {
+        if let Some(tx) = self.find(id) {
+            return Some(tx);
+        }
+        let mut rx = self.first_pending.subscribe();
+        let _ = tokio::time::timeout(wait, rx.wait_for(|n| *n == 0)).await;
+        self.find(id)
+    }
+}
+
+/// What the device tasks and the order intake share.
+pub(crate) struct Ctx {
+    publisher: Publisher,
+    status: StatusTable,
+    permits: Arc<Semaphore>,
+    collect: CollectOptions,
+    schedule: Schedule,
+    registry: Registry,
+    exceptions: ExceptionLog,
+    journal: Arc<Mutex<Journal>>,
+    stop: watch::Receiver<bool>,
+    order_retry: Duration,
+    mode: Mode,
+}
+
+impl Ctx {
+    /// Queues a message; a failure is logged and kept in the exception log (the outbox only
+    /// refuses when it is full of more important messages, or its disk fails).
+    async fn publish(&self, message: Message) {
+        let kind = message.kind();
+        if let Err(e) = self.publisher.publish(message).await {
+            tracing::error!(?kind, error = %e, "message not queued");
+            self.exceptions.record(
+                Severity::Error,
+                "outbox",
+                &format!("{kind:?} not queued: {e}"),
+            );
+        }
+    }
+
+    /// Sends an order's final result, then marks the order finished in the journal. If the
+    /// result cannot be queued the order stays in the journal and runs again after a restart.
+    async fn complete(&self, order: &Order, result: OrderResult) {
+        if let Err(e) = self.publisher.publish(Message::OrderResult(result)).await {
+            tracing::error!(order = %order.order_id, error = %e, "order result not queued");
+            self.exceptions.record(
+                Severity::Error,
+                "orders",
+                &format!("result of order {} not queued: {e}", order.order_id),
+            );
+            return;
+        }
+        let journal = self.journal.clone();
+        let o = order.clone();
+        let finished = tokio::task::spawn_blocking(move || {
+            journal.lock().unwrap_or_else(|e| e.into_inner()).finish(&o)
+        })
+        .await;
+        if !matches!(finished, Ok(Ok(()))) {
+            tracing::error!(order = %order.order_id, ?finished, "order not marked finished");
+        }
+    }
+
+    async fn accepted(&self, order: &Order) {
+        self.publish(Message::OrderResult(orders::result(
+            order,
+            OrderOutcome::Accepted,
+            None,
+        )))
+        .await;
+    }
+
+    /// Sends an order where it runs, or answers it at once.
+    async fn dispatch(&self, order: Order) {
+        if self.mode == Mode::MonitorOnly {
+            let r = orders::failed(
+                &order,
+                FailureReason::NotPermitted,
+                "this agent runs in monitor-only mode and refuses every order",
+                None,
+            );
+            return self.complete(&order, r).await;
+        }
+        if let Some(r) = orders::precheck(&order, Timestamp::now()) {
+            return self.complete(&order, r).await;
+        }
+        if order.action == OrderAction::CheckAgentUpdate {
+            let r = orders::failed(
+                &order,
+                FailureReason::NotPermitted,
+                "self-update is not configured on this agent",
+                None,
+            );
+            return self.complete(&order, r).await;
+        }
+        let Some(device) = order.device_id.clone() else {
+            let r = orders::failed(
+                &order,
+                FailureReason::NotPermitted,
+                "the order names no device",
+                None,
+            );
+            return self.complete(&order, r).await;
+        };
+        let wait = self.collect.deadline.min(Duration::from_secs(60));
+        tracing::debug!(order = %order.order_id, %device, "dispatching");
+        match self.registry.lookup(device.as_str(), wait).await {
+            Some(tx) => {
+                self.accepted(&order).await;
+                if let Err(mpsc::error::SendError(order)) = tx.send(order) {
+                    // The task has stopped (shutdown): the order stays in the journal.
+                    tracing::info!(order = %order.order_id, "service stopping; order kept for the next start");
+                }
+            }
+            None => {
+                let r = orders::failed(
+                    &order,
+                    FailureReason::NotPermitted,
+                    &format!("device {device} is not managed by this agent"),
+                    None,
+                );
+                self.complete(&order, r).await;
+            }
+        }
+    }
+}
+
+/// A running agent service.
+pub struct Service {
+    ctx: Arc<Ctx>,
+    stop: watch::Sender<bool>,
+    session: Arc<MqttSession>,
+    forwarder: Option<Running>,
+    tasks: JoinSet<()>,
+    devices: JoinSet<()>,
+    agent: AgentId,
+    state_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("agent", &self.agent)
+            .finish()
+    }
+}
+
+impl Service {
+    /// Checks the identity, opens the state, connects to the server in the background and
+    /// starts one task per target.
+    pub async fn start(
+        config: AgentConfig,
+        options: ServiceOptions,
+    ) -> Result<Service, ServiceError> {
+        let server = &config.server;
+        let agent = identity::agent_id_from_file(&server.client_cert)?;
+        let state_err = |dir: &Path, detail: String| ServiceError::State {
+            dir: dir.display().to_string(),
+            detail,
+        };
+        std::fs::create_dir_all(&options.state_dir)
+            .map_err(|e| state_err(&options.state_dir, e.to_string()))?;
+        identity::claim_state_dir(&options.state_dir, &agent)?;
+        let tls = TlsIdentity::from_files(&server.ca_cert, &server.client_cert, &server.client_key)
+            .map_err(|e| ServiceError::Tls(e.to_string()))?;
+        let addr = tokio::net::lookup_host((server.url.host.as_str(), server.url.port))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|mut a| a.next().ok_or_else(|| "no address".to_owned()))
+            .map_err(|detail| ServiceError::Resolve {
+                host: server.url.host.clone(),
+                port: server.url.port,
+                detail,
+            })?;
+
+        let outbox_dir = options.state_dir.join("outbox");
+        let outbox = Outbox::open(&outbox_dir, Limits::default())
+            .map_err(|e| state_err(&outbox_dir, e.to_string()))?;
+        let journal_dir = options.state_dir.join("orders");
+        let journal =
+            Journal::open(&journal_dir).map_err(|e| state_err(&journal_dir, e.to_string()))?;
+        let restart_orders = journal.pending();
+
+        let mut mqtt = MqttOptions::new(addr, &server.url.host, &agent.to_string());
+        mqtt.keep_alive = options.keep_alive;
+        let orders_topic = topic::orders(&agent);
+        let session = Arc::new(
+            MqttSession::start(mqtt, tls, &[(orders_topic.as_str(), QoS::AtLeastOnce)])
+                .map_err(|e| ServiceError::Mqtt(e.to_string()))?,
+        );
+        let outbox = Arc::new(Mutex::new(outbox));
+        let forwarder = Arc::new(Forwarder::new(
+            outbox.clone(),
+            session.clone() as Arc<dyn Uplink>,
+        ));
+        let publisher = Publisher::new(agent, outbox, forwarder.waker());
+        let running = forwarder.spawn(options.forward_retry);
+
+        let endpoints = config.endpoints();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let ctx = Arc::new(Ctx {
+            publisher,
+            status: StatusTable::default(),
+            permits: Arc::new(Semaphore::new(config.concurrency.max(1))),
+            collect: options.collect.clone(),
+            schedule: config.schedule,
+            registry: Registry::new(endpoints.len()),
+            exceptions: ExceptionLog::default(),
+            journal: Arc::new(Mutex::new(journal)),
+            stop: stop_rx,
+            order_retry: options.order_retry,
+            mode: config.mode,
+        });
+
+        let mut devices = JoinSet::new();
+        let n = endpoints.len().max(1) as u32;
+        for (i, endpoint) in endpoints.into_iter().enumerate() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            ctx.registry.add_task(endpoint.addr, tx);
+            ctx.status.insert(TargetStatus {
+                addr: endpoint.addr,
+                device_id: None,
+                display_name: endpoint.meta.display_name.clone(),
+                group: endpoint.meta.group.clone(),
+                session: match endpoint.session {
+                    crate::config::SessionMode::Hold => "hold".into(),
+                    crate::config::SessionMode::Poll => "poll".into(),
+                },
+                reach: Reach::Unknown,
+                status: None,
+                last_contact: None,
+                failures: 0,
+            });
+            let start_in = options
+                .spread_start
+                .mul_f64(f64::from(i as u32) / f64::from(n));
+            devices.spawn(DeviceTask::new(ctx.clone(), endpoint, rx, start_in).run());
+        }
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(intake(ctx.clone(), session.clone(), restart_orders));
+        tasks.spawn(greet(ctx.clone(), session.clone(), config.clone()));
+        tasks.spawn(send_exceptions(ctx.clone(), options.exceptions_every));
+        tasks.spawn(write_status(
+            ctx.clone(),
+            session.clone(),
+            options.state_dir.clone(),
+            options.status_every,
+        ));
+        tracing::info!(%agent, %addr, "agent service started");
+        Ok(Service {
+            ctx,
+            stop: stop_tx,
+            session,
+            forwarder: Some(running),
+            tasks,
+            devices,
+            agent,
+            state_dir: options.state_dir,
+        })
+    }
+
+    /// The agent id (from its certificate).
+    pub fn agent_id(&self) -> AgentId {
+        self.agent
+    }
+
+    /// Whether the server connection is up.
+    pub fn connected(&self) -> bool {
+        self.session.is_connected()
+    }
+
+    /// Messages waiting for the server.
+    pub fn outbox_messages(&self) -> usize {
+        self.ctx.publisher.pending()
+    }
+
+    /// The agent screen now.
+    pub fn status(&self) -> AgentStatus {
+        snapshot(&self.ctx, &self.session)
+    }
+
+    /// Stops: device tasks end (a held session is closed), the forwarder gets a moment to
+    /// send what is queued, and the status file is written a last time. What was not sent
+    /// stays in the outbox for the next start.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while self.devices.join_next().await.is_some() {}
+        })
+        .await;
+        self.tasks.shutdown().await;
+        if self.session.is_connected() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while self.ctx.publisher.pending() > 0 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+        }
+        if let Some(f) = self.forwarder.take() {
+            f.stop().await;
+        }
+        let _ = status::write(&self.state_dir, &snapshot(&self.ctx, &self.session));
+    }
+}
+
+/// Runs the service until `shutdown` completes.
+pub async fn run(
+    config: AgentConfig,
+    options: ServiceOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServiceError> {
+    let service = Service::start(config, options).await?;
+    shutdown.await;
+    tracing::info!("stopping");
+    service.stop().await;
+    Ok(())
+}
+
+/// Receives orders: decode, journal (synced), acknowledge, dispatch. Orders left in the
+/// journal by the previous run are dispatched first.
+async fn intake(ctx: Arc<Ctx>, session: Arc<MqttSession>, restart: Vec<Order>) {
+    if !restart.is_empty() {
+        tracing::info!(
+            orders = restart.len(),
+            "running the orders recorded before the restart"
+        );
+    }
+    for order in restart {
+        ctx.dispatch(order).await;
+    }
+    loop {
+        let Ok(received) = session.next_order().await else {
+            return;
+        };
+        tracing::debug!(redelivered = received.redelivered(), "order received");
+        let order = match Envelope::from_json(&received.message.payload) {
+            Ok(Envelope {
+                message: Message::Order(o),
+                ..
+            }) => o,
+            other => {
+                let what = match other {
+                    Ok(e) => format!("a {:?} message on the order topic", e.kind()),
+                    Err(e) => format!("an undecodable order: {e}"),
+                };
+                tracing::warn!(%what, "ignored");
+                ctx.exceptions
+                    .record(Severity::Warning, "orders", &format!("ignored {what}"));
+                // Acknowledged: it can never become valid, and must not block the queue.
+                received.ack();
+                continue;
+            }
+        };
+        let journal = ctx.journal.clone();
+        let payload = received.message.payload.clone();
+        let o = order.clone();
+        let recorded = tokio::task::spawn_blocking(move || {
+            journal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(&o, payload)
+        })
+        .await;
+        tracing::debug!(order = %order.order_id, ?recorded, "journal");
+        match recorded {
+            Ok(Ok(r)) => {
+                received.ack();
+                if r == Recorded::Duplicate {
+                    tracing::debug!(order = %order.order_id, "repeated order acknowledged, not run again");
+                    continue;
+                }
+            }
+            other => {
+                // Not acknowledged: the broker delivers it again after a reconnection.
+                tracing::error!(order = %order.order_id, ?other, "order not recorded");
+                ctx.exceptions.record(
+                    Severity::Error,
+                    "orders",
+                    &format!("order {} could not be recorded", order.order_id),
+                );
+                drop(received);
+                continue;
+            }
+        }
+        ctx.dispatch(order).await;
+    }
+}
+
+fn hello(ctx: &Ctx, config: &AgentConfig) -> AgentHello {
+    let targets = ctx.status.snapshot();
+    let reachable = targets.iter().filter(|t| t.reach == Reach::Ok).count();
+    let devices: Vec<AgentDeviceSettings> = config
+        .endpoints()
+        .iter()
+        .filter(|e| e.meta != crate::config::TargetMeta::default())
+        .filter_map(|e| {
+            let id = targets
+                .iter()
+                .find(|t| t.addr == e.addr)?
+                .device_id
+                .clone()?;
+            Some(AgentDeviceSettings {
+                device_id: orders::text(&id),
+                display_name: e.meta.display_name.as_deref().map(orders::text),
+                group_name: e.meta.group.as_deref().map(orders::text),
+                comment: e.meta.comment.as_deref().map(orders::text),
+            })
+        })
+        .take(epmc_proto::model::MAX_DEVICES)
+        .collect();
+    let locale = std::env::var("LC_ALL")
+        .or_else(|_| std::env::var("LANG"))
+        .ok()
+        .map(|l| l.split(['.', '@']).next().unwrap_or_default().to_owned())
+        .filter(|l| !l.is_empty() && l != "C" && l != "POSIX");
+    AgentHello {
+        agent_code: orders::text("epmc-agent"),
+        version: orders::text(env!("CARGO_PKG_VERSION")),
+        agent_id: ctx.publisher.agent().uuid(),
+        connected_device_count: u32::try_from(reachable).unwrap_or(u32::MAX),
+        language: locale
+            .as_deref()
+            .and_then(|l| l.split('_').next())
+            .map(orders::text),
+        locale: locale.as_deref().map(orders::text),
+        devices: BoundedVec::new(devices).unwrap_or_default(),
+    }
+}
+
+/// A hello on every new connection.
+async fn greet(ctx: Arc<Ctx>, session: Arc<MqttSession>, config: AgentConfig) {
+    let mut connection = session.watch_connection();
+    loop {
+        if connection.changed().await.is_err() {
+            return;
+        }
+        let up = connection
+            .borrow_and_update()
+            .as_ref()
+            .is_some_and(|c| c.is_connected());
+        if up {
+            ctx.publish(Message::Hello(hello(&ctx, &config))).await;
+        }
+    }
+}
+
+async fn send_exceptions(ctx: Arc<Ctx>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let entries = ctx.exceptions.take();
+        if entries.is_empty() {
+            continue;
+        }
+        if let Ok(entries) = BoundedVec::new(entries) {
+            ctx.publish(Message::ExceptionLog(AgentExceptionLog { entries }))
+                .await;
+        }
+    }
+}
+
+fn snapshot(ctx: &Ctx, session: &MqttSession) -> AgentStatus {
+    AgentStatus {
+        agent_id: ctx.publisher.agent().to_string(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        mode: match ctx.mode {
+            Mode::Bidirectional => "bidirectional".into(),
+            Mode::MonitorOnly => "monitor-only".into(),
+        },
+        written_at: Timestamp::now().unix(),
+        server_connected: session.is_connected(),
+        server_error: session.stats().last_error,
+        outbox_messages: ctx.publisher.pending(),
+        orders_in_progress: ctx
+            .journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .in_progress(),
+        targets: ctx.status.snapshot(),
+    }
+}
+
+async fn write_status(ctx: Arc<Ctx>, session: Arc<MqttSession>, dir: PathBuf, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let s = snapshot(&ctx, &session);
+        let dir = dir.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || status::write(&dir, &s)).await {
+            tracing::warn!(error = %e, "status file not written");
+        }
+    }
+}

@@ -1,0 +1,442 @@
+//! The agent service end to end, in-process, against the real server (SQLite, MQTT over TLS
+//! with certificates from the server's CA) and a fleet of emulated projectors on loopback:
+//! telemetry lands in the database, orders run on the projectors, IMEVENT notifications
+//! become events, a server outage loses nothing, monitor-only refuses orders, and a state
+//! directory of another agent is refused.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use epmc_agent::config::AgentConfig;
+use epmc_agent::service::{Service, ServiceOptions, status};
+use epmc_proto::bounded::Timestamp;
+use epmc_proto::model::DeviceEventKind;
+use epmc_proto::order::OrderAction;
+use epmc_server::datadir;
+use epmc_server::server::{ServeConfig, Server};
+use epmc_server::store::{DeviceSummary, OrderState, OrderTarget, TenantId};
+use escvp::emulator::{Fleet, ProjectorConfig};
+use escvp::event::Warnings;
+use escvp::value::PowerCode;
+
+const BOUND: Duration = Duration::from_secs(30);
+
+async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {BOUND:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    server: Option<Server>,
+    mqtt: SocketAddr,
+    tenant: TenantId,
+}
+
+fn data(dir: &Path) -> PathBuf {
+    dir.join("server")
+}
+
+async fn serve(dir: &Path, mqtt: SocketAddr) -> Server {
+    let mut config = ServeConfig::new(data(dir));
+    config.mqtt = mqtt;
+    config.https = "127.0.0.1:0".parse().unwrap();
+    config.poll = Duration::from_millis(100);
+    Server::start(config).await.unwrap()
+}
+
+impl Env {
+    async fn start() -> Env {
+        epmc_server::ca::install_crypto_provider();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().unwrap();
+        datadir::init(&data(dir.path()), &[]).unwrap();
+        let server = serve(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+        let tenant = server.store().admin().add_tenant("acme").await.unwrap();
+        Env {
+            mqtt: server.mqtt_addr(),
+            server: Some(server),
+            dir,
+            tenant,
+        }
+    }
+
+    fn server(&self) -> &Server {
+        self.server.as_ref().unwrap()
+    }
+
+    /// Issues an agent certificate (as `epmc-server agent issue` does) into `name/`.
+    async fn issue(&self, name: &str) -> PathBuf {
+        let out = self.dir.path().join(name);
+        let pki = datadir::load(&data(self.dir.path())).unwrap();
+        let admin = self.server().store().admin();
+        let agent = admin.create_agent(self.tenant, name).await.unwrap();
+        let bundle = pki
+            .ca
+            .issue_agent_with_key(agent.uuid(), time::OffsetDateTime::now_utc())
+            .unwrap();
+        datadir::write_agent_bundle(&out, &bundle).unwrap();
+        let not_after =
+            Timestamp::from_unix(bundle.certificate.not_after.unix_timestamp()).unwrap();
+        admin
+            .record_certificate(agent, &bundle.certificate.serial.to_hex(), not_after)
+            .await
+            .unwrap();
+        out
+    }
+
+    fn config(
+        &self,
+        agent_dir: &Path,
+        mode: &str,
+        targets: &[(SocketAddr, &str, &str)],
+    ) -> AgentConfig {
+        let mut text = format!(
+            "mode = \"{mode}\"\n[server]\nurl = \"mqtts://localhost:{}\"\nca_cert = \"ca.crt\"\nclient_cert = \"agent.crt\"\nclient_key = \"agent.key\"\n",
+            self.mqtt.port()
+        );
+        for (addr, name, session) in targets {
+            text += &format!(
+                "[[target]]\naddress = \"{addr}\"\ndisplay_name = \"{name}\"\nsession = \"{session}\"\n"
+            );
+        }
+        let path = agent_dir.join("agent.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut config = AgentConfig::load(&path).unwrap();
+        // Faster than the file allows (10 s at least), for the test.
+        config.schedule.status_interval = Duration::from_millis(700);
+        config
+    }
+
+    async fn devices(&self) -> Vec<DeviceSummary> {
+        self.server().store().admin().devices().await.unwrap()
+    }
+
+    async fn device(&self, serial: &str) -> DeviceSummary {
+        let serial = serial.to_owned();
+        eventually(&format!("device {serial} stored"), async || {
+            self.devices()
+                .await
+                .into_iter()
+                .find(|d| d.serial.as_deref() == Some(serial.as_str()) && d.status.is_some())
+        })
+        .await
+    }
+
+    async fn order(&self, device: &DeviceSummary, action: OrderAction) -> uuid::Uuid {
+        let expires = Timestamp::from_unix(Timestamp::now().unix() + 600).unwrap();
+        let id = self
+            .server()
+            .store()
+            .orders()
+            .create(OrderTarget::Device(device.id), &action, "test", expires)
+            .await
+            .unwrap();
+        self.server().notify_orders();
+        id
+    }
+
+    async fn finished(&self, order: uuid::Uuid) -> (OrderState, Option<serde_json::Value>) {
+        eventually("order finished", async || {
+            let r = self.server().store().orders().get(order).await.unwrap();
+            matches!(
+                r.state,
+                OrderState::Done | OrderState::Failed | OrderState::TimedOut
+            )
+            .then_some((r.state, r.result))
+        })
+        .await
+    }
+}
+
+fn options(dir: &Path) -> ServiceOptions {
+    let mut o = ServiceOptions::new(dir.join("state"));
+    o.keep_alive = Duration::from_secs(5);
+    o.order_retry = Duration::from_millis(300);
+    o.status_every = Duration::from_millis(200);
+    o.spread_start = Duration::from_millis(100);
+    o.collect.command_timeout_scale = 0.5;
+    o
+}
+
+fn template() -> ProjectorConfig {
+    ProjectorConfig {
+        warm_up: Duration::from_millis(300),
+        cool_down: Duration::from_millis(300),
+        ..ProjectorConfig::default()
+    }
+}
+
+async fn fleet(n: usize) -> Fleet {
+    Fleet::spawn_consecutive("127.0.0.1:0".parse().unwrap(), n, template())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_is_reported_and_orders_run_on_the_projectors() {
+    let env = Env::start().await;
+    let fleet = fleet(3).await;
+    let p = fleet.projectors();
+    let agent_dir = env.issue("room-agent").await;
+    let config = env.config(
+        &agent_dir,
+        "bidirectional",
+        &[
+            (p[0].tcp_addr(), "Room 1", "poll"),
+            (p[1].tcp_addr(), "Room 2", "poll"),
+            (p[2].tcp_addr(), "Hall", "hold"),
+        ],
+    );
+    let service = Service::start(config, options(&agent_dir)).await.unwrap();
+
+    // Every projector lands in the database under its serial number, with its status.
+    let d0 = env.device(p[0].serial()).await;
+    env.device(p[1].serial()).await;
+    env.device(p[2].serial()).await;
+    assert_eq!(env.devices().await.len(), 3, "no ip: duplicates");
+    let agents = env.server().store().admin().agents(None).await.unwrap();
+    assert_eq!(
+        agents[0].version.as_deref(),
+        Some(env!("CARGO_PKG_VERSION")),
+        "hello stored"
+    );
+
+    // Power on: the order waits through warm-up and reports the projector's reply.
+    let order = env.order(&d0, OrderAction::PowerOn).await;
+    let (state, result) = env.finished(order).await;
+    assert_eq!(state, OrderState::Done, "{result:?}");
+    assert_eq!(p[0].power_code(), PowerCode::ON);
+    let reply = result.unwrap()["device_reply"].as_str().unwrap().to_owned();
+    assert!(reply.contains("PWR=01"), "{reply}");
+    // The new status is reported at once.
+    eventually("status shows power on", async || {
+        let d = env.device(p[0].serial()).await;
+        (d.status.unwrap().1.power == Some(epmc_proto::model::PowerState::On)).then_some(())
+    })
+    .await;
+
+    // Mute, then a source the projector does not have: done, then refused with its reply.
+    let order = env.order(&d0, OrderAction::AvMute { on: true }).await;
+    assert_eq!(env.finished(order).await.0, OrderState::Done);
+    let order = env
+        .order(
+            &d0,
+            OrderAction::SourceChange {
+                source: epmc_proto::bounded::HexCode::new(0xEE),
+            },
+        )
+        .await;
+    let (state, result) = env.finished(order).await;
+    assert_eq!(state, OrderState::Failed);
+    let result = result.unwrap();
+    assert_eq!(result["reason"], "device_refused", "{result}");
+    assert_eq!(result["device_reply"], "ERR", "{result}");
+
+    // Orders for a held session run on it too.
+    let d2 = env.device(p[2].serial()).await;
+    let order = env.order(&d2, OrderAction::PowerOn).await;
+    assert_eq!(env.finished(order).await.0, OrderState::Done);
+    assert_eq!(p[2].power_code(), PowerCode::ON);
+
+    // The agent screen.
+    let state_dir = agent_dir.join("state");
+    let screen = eventually("status file shows all three", async || {
+        let s = status::read(&state_dir).ok()?;
+        (s.server_connected
+            && s.targets.len() == 3
+            && s.targets.iter().all(|t| t.last_contact.is_some()))
+        .then_some(s)
+    })
+    .await;
+    let mut out = Vec::new();
+    epmc_agent::cli::write_status(&mut out, &screen, Timestamp::now().unix()).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    for needle in ["Room 1", "Room 2", "Hall", p[0].serial(), "on", "connected"] {
+        assert!(out.contains(needle), "{needle:?} missing from:\n{out}");
+    }
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_on_a_held_session_arrive_as_events_and_an_outage_loses_none() {
+    let mut env = Env::start().await;
+    let fleet = fleet(1).await;
+    let p = &fleet.projectors()[0];
+    let agent_dir = env.issue("notify-agent").await;
+    let config = env.config(
+        &agent_dir,
+        "bidirectional",
+        &[(p.tcp_addr(), "Lab", "hold")],
+    );
+    let service = Service::start(config, options(&agent_dir)).await.unwrap();
+    let device = env.device(p.serial()).await;
+
+    let warnings_events = async |env: &Env| -> Vec<u32> {
+        let events = env
+            .server()
+            .store()
+            .tenant(env.tenant)
+            .events(device.id, 1000)
+            .await
+            .unwrap();
+        // Newest first from the store: oldest first here.
+        events
+            .iter()
+            .rev()
+            .filter_map(|e| match &e.event {
+                DeviceEventKind::StatusChange { warnings, .. } => Some(warnings.len() as u32),
+                _ => None,
+            })
+            .collect()
+    };
+
+    // A status change while connected reaches the server as an event.
+    p.set_warnings(Warnings::AIR_FILTER);
+    eventually("event stored", async || {
+        (warnings_events(&env).await.contains(&1)).then_some(())
+    })
+    .await;
+    let before = warnings_events(&env).await.len();
+
+    // The server goes away; the projector keeps changing.
+    env.server.take().unwrap().shutdown().await;
+    eventually("agent sees the outage", async || {
+        (!service.connected()).then_some(())
+    })
+    .await;
+    let changes = [
+        Warnings::NONE,
+        Warnings::AIR_FILTER,
+        Warnings::NONE,
+        Warnings::AIR_FILTER.union(Warnings::HIGH_TEMPERATURE),
+        Warnings::NONE,
+    ];
+    for w in changes {
+        p.set_warnings(w);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    eventually("changes queued in the outbox", async || {
+        (service.outbox_messages() >= changes.len()).then_some(())
+    })
+    .await;
+
+    // The server is back on the same port: every change arrives, each once, in order.
+    env.server = Some(serve(env.dir.path(), env.mqtt).await);
+    let expected: Vec<u32> = changes.iter().map(|w| w.bits().count_ones()).collect();
+    let got = eventually("backlog delivered", async || {
+        let all = warnings_events(&env).await;
+        (all.len() >= before + changes.len()).then_some(all)
+    })
+    .await;
+    assert_eq!(&got[before..], &expected[..], "all events: {got:?}");
+    eventually("outbox drained", async || {
+        (service.outbox_messages() == 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        warnings_events(&env).await.len(),
+        before + changes.len(),
+        "no duplicates"
+    );
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitor_only_agent_refuses_every_order() {
+    let env = Env::start().await;
+    let fleet = fleet(1).await;
+    let p = &fleet.projectors()[0];
+    let agent_dir = env.issue("monitor-agent").await;
+    let config = env.config(
+        &agent_dir,
+        "monitor-only",
+        &[(p.tcp_addr(), "Lobby", "poll")],
+    );
+    let service = Service::start(config, options(&agent_dir)).await.unwrap();
+    let device = env.device(p.serial()).await;
+    let order = env.order(&device, OrderAction::PowerOn).await;
+    let (state, result) = env.finished(order).await;
+    assert_eq!(state, OrderState::Failed);
+    let result = result.unwrap();
+    assert_eq!(result["reason"], "not_permitted", "{result}");
+    assert!(
+        result["detail"].as_str().unwrap().contains("monitor-only"),
+        "{result}"
+    );
+    assert_ne!(
+        p.power_code(),
+        PowerCode::ON,
+        "the projector was not touched"
+    );
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_directory_of_another_agent_is_refused() {
+    let env = Env::start().await;
+    let first = env.issue("first").await;
+    let second = env.issue("second").await;
+    let config = env.config(&first, "bidirectional", &[]);
+    let service = Service::start(config, options(&first)).await.unwrap();
+    service.stop().await;
+    // The second agent's certificate with the first agent's state directory.
+    let config = env.config(&second, "bidirectional", &[]);
+    let err = Service::start(config, options(&first)).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("belongs to agent"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswering_projector_is_retried_with_back_off_not_in_a_loop() {
+    let env = Env::start().await;
+    // Accepts and closes at once: every attempt fails ("dropped").
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = attempts.clone();
+    let accept = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let agent_dir = env.issue("backoff-agent").await;
+    let config = env.config(&agent_dir, "bidirectional", &[(addr, "Broken", "poll")]);
+    let service = Service::start(config, options(&agent_dir)).await.unwrap();
+    // Reported unreachable under its address id.
+    eventually("unreachable event", async || {
+        env.devices()
+            .await
+            .into_iter()
+            .find(|d| d.key == format!("ip:{}", addr.ip()))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Status interval 0.7 s, doubling per failure: 0.7 + 1.4 + 2.8 s, so about four
+    // attempts in four seconds (without back-off it would be hundreds).
+    let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=6).contains(&n), "{n} attempts in about 4 s");
+    let screen = status::read(&agent_dir.join("state")).unwrap();
+    assert!(
+        matches!(screen.targets[0].reach, status::Reach::Failed(_)),
+        "{:?}",
+        screen.targets[0]
+    );
+    service.stop().await;
+    accept.abort();
+}
