@@ -1,9 +1,13 @@
 //! The `escvp` crate on its own, as an integrator embeds it: a fleet of emulated projectors on
 //! loopback, discovered with UDP HELLO and read through the `escvp` client. (The whole system,
 //! server, agent and projectors, is `scripts/demo`.)
+//!
+//! `demo ADDR... [--password PW]` reads real projectors instead (read only: it does not
+//! switch them on).
 
 use std::time::Duration;
 
+use epmc_examples::ProjectorArgs;
 use escvp::client::{Client, ClientConfig, ClientEvent};
 use escvp::discovery::{DiscoveryConfig, discover};
 use escvp::emulator::{Fleet, ProjectorConfig};
@@ -13,6 +17,11 @@ const FLEET_SIZE: usize = 6;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = ProjectorArgs::from_env();
+    let real = args.resolve().await?;
+    if !real.is_empty() {
+        return read_real(&args, real).await;
+    }
     println!("escvp demo: the protocol crate, its async client and its projector emulator on");
     println!("their own, as an integrator embeds them (the whole system is scripts/demo).\n");
 
@@ -74,5 +83,44 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "\nTry it yourself: cargo run -p escvp --features emulator --bin escvp-emulator -- --listen 127.0.0.1:0 --count 3"
     );
     fleet.shutdown().await;
+    Ok(())
+}
+
+/// The table for real projectors: HELLO, then a read-only session each.
+async fn read_real(
+    args: &ProjectorArgs,
+    targets: Vec<std::net::SocketAddr>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let found = discover(&DiscoveryConfig {
+        bind: if targets.iter().all(|t| t.is_ipv6()) {
+            "[::]:0".parse()?
+        } else {
+            "0.0.0.0:0".parse()?
+        },
+        targets: targets.clone(),
+        timeout: Duration::from_secs(2),
+        ..DiscoveryConfig::default()
+    })
+    .await?;
+    println!("UDP HELLO: {} of {} answered.", found.len(), targets.len());
+    for addr in targets {
+        let name = found
+            .iter()
+            .find(|d| d.addr == addr)
+            .and_then(|d| d.info.name.clone())
+            .unwrap_or_else(|| "?".into());
+        match Client::connect(addr, args.client_config()?).await {
+            Ok(client) => {
+                let power = client.get::<Power>().await?;
+                let serial = client.get::<SerialNumber>().await?;
+                println!(
+                    "{addr}  {name}  serial {}  power {}",
+                    serial.as_str(),
+                    power.name().unwrap_or("unknown")
+                );
+            }
+            Err(e) => println!("{addr}  {name}  no session: {e}"),
+        }
+    }
     Ok(())
 }

@@ -1,15 +1,49 @@
-//! Watches IMEVENT status-change notifications while a projector warms up, runs, raises an
-//! alarm and cools down: `cargo run -p epmc-examples --example watch_events`.
+//! Watches IMEVENT status-change notifications.
+//!
+//! `cargo run -p epmc-examples --example watch_events` drives an emulated projector through
+//! warm-up, an alarm and cool-down; `… --example watch_events -- 192.168.1.20 --password PW`
+//! holds a session to a real one and prints what it pushes for a minute (switch it on or off
+//! with the remote meanwhile).
 
 use std::time::Duration;
 
-use escvp::client::{Client, ClientConfig, ClientEvent};
+use epmc_examples::ProjectorArgs;
+use escvp::client::{Client, ClientConfig, ClientEvent, Events};
 use escvp::emulator::{Fleet, ProjectorConfig};
 use escvp::event::Alarms;
 use escvp::value::PowerCommand;
 
+/// Prints status events until `count` arrived or the session ends.
+async fn print_events(mut events: Events, count: usize) {
+    let mut seen = 0;
+    while let Some(event) = events.recv().await {
+        match event {
+            ClientEvent::Status(s) => {
+                println!(
+                    "IMEVENT status={:?} warnings={:?} alarms={:?}",
+                    s.status, s.warnings, s.alarms
+                );
+                seen += 1;
+                if seen == count {
+                    break;
+                }
+            }
+            other => println!("{other:?}"),
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = ProjectorArgs::from_env();
+    if let Some(addr) = args.resolve().await?.first() {
+        let client = Client::connect(*addr, args.client_config()?).await?;
+        println!("session open to {addr}; watching for 60 s");
+        let watch = print_events(client.events(), usize::MAX);
+        let _ = tokio::time::timeout(Duration::from_secs(60), watch).await;
+        return Ok(());
+    }
+
     let config = ProjectorConfig {
         warm_up: Duration::from_millis(500),
         cool_down: Duration::from_millis(500),
@@ -18,26 +52,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fleet = Fleet::spawn([("127.0.0.1:0".parse()?, config)]).await?;
     let projector = fleet.projectors()[0].clone();
     let client = Client::connect(projector.tcp_addr(), ClientConfig::default()).await?;
-    let mut events = client.events();
-
-    let watcher = tokio::spawn(async move {
-        let mut seen = 0;
-        while let Some(event) = events.recv().await {
-            match event {
-                ClientEvent::Status(s) => {
-                    println!(
-                        "IMEVENT status={:?} warnings={:?} alarms={:?}",
-                        s.status, s.warnings, s.alarms
-                    );
-                    seen += 1;
-                    if seen == 5 {
-                        break;
-                    }
-                }
-                other => println!("{other:?}"),
-            }
-        }
-    });
+    let watcher = tokio::spawn(print_events(client.events(), 5));
     client.power(PowerCommand::On).await?; // warm-up, then on
     projector.set_alarms(Alarms::FAN); // an alarm
     projector.set_alarms(Alarms::NONE); // cleared

@@ -14,10 +14,10 @@ use clap::{Args, Parser, Subcommand};
 use epmc_proto::{Envelope, Message};
 use escvp::net::Password;
 
-use crate::collect::{CollectOptions, Collected, collect_all};
+use crate::collect::{CollectOptions, Collected, Interface, collect_all};
 use crate::config::ProxyUrl;
 use crate::config::{AgentConfig, Endpoint, MAX_TOTAL_ADDRESSES, Mode, SessionMode, TargetSpec};
-use crate::discover::{ProbeOutcome, discover};
+use crate::discover::{HelloOptions, HttpProbe, ProbeOutcome, discover_combined};
 use crate::enroll::{EnrollOptions, EnrollProxy, ServerAddress, Token, enroll};
 use epmc_transport::client::ProxyCredentials;
 
@@ -127,9 +127,16 @@ pub struct CollectArgs {
     /// A projector to read (repeatable); port 3629 by default.
     #[arg(long = "target", value_name = "ADDR[:PORT]", required = true, value_parser = parse_single)]
     pub targets: Vec<SocketAddr>,
-    /// ESC/VP.net password (at most 16 characters), used for every target.
+    /// ESC/VP.net password (at most 16 characters), used for every target (and as the
+    /// HTTP Digest password of the fallback).
     #[arg(long, value_name = "PW", value_parser = parse_password)]
     pub password: Option<Password>,
+    /// Port of the HTTP json_query fallback, tried where the ESC/VP.net port is closed.
+    #[arg(long, value_name = "PORT", default_value_t = crate::config::DEFAULT_HTTP_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+    pub http_port: u16,
+    /// Never fall back to HTTP.
+    #[arg(long, conflicts_with = "http_port")]
+    pub no_http: bool,
     /// Print the epmc-proto JSON envelopes (one per line) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -161,6 +168,19 @@ pub struct DiscoverArgs {
     /// List every address, not only those that answered ESC/VP.net.
     #[arg(long)]
     pub all: bool,
+    /// Do not send the UDP HELLO (unicast, to the same addresses and ports).
+    #[arg(long)]
+    pub no_hello: bool,
+    /// Milliseconds to wait for UDP HELLO replies.
+    #[arg(long, value_name = "MS", default_value_t = 1500, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub hello_timeout_ms: u64,
+    /// Port of the HTTP json_query interface probed where the ESC/VP.net port is closed
+    /// (for --range; a configuration file names its own).
+    #[arg(long, value_name = "PORT", default_value_t = crate::config::DEFAULT_HTTP_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+    pub http_port: u16,
+    /// Do not probe HTTP.
+    #[arg(long, conflicts_with = "http_port")]
+    pub no_http: bool,
     /// Timeouts.
     #[command(flatten)]
     pub timeouts: TimeoutArgs,
@@ -308,7 +328,11 @@ async fn run_collect(
         .targets
         .iter()
         .filter(|a| seen.insert(**a))
-        .map(|a| Endpoint::new(*a).with_password(args.password.clone()))
+        .map(|a| {
+            Endpoint::new(*a)
+                .with_password(args.password.clone())
+                .with_http_port((!args.no_http).then_some(args.http_port))
+        })
         .collect();
     let results = collect_all(
         &endpoints,
@@ -320,6 +344,9 @@ async fn run_collect(
     for (endpoint, result) in endpoints.iter().zip(results) {
         match result {
             Ok(c) if args.json => {
+                if c.via != Interface::EscVpNet {
+                    writeln!(err, "{}: read over {} at {}", endpoint.addr, c.via, c.addr)?;
+                }
                 for message in [
                     Message::Snapshot(c.snapshot.clone()),
                     Message::Collection(Box::new(c.collection.clone())),
@@ -353,6 +380,7 @@ fn write_human(out: &mut impl Write, c: &Collected) -> std::io::Result<()> {
     let opt = |v: Option<String>| v.unwrap_or_else(|| absent.to_owned());
     writeln!(out, "{}  {}", c.addr, col.device_id)?;
     let rows: Vec<(&str, String)> = vec![
+        ("interface", format!("{} ({})", c.via, c.addr)),
         (
             "serial",
             opt(col.info.serial_number.as_ref().map(|s| s.to_string())),
@@ -454,7 +482,14 @@ async fn run_discover(
     let mut endpoints = Vec::new();
     if let Some(path) = &args.config {
         match AgentConfig::load(path) {
-            Ok(c) => endpoints = c.endpoints(),
+            Ok(c) => {
+                endpoints = c.endpoints();
+                if args.no_http {
+                    for e in &mut endpoints {
+                        e.http_port = None;
+                    }
+                }
+            }
             Err(e) => {
                 writeln!(err, "--config: {e}")?;
                 return Ok(1);
@@ -471,40 +506,84 @@ async fn run_discover(
                     )?;
                     return Ok(1);
                 }
-                endpoints.push(Endpoint::new(addr).with_password(args.password.clone()));
+                endpoints.push(
+                    Endpoint::new(addr)
+                        .with_password(args.password.clone())
+                        .with_http_port((!args.no_http).then_some(args.http_port)),
+                );
             }
         }
     }
-    let probes = discover(
+    let hello = HelloOptions {
+        timeout: Duration::from_millis(args.hello_timeout_ms),
+        ..HelloOptions::default()
+    };
+    let probes = discover_combined(
         &endpoints,
         &args.timeouts.options(),
         args.concurrency as usize,
+        (!args.no_hello).then_some(&hello),
     )
     .await;
+    // The first address each serial number was seen at.
+    let mut first_seen: Vec<(String, SocketAddr)> = Vec::new();
     let mut found = 0;
     for p in &probes {
-        match &p.outcome {
-            ProbeOutcome::Projector { serial, problem } => {
-                found += 1;
-                write!(
-                    out,
+        let mut line = String::new();
+        match (&p.tcp, &p.http, &p.hello) {
+            (ProbeOutcome::Projector { serial, problem }, _, _) => {
+                line = format!(
                     "{}  projector  {}",
                     p.addr,
                     serial.as_deref().unwrap_or("-")
-                )?;
-                match problem {
-                    Some(e) => writeln!(out, "  ({e})")?,
-                    None => writeln!(out)?,
+                );
+                if let Some(e) = problem {
+                    line.push_str(&format!("  ({e})"));
                 }
             }
-            ProbeOutcome::Locked(e) => {
-                found += 1;
-                writeln!(out, "{}  locked     {} ({})", p.addr, e.code(), e)?;
+            (ProbeOutcome::Locked(e), _, _) => {
+                line = format!("{}  locked     {} ({})", p.addr, e.code(), e);
             }
-            ProbeOutcome::Absent(e) if args.all => {
-                writeln!(out, "{}  absent     {} ({})", p.addr, e.code(), e)?;
+            (ProbeOutcome::Absent(tcp), Some(HttpProbe::Projector { serial }), _) => {
+                line = format!(
+                    "{}  projector  {}  (over HTTP json_query; ESC/VP.net: {})",
+                    p.addr,
+                    serial.as_deref().unwrap_or("-"),
+                    tcp.code()
+                );
             }
-            ProbeOutcome::Absent(_) => {}
+            (ProbeOutcome::Absent(_), Some(HttpProbe::Locked(e)), _) => {
+                line = format!(
+                    "{}  locked     {} ({}) over HTTP json_query",
+                    p.addr,
+                    e.code(),
+                    e
+                );
+            }
+            (ProbeOutcome::Absent(tcp), _, Some(h)) => {
+                line = format!(
+                    "{}  hello      {}  (answered HELLO; ESC/VP.net session: {})",
+                    p.addr,
+                    h.name.as_deref().unwrap_or("-"),
+                    tcp.code()
+                );
+            }
+            (ProbeOutcome::Absent(e), _, None) if args.all => {
+                line = format!("{}  absent     {} ({})", p.addr, e.code(), e);
+            }
+            (ProbeOutcome::Absent(_), _, None) => {}
+        }
+        if p.is_projector() {
+            found += 1;
+            if let Some(serial) = p.serial() {
+                match first_seen.iter().find(|(s, _)| s == serial) {
+                    Some((_, first)) => line.push_str(&format!("  (same device as {first})")),
+                    None => first_seen.push((serial.to_owned(), p.addr)),
+                }
+            }
+        }
+        if !line.is_empty() {
+            writeln!(out, "{line}")?;
         }
     }
     writeln!(
@@ -573,6 +652,7 @@ pub fn service_config(args: &RunArgs) -> Result<AgentConfig, String> {
             password: None,
             meta: Default::default(),
             session: SessionMode::Poll,
+            http_port: crate::config::DEFAULT_HTTP_PORT,
             line: 0,
         });
     }

@@ -29,6 +29,11 @@
 //! password required or wrong, timeout, garbage, dropped connection and refused connection
 //! are distinct.
 //!
+//! Where port 3629 refuses or closes the connection before the handshake, or answers
+//! `0x45` (command communication "Protected"), [`collect_once`]
+//! (and so [`collect_all`]) falls back to the projector's HTTP `json_query` interface
+//! ([`crate::http`]); [`Collected::via`] says which interface was used.
+//!
 //! `VER?` and `NWPNAME?` are not in the sources the protocol reference could confirm; a
 //! projector that lacks them answers `ERR` and the items are simply absent.
 
@@ -159,6 +164,9 @@ pub enum CollectError {
     /// The projector closed the connection.
     #[error("the projector closed the connection")]
     Dropped,
+    /// ESC/VP.net was not available and the HTTP fallback answered but failed.
+    #[error("ESC/VP.net port closed; over HTTP: {0}")]
+    Http(crate::http::HttpError),
 }
 
 impl CollectError {
@@ -176,6 +184,7 @@ impl CollectError {
             CollectError::Garbage(_) => "garbage",
             CollectError::Protocol(_) => "protocol",
             CollectError::Dropped => "dropped",
+            CollectError::Http(e) => e.code(),
         }
     }
 
@@ -259,11 +268,32 @@ pub struct StatusRead {
     pub report: Report,
 }
 
+/// The interface a collection was read through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Interface {
+    /// ESC/VP.net (TCP 3629), ESC/VP21 commands.
+    EscVpNet,
+    /// The HTTP `json_query` interface (the fallback).
+    Http,
+}
+
+impl std::fmt::Display for Interface {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Interface::EscVpNet => "ESC/VP.net",
+            Interface::Http => "HTTP json_query",
+        })
+    }
+}
+
 /// A full collection.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Collected {
     /// Where the projector was reached.
     pub addr: SocketAddr,
+    /// The interface it was read through.
+    pub via: Interface,
     /// The status part as its own message.
     pub snapshot: DeviceSnapshot,
     /// The full collection message.
@@ -513,6 +543,7 @@ impl Projector {
         });
         Ok(Collected {
             addr: self.addr,
+            via: Interface::EscVpNet,
             snapshot: DeviceSnapshot {
                 device_id: device_id.clone(),
                 observed_at: now,
@@ -585,7 +616,11 @@ pub fn device_id(serial: Option<&str>, addr: SocketAddr) -> DeviceId {
         .unwrap_or_default()
 }
 
-fn name(text: &str, command: &'static str, report: &mut Report) -> Option<epmc_proto::model::Name> {
+pub(crate) fn name(
+    text: &str,
+    command: &'static str,
+    report: &mut Report,
+) -> Option<epmc_proto::model::Name> {
     match BoundedString::new(text) {
         Ok(n) => Some(n),
         Err(e) => {
@@ -598,7 +633,7 @@ fn name(text: &str, command: &'static str, report: &mut Report) -> Option<epmc_p
     }
 }
 
-fn byte(value: u32, command: &'static str, report: &mut Report) -> Option<u8> {
+pub(crate) fn byte(value: u32, command: &'static str, report: &mut Report) -> Option<u8> {
     match u8::try_from(value) {
         Ok(b) => Some(b),
         Err(_) => {
@@ -611,7 +646,7 @@ fn byte(value: u32, command: &'static str, report: &mut Report) -> Option<u8> {
     }
 }
 
-fn warnings(w: Warnings, report: &mut Report) -> BoundedVec<Warning, 16> {
+pub(crate) fn warnings(w: Warnings, report: &mut Report) -> BoundedVec<Warning, 16> {
     let table = [
         (Warnings::LAMP_LIFE, Warning::LampLife),
         (Warnings::NO_SIGNAL, Warning::NoSignal),
@@ -634,7 +669,7 @@ fn warnings(w: Warnings, report: &mut Report) -> BoundedVec<Warning, 16> {
     BoundedVec::new(list).unwrap_or_default()
 }
 
-fn alarms(a: Alarms, report: &mut Report) -> BoundedVec<Alarm, 16> {
+pub(crate) fn alarms(a: Alarms, report: &mut Report) -> BoundedVec<Alarm, 16> {
     let table = [
         (Alarms::LAMP_ON_FAILURE, Alarm::LampOnFailure),
         (Alarms::LAMP_LID, Alarm::LampLid),
@@ -658,13 +693,21 @@ fn alarms(a: Alarms, report: &mut Report) -> BoundedVec<Alarm, 16> {
     BoundedVec::new(list).unwrap_or_default()
 }
 
-/// Connects, reads everything and disconnects, within [`CollectOptions::deadline`].
+/// Connects, reads everything and disconnects, within [`CollectOptions::deadline`]. Where
+/// port 3629 refuses or closes the connection, or answers `0x45`, reads over HTTP instead
+/// ([`crate::http::collect_fallback`]).
 pub async fn collect_once(
     endpoint: &Endpoint,
     options: &CollectOptions,
 ) -> Result<Collected, CollectError> {
     let work = async {
-        let mut projector = Projector::connect(endpoint, options).await?;
+        let mut projector = match Projector::connect(endpoint, options).await {
+            Ok(p) => p,
+            Err(e) if crate::http::fallback_applies(&e) => {
+                return crate::http::collect_fallback(endpoint, options, e).await;
+            }
+            Err(e) => return Err(e),
+        };
         let collected = projector.read_full(&endpoint.meta).await;
         projector.close().await;
         collected

@@ -31,6 +31,7 @@
 //! group = "Building A"
 //! comment = "ceiling mount"
 //! session = "hold"               # keep one session open (IMEVENT); "poll" (default): connect, work, disconnect
+//! http_port = 80                 # HTTP json_query fallback where 3629 is closed (1-65535, default 80)
 //!
 //! [[target]]
 //! address = "192.168.20.0/24"    # CIDR[:PORT], at most 65 536 addresses (an IPv4 /16)
@@ -54,6 +55,8 @@ use escvp::net::{DEFAULT_PORT, Password};
 use serde::Deserialize;
 use toml::Spanned;
 
+/// The HTTP fallback port when a target names none.
+pub const DEFAULT_HTTP_PORT: u16 = 80;
 /// Most addresses one CIDR range may hold (an IPv4 /16 or an IPv6 /112).
 pub const MAX_RANGE_ADDRESSES: u32 = 1 << 16;
 /// Most addresses all targets together may expand to.
@@ -438,6 +441,8 @@ pub struct Target {
     pub meta: TargetMeta,
     /// Held or per-poll session.
     pub session: SessionMode,
+    /// Port of the HTTP `json_query` fallback.
+    pub http_port: u16,
     /// Line of its `address` in the file.
     pub line: usize,
 }
@@ -453,17 +458,27 @@ pub struct Endpoint {
     pub session: SessionMode,
     /// Display name, group and comment.
     pub meta: TargetMeta,
+    /// Port of the HTTP `json_query` fallback on the same address (`None`: no fallback).
+    pub http_port: Option<u16>,
 }
 
 impl Endpoint {
-    /// An endpoint with no password, per-poll sessions and no metadata.
+    /// An endpoint with no password, per-poll sessions, no metadata and the HTTP fallback on
+    /// port 80.
     pub fn new(addr: SocketAddr) -> Endpoint {
         Endpoint {
             addr,
             password: None,
             session: SessionMode::Poll,
             meta: TargetMeta::default(),
+            http_port: Some(DEFAULT_HTTP_PORT),
         }
+    }
+
+    /// Sets the HTTP fallback port (`None`: no fallback).
+    pub fn with_http_port(mut self, port: Option<u16>) -> Endpoint {
+        self.http_port = port;
+        self
     }
 
     /// Sets the password.
@@ -742,6 +757,7 @@ struct RawTarget {
     comment: Option<Spanned<String>>,
     #[serde(default)]
     session: SessionMode,
+    http_port: Option<Spanned<u64>>,
 }
 
 fn bounded(
@@ -905,11 +921,14 @@ impl AgentConfig {
                     ));
                 }
             }
+            let http_port = bounded(text, t.http_port, "http_port", 1..=u64::from(u16::MAX))?
+                .map_or(DEFAULT_HTTP_PORT, |p| p as u16);
             targets.push(Target {
                 spec,
                 password,
                 meta,
                 session: t.session,
+                http_port,
                 line,
             });
         }
@@ -1000,6 +1019,7 @@ impl AgentConfig {
                     password: t.password.clone(),
                     session: t.session,
                     meta: t.meta.clone(),
+                    http_port: Some(t.http_port),
                 })
             })
             .collect()

@@ -5,7 +5,10 @@
 //! - [`collect`]: reads a projector over ESC/VP.net into `epmc-proto` messages
 //!   (`DeviceSnapshot`, `FullCollection`); failures are typed (busy, password, timeout,
 //!   garbage, dropped, refused).
-//! - [`discover`]: a bounded-concurrency TCP sweep of the configured addresses.
+//! - [`http`]: the HTTP `json_query` collector (Digest auth), the fallback where port 3629
+//!   is closed.
+//! - [`discover`]: a bounded-concurrency TCP sweep of the configured addresses, combined
+//!   with UDP HELLO.
 //! - [`enroll`]: enrollment with a one-time token: the CA pinned from the token's
 //!   fingerprint, the key made locally, the certificate checked, the files written all or
 //!   nothing.
@@ -24,6 +27,7 @@ pub mod collect;
 pub mod config;
 pub mod discover;
 pub mod enroll;
+pub mod http;
 pub mod identity;
 pub mod service;
 pub mod sweep;

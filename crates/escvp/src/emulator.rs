@@ -15,18 +15,35 @@
 //! - Faults, settable at start and at run time through a [`ProjectorHandle`]: slow replies,
 //!   partial writes, garbage, connection drops, busy, `ERR` for the next N commands, silence,
 //!   IMEVENT before each reply.
+//! - Optionally ([`ProjectorConfig::http`]) the HTTP control interface on a port of its own:
+//!   `GET /cgi-bin/json_query?jsoncallback=CMD?` answered from the same state as ESC/VP21
+//!   (`{"projector":{"feature":{…,"reply":"04","error":false}}}`, `ERR` with `"error":true`),
+//!   `GET /cgi-bin/directsend?CMD=VALUE` for sets, HTTP Digest authentication (user
+//!   `EPSONWEB`, the projector's password; MD5 or SHA-256) with `401` on bad credentials,
+//!   `403` for queries outside an optional whitelist, and the same faults as the TCP side,
+//!   set separately ([`HttpConfig::faults`], [`ProjectorHandle::set_http_faults`]).
+//! - The ESC/VP.net TCP port can be closed or made to drop every connection
+//!   ([`TcpService`]) to emulate projectors reachable only over HTTP.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
-//! use escvp::emulator::{Fleet, ProjectorConfig};
+//! use escvp::emulator::{Fleet, HttpConfig, ProjectorConfig, TcpService};
 //!
 //! let fleet = Fleet::spawn_consecutive("127.0.0.1:0".parse().unwrap(), 3, ProjectorConfig::default()).await?;
 //! for p in fleet.projectors() {
 //!     println!("{} {} tcp {} udp {}", p.name(), p.serial(), p.tcp_addr(), p.udp_addr());
 //! }
+//! // One projector that only answers over HTTP, with Digest authentication.
+//! let web_only = ProjectorConfig::default()
+//!     .with_password(escvp::net::Password::new("secret").unwrap())
+//!     .with_http(HttpConfig::default())
+//!     .with_tcp(TcpService::Closed);
+//! let fleet = Fleet::spawn([("127.0.0.1:0".parse().unwrap(), web_only)]).await?;
+//! println!("json_query at http://{}", fleet.projectors()[0].http_addr().unwrap());
 //! # Ok(()) }
 //! ```
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -38,6 +55,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::event::{Alarms, ImStatus, StatusReport, Warnings};
+pub use crate::http::DigestAlgorithm;
 use crate::net::{
     HeaderId, Info, MAX_MESSAGE_LEN, Message, MessageType, Password, Status, Version,
 };
@@ -80,6 +98,84 @@ pub struct Faults {
     pub imevent_before_reply: bool,
 }
 
+#[path = "emulator_http.rs"]
+mod http_side;
+
+/// What the emulated projector does on its ESC/VP.net TCP port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TcpService {
+    /// ESC/VP.net sessions (the default).
+    #[default]
+    Open,
+    /// Nothing listens: connections are refused (the port is only used for UDP).
+    Closed,
+    /// Connections are accepted and closed at once, before any reply.
+    AcceptAndClose,
+    /// "Command communication: Protected": an ESC/VP.net 1.0 CONNECT is refused with `0x45`
+    /// (request not allowed) and the connection closed, as on projectors that accept only
+    /// version 2.0 there.
+    Protected,
+}
+
+/// The HTTP control interface of an emulated projector.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Port on the projector's address; 0 picks a free one. For a fleet on consecutive ports
+    /// a non-zero port is shifted like the TCP port.
+    pub port: u16,
+    /// The Digest algorithm of the challenges (the password is the projector's; without one
+    /// the interface is open, as on older models).
+    pub algorithm: DigestAlgorithm,
+    /// Commands `json_query` answers; others get `403 Forbidden` (as on models that
+    /// whitelist commands). `None`: every command.
+    pub allowed_queries: Option<Vec<String>>,
+    /// Faults of the HTTP side (independent of [`ProjectorConfig::faults`]): reply delay,
+    /// partial writes, garbage before the status line, drop (close without a response),
+    /// silence, `ERR` for the next N queries, busy (`503`).
+    pub faults: Faults,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            port: 0,
+            algorithm: DigestAlgorithm::Md5,
+            allowed_queries: None,
+            faults: Faults::default(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Sets the port.
+    pub fn with_port(mut self, port: u16) -> HttpConfig {
+        self.port = port;
+        self
+    }
+
+    /// Sets the Digest algorithm.
+    pub fn with_algorithm(mut self, algorithm: DigestAlgorithm) -> HttpConfig {
+        self.algorithm = algorithm;
+        self
+    }
+
+    /// Answers only these queries (others: `403`).
+    pub fn with_allowed_queries<S: Into<String>>(
+        mut self,
+        commands: impl IntoIterator<Item = S>,
+    ) -> HttpConfig {
+        self.allowed_queries = Some(commands.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Sets the HTTP faults.
+    pub fn with_faults(mut self, faults: Faults) -> HttpConfig {
+        self.faults = faults;
+        self
+    }
+}
+
 /// Settings of one emulated projector.
 #[derive(Clone, Debug)]
 pub struct ProjectorConfig {
@@ -116,6 +212,36 @@ pub struct ProjectorConfig {
     pub start_on: bool,
     /// Faults active from the start.
     pub faults: Faults,
+    /// The HTTP control interface, if served (off by default).
+    pub http: Option<HttpConfig>,
+    /// What the ESC/VP.net TCP port does ([`TcpService::Open`] by default).
+    pub tcp: TcpService,
+}
+
+impl ProjectorConfig {
+    /// Sets the ESC/VP.net (and HTTP Digest) password.
+    pub fn with_password(mut self, password: Password) -> ProjectorConfig {
+        self.password = Some(password);
+        self
+    }
+
+    /// Serves the HTTP control interface too.
+    pub fn with_http(mut self, http: HttpConfig) -> ProjectorConfig {
+        self.http = Some(http);
+        self
+    }
+
+    /// Sets what the ESC/VP.net TCP port does.
+    pub fn with_tcp(mut self, tcp: TcpService) -> ProjectorConfig {
+        self.tcp = tcp;
+        self
+    }
+
+    /// Sets the faults of the ESC/VP.net side.
+    pub fn with_faults(mut self, faults: Faults) -> ProjectorConfig {
+        self.faults = faults;
+        self
+    }
 }
 
 impl Default for ProjectorConfig {
@@ -143,6 +269,8 @@ impl Default for ProjectorConfig {
             max_line_len: 256,
             start_on: false,
             faults: Faults::default(),
+            http: None,
+            tcp: TcpService::Open,
         }
     }
 }
@@ -178,6 +306,12 @@ struct State {
     faults: Faults,
     session_active: bool,
     commands: u64,
+    /// Faults of the HTTP side.
+    http_faults: Faults,
+    /// Digest nonces handed out, newest last (bounded).
+    http_nonces: VecDeque<String>,
+    /// HTTP requests received.
+    http_requests: u64,
 }
 
 impl State {
@@ -296,6 +430,7 @@ pub struct ProjectorHandle {
     shared: Arc<Shared>,
     tcp: SocketAddr,
     udp: SocketAddr,
+    http: Option<SocketAddr>,
     name: String,
     serial: String,
 }
@@ -318,6 +453,26 @@ impl ProjectorHandle {
     /// The UDP address (HELLO).
     pub fn udp_addr(&self) -> SocketAddr {
         self.udp
+    }
+
+    /// The HTTP address (`json_query`), if the projector serves HTTP.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http
+    }
+
+    /// Replaces the faults of the HTTP side.
+    pub fn set_http_faults(&self, faults: Faults) {
+        self.shared.lock().http_faults = faults;
+    }
+
+    /// Edits the faults of the HTTP side.
+    pub fn update_http_faults(&self, f: impl FnOnce(&mut Faults)) {
+        f(&mut self.shared.lock().http_faults);
+    }
+
+    /// Number of HTTP requests received so far (answered or not).
+    pub fn http_requests_seen(&self) -> u64 {
+        self.shared.lock().http_requests
     }
 
     /// The projector name.
@@ -458,6 +613,12 @@ pub fn fleet_plan(
                 addr.set_port(first.port().wrapping_add(i as u16));
             }
             let mut config = template.clone();
+            if !vary_address
+                && let Some(h) = config.http.as_mut()
+                && h.port != 0
+            {
+                h.port = h.port.wrapping_add(i as u16);
+            }
             let suffix = format!("{:03}", i + 1);
             let keep = 16usize.saturating_sub(suffix.len() + 1);
             config.name = format!(
@@ -480,6 +641,11 @@ async fn start(
     let (tcp, udp) = bind_pair(addr).await?;
     let tcp_addr = tcp.local_addr()?;
     let udp_addr = udp.local_addr()?;
+    let http = match &config.http {
+        Some(h) => Some(TcpListener::bind(SocketAddr::new(addr.ip(), h.port)).await?),
+        None => None,
+    };
+    let http_addr = http.as_ref().map(TcpListener::local_addr).transpose()?;
     let now = Instant::now();
     let name = config.name.clone();
     let serial = config.serial.clone();
@@ -512,6 +678,13 @@ async fn start(
         faults: config.faults.clone(),
         session_active: false,
         commands: 0,
+        http_faults: config
+            .http
+            .as_ref()
+            .map(|h| h.faults.clone())
+            .unwrap_or_default(),
+        http_nonces: VecDeque::new(),
+        http_requests: 0,
         config,
     };
     let (pushes, _) = broadcast::channel(64);
@@ -522,7 +695,21 @@ async fn start(
         wake: Notify::new(),
         kick,
     });
-    tasks.spawn(serve_tcp(tcp, shared.clone()));
+    let tcp_service = shared.lock().config.tcp;
+    match tcp_service {
+        TcpService::Open | TcpService::Protected => {
+            tasks.spawn(serve_tcp(tcp, shared.clone()));
+        }
+        TcpService::AcceptAndClose => {
+            tasks.spawn(accept_and_close(tcp));
+        }
+        // The listener only reserved the port number for UDP; closing it refuses
+        // connections.
+        TcpService::Closed => drop(tcp),
+    }
+    if let Some(listener) = http {
+        tasks.spawn(http_side::serve_http(listener, shared.clone()));
+    }
     tasks.spawn(serve_udp(udp, shared.clone()));
     tasks.spawn(run_timer(shared.clone()));
     tracing::info!(%tcp_addr, %name, "emulated projector listening");
@@ -530,6 +717,7 @@ async fn start(
         shared,
         tcp: tcp_addr,
         udp: udp_addr,
+        http: http_addr,
         name,
         serial,
     })
@@ -619,6 +807,15 @@ async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+async fn accept_and_close(listener: TcpListener) {
+    loop {
+        if let Ok((stream, peer)) = listener.accept().await {
+            tracing::debug!(%peer, "connection closed at once (TcpService::AcceptAndClose)");
+            drop(stream);
+        }
+    }
+}
+
 /// Releases the single-session slot when a session ends, however it ends.
 struct SessionSlot(Arc<Shared>);
 
@@ -696,6 +893,9 @@ fn handshake_status(s: &State, msg: &Message) -> Status {
     };
     match msg.kind() {
         MessageType::CONNECT => {
+            if s.config.tcp == TcpService::Protected {
+                return Status::NOT_ALLOWED;
+            }
             if s.faults.busy {
                 return Status::BUSY;
             }

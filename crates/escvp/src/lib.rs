@@ -10,6 +10,8 @@
 //!   with IMEVENT interleaving, timeouts from the ESC/VP21 timing rules.
 //! - `client`, `discovery`, `codec` (feature `tokio`): async client, UDP HELLO discovery,
 //!   tokio-util codecs.
+//! - `http` (feature `http`): the projector's HTTP `json_query` interface and RFC 7616 Digest
+//!   headers, sans I/O.
 //! - `emulator` (feature `emulator`): an emulated projector fleet with fault injection.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -29,5 +31,7 @@ pub mod codec;
 pub mod discovery;
 #[cfg(feature = "emulator")]
 pub mod emulator;
+#[cfg(feature = "http")]
+pub mod http;
 
 pub use error::{DecodeError, InvalidKind, ValueError};

@@ -6,13 +6,17 @@
 //! escvp-emulator --listen 127.0.0.1:0 --count 20            # 20 projectors on free ports
 //! escvp-emulator --listen 127.0.0.1:13629 --count 5         # ports 13629..13633
 //! escvp-emulator --listen 127.0.0.2:3629 --count 5 --vary-address   # 127.0.0.2..6, port 3629
+//! escvp-emulator --listen 127.0.0.1:0 --http-port 0 --password pw  # + json_query with Digest
+//! escvp-emulator --listen 127.0.0.1:0 --http-port 0 --tcp-closed   # reachable over HTTP only
 //! ```
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use escvp::emulator::{AckStyle, Faults, Fleet, ProjectorConfig, fleet_plan};
+use escvp::emulator::{
+    AckStyle, DigestAlgorithm, Faults, Fleet, HttpConfig, ProjectorConfig, TcpService, fleet_plan,
+};
 use escvp::net::Password;
 
 /// Emulated Epson projectors speaking ESC/VP.net (TCP) and answering HELLO (UDP).
@@ -55,6 +59,17 @@ struct Args {
     /// Refuse every CONNECT with 0x53 (busy).
     #[arg(long)]
     busy: bool,
+    /// Also serve the HTTP json_query interface on this port (0: a free port each; shifted
+    /// like the ESC/VP.net port for consecutive ports), with Digest auth when --password is
+    /// set.
+    #[arg(long, value_name = "PORT")]
+    http_port: Option<u16>,
+    /// Offer SHA-256 instead of MD5 in HTTP Digest challenges.
+    #[arg(long, requires = "http_port")]
+    http_sha256: bool,
+    /// Close the ESC/VP.net TCP port (connections refused; UDP HELLO still answered).
+    #[arg(long)]
+    tcp_closed: bool,
 }
 
 fn secs(s: f64) -> Result<Duration, String> {
@@ -84,6 +99,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             AckStyle::Colon
         },
         start_on: args.on,
+        http: args.http_port.map(|port| {
+            HttpConfig::default()
+                .with_port(port)
+                .with_algorithm(if args.http_sha256 {
+                    DigestAlgorithm::Sha256
+                } else {
+                    DigestAlgorithm::Md5
+                })
+        }),
+        tcp: if args.tcp_closed {
+            TcpService::Closed
+        } else {
+            TcpService::Open
+        },
         faults: Faults {
             reply_delay: Duration::from_millis(args.delay_ms),
             err_next: args.err_next,
@@ -100,13 +129,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     ))
     .await?;
     for p in fleet.projectors() {
-        println!(
-            "projector name={} serial={} tcp={} udp={}",
+        print!(
+            "projector name={} serial={} tcp={}{} udp={}",
             p.name(),
             p.serial(),
             p.tcp_addr(),
+            if args.tcp_closed { "(closed)" } else { "" },
             p.udp_addr()
         );
+        match p.http_addr() {
+            Some(h) => println!(" http={h}"),
+            None => println!(),
+        }
     }
     println!(
         "serving {} projector(s); Ctrl-C to stop",
