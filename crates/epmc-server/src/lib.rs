@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod cli;
 pub mod datadir;
 pub mod ingest;
 pub mod server;

@@ -1,0 +1,517 @@
+//! The operator's command line (`epmc-server`): parsing and the commands' logic. The binary only
+//! installs the tracing subscriber and the crypto provider, parses, and runs [`run`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::ca::EnrollmentToken;
+use crate::datadir::{self, InitOutcome};
+use crate::server::{ServeConfig, Server};
+use crate::store::{OrderState, OrderTarget, Store, StoreOptions, TenantId};
+use clap::{Parser, Subcommand};
+use epmc_proto::bounded::Timestamp;
+use epmc_proto::order::OrderAction;
+use epmc_proto::topic::AgentId;
+use time::OffsetDateTime;
+
+/// The command line of `epmc-server`.
+#[derive(Parser)]
+#[command(
+    name = "epmc-server",
+    version,
+    about = "EPMC-rs server: ingest, storage, CA and orders"
+)]
+pub struct Cli {
+    /// The data directory (CA, certificates, SQLite database).
+    #[arg(
+        long,
+        env = "EPMC_DATA",
+        global = true,
+        default_value = "/var/lib/epmc-server"
+    )]
+    pub data: PathBuf,
+    /// A database URL (postgres://… or sqlite://…) instead of the data directory's SQLite file.
+    #[arg(long, env = "EPMC_DATABASE", global = true)]
+    pub database: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Creates the data directory: CA, server certificate, database (changes nothing if it exists).
+    Init {
+        /// Names and addresses the server certificate is valid for (localhost and 127.0.0.1
+        /// are always included).
+        #[arg(long = "hostname")]
+        hostnames: Vec<String>,
+    },
+    /// Runs the server until SIGTERM or Ctrl-C.
+    Serve {
+        /// MQTT over TLS listener for agents.
+        #[arg(long, default_value = "127.0.0.1:8883")]
+        mqtt: SocketAddr,
+        /// HTTPS listener (enrollment).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        https: SocketAddr,
+    },
+    /// Tenants.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Enrollment tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Agents.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+    /// Lists devices with their latest status and last contact.
+    Devices {
+        /// Only this tenant's devices.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Orders.
+    Order {
+        #[command(subcommand)]
+        command: OrderCommand,
+    },
+}
+
+/// Subcommands of `tenant`.
+#[derive(Subcommand)]
+pub enum TenantCommand {
+    /// Adds a tenant.
+    Add {
+        /// Its unique name.
+        name: String,
+    },
+    /// Lists tenants.
+    List,
+}
+
+/// Subcommands of `token`.
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Prints a one-time enrollment token for a tenant.
+    Create {
+        /// The tenant's name.
+        #[arg(long)]
+        tenant: String,
+        /// How long it is valid, e.g. 30m, 24h, 7d.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        expires: Duration,
+    },
+}
+
+/// Subcommands of `agent`.
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// Issues a certificate for an agent that cannot reach the enrollment endpoint; writes
+    /// ca.crt, agent.crt and agent.key to DIR and prints the new agent id.
+    Issue {
+        /// The tenant's name.
+        #[arg(long)]
+        tenant: String,
+        /// Where to write the files (must not hold them already).
+        #[arg(long)]
+        out: PathBuf,
+        /// A name for the agent.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Lists agents.
+    List,
+    /// Revokes an agent's certificates; a running server closes its connection.
+    Revoke {
+        /// The agent id.
+        id: String,
+        /// Why (recorded).
+        #[arg(long, default_value = "revoked by the operator")]
+        reason: String,
+    },
+}
+
+/// Subcommands of `order`.
+#[derive(Subcommand)]
+pub enum OrderCommand {
+    /// Queues an order for a device and waits for its result.
+    Send {
+        /// The device (its number in `devices`).
+        #[arg(long)]
+        device: i64,
+        /// collect_now, power_on, power_off, av_mute (VALUE on|off), source_change (VALUE hex
+        /// code), change_setting (VALUE NAME=VALUE).
+        action: String,
+        /// The action's value.
+        value: Option<String>,
+        /// How long the order may wait for the agent.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        expires: Duration,
+        /// How long to wait for the result here.
+        #[arg(long, default_value = "2m", value_parser = parse_duration)]
+        wait: Duration,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and a unit (s, m, h, d)"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn parse_action(action: &str, value: Option<&str>) -> Result<OrderAction, String> {
+    let json = match (action, value) {
+        ("collect_now" | "power_on" | "power_off" | "check_agent_update", None) => {
+            serde_json::json!({ "action": action })
+        }
+        ("av_mute", Some(v @ ("on" | "off"))) => {
+            serde_json::json!({ "action": action, "on": v == "on" })
+        }
+        ("source_change", Some(v)) => serde_json::json!({ "action": action, "source": v }),
+        ("change_setting", Some(v)) => {
+            let (name, value) = v
+                .split_once('=')
+                .ok_or_else(|| format!("{v:?}: change_setting takes NAME=VALUE"))?;
+            serde_json::json!({ "action": action, "name": name, "value": value })
+        }
+        _ => {
+            return Err(format!(
+                "{action:?} {value:?}: not an action with that value (see --help)"
+            ));
+        }
+    };
+    serde_json::from_value(json).map_err(|e| format!("{action}: {e}"))
+}
+
+async fn open_store(cli: &Cli) -> Result<Store, String> {
+    let store = match &cli.database {
+        Some(url) => Store::open(url).await,
+        None => Store::open_data_dir(&cli.data, StoreOptions::default()).await,
+    };
+    store.map_err(|e| format!("database: {e}"))
+}
+
+async fn tenant_by_name(store: &Store, name: &str) -> Result<TenantId, String> {
+    store
+        .admin()
+        .tenants()
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|t| t.name == name)
+        .map(|t| t.id)
+        .ok_or_else(|| format!("--tenant {name:?}: no such tenant (see `tenant list`)"))
+}
+
+fn timestamp_in(d: Duration) -> Result<Timestamp, String> {
+    Timestamp::from_unix(Timestamp::now().unix() + d.as_secs() as i64).map_err(|e| e.to_string())
+}
+
+/// Runs one parsed command line; the error is the message for the operator.
+pub async fn run(cli: Cli) -> Result<(), String> {
+    match &cli.command {
+        Command::Init { hostnames } => {
+            match datadir::init(&cli.data, hostnames).map_err(|e| e.to_string())? {
+                InitOutcome::Created { ca_fingerprint } => {
+                    println!(
+                        "created {} (CA fingerprint {})",
+                        cli.data.display(),
+                        ca_fingerprint.to_hex()
+                    );
+                }
+                InitOutcome::AlreadyInitialized { ca_fingerprint } => {
+                    println!(
+                        "{} is already initialized; nothing changed (CA fingerprint {})",
+                        cli.data.display(),
+                        ca_fingerprint.to_hex()
+                    );
+                }
+            }
+            let store = open_store(&cli).await?;
+            store.close().await;
+            Ok(())
+        }
+        Command::Serve { mqtt, https } => {
+            let mut config = ServeConfig::new(&cli.data);
+            config.mqtt = *mqtt;
+            config.https = *https;
+            config.database = cli.database.clone();
+            let server = Server::start(config).await.map_err(|e| e.to_string())?;
+            println!(
+                "listening: agents on mqtts://{} , enrollment on https://{}",
+                server.mqtt_addr(),
+                server.https_addr()
+            );
+            shutdown_signal().await;
+            server.shutdown().await;
+            Ok(())
+        }
+        Command::Tenant { command } => {
+            let store = open_store(&cli).await?;
+            match command {
+                TenantCommand::Add { name } => {
+                    let id = store
+                        .admin()
+                        .add_tenant(name)
+                        .await
+                        .map_err(|e| format!("tenant {name:?}: {e}"))?;
+                    println!("{id}");
+                }
+                TenantCommand::List => {
+                    for t in store.admin().tenants().await.map_err(|e| e.to_string())? {
+                        println!("{}\t{}", t.id, t.name);
+                    }
+                }
+            }
+            store.close().await;
+            Ok(())
+        }
+        Command::Token {
+            command: TokenCommand::Create { tenant, expires },
+        } => {
+            let pki = datadir::load(&cli.data).map_err(|e| e.to_string())?;
+            let store = open_store(&cli).await?;
+            let tenant = tenant_by_name(&store, tenant).await?;
+            let token =
+                EnrollmentToken::generate(pki.ca.fingerprint()).map_err(|e| e.to_string())?;
+            store
+                .admin()
+                .register_token(
+                    tenant,
+                    timestamp_in(*expires)?,
+                    &token.secret_hash().to_hex(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("{}", token.to_token_string());
+            store.close().await;
+            Ok(())
+        }
+        Command::Agent { command } => {
+            let store = open_store(&cli).await?;
+            match command {
+                AgentCommand::Issue { tenant, out, name } => {
+                    let pki = datadir::load(&cli.data).map_err(|e| e.to_string())?;
+                    let tenant = tenant_by_name(&store, tenant).await?;
+                    let admin = store.admin();
+                    let agent = admin
+                        .create_agent(tenant, name)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let bundle = pki
+                        .ca
+                        .issue_agent_with_key(agent.uuid(), OffsetDateTime::now_utc())
+                        .map_err(|e| e.to_string())?;
+                    datadir::write_agent_bundle(out, &bundle).map_err(|e| e.to_string())?;
+                    let not_after =
+                        Timestamp::from_unix(bundle.certificate.not_after.unix_timestamp())
+                            .map_err(|e| e.to_string())?;
+                    admin
+                        .record_certificate(agent, &bundle.certificate.serial.to_hex(), not_after)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    println!("{agent}");
+                }
+                AgentCommand::List => {
+                    for a in store
+                        .admin()
+                        .agents(None)
+                        .await
+                        .map_err(|e| e.to_string())?
+                    {
+                        println!(
+                            "{}\t{}\t{:?}\t{}\t{}",
+                            a.id,
+                            a.name,
+                            a.state,
+                            a.version.as_deref().unwrap_or("-"),
+                            a.last_seen.map(fmt_ts).unwrap_or("-".into())
+                        );
+                    }
+                }
+                AgentCommand::Revoke { id, reason } => {
+                    let agent =
+                        AgentId::parse(id).map_err(|_| format!("{id:?}: not an agent id"))?;
+                    let serials = store
+                        .admin()
+                        .revoke_agent(agent, reason)
+                        .await
+                        .map_err(|e| format!("agent {id}: {e}"))?;
+                    println!(
+                        "revoked {} certificate(s) of {agent}; a running server closes its connection",
+                        serials.len()
+                    );
+                }
+            }
+            store.close().await;
+            Ok(())
+        }
+        Command::Devices { tenant, json } => {
+            let store = open_store(&cli).await?;
+            let devices = match tenant {
+                Some(name) => {
+                    let t = tenant_by_name(&store, name).await?;
+                    store.tenant(t).devices().await
+                }
+                None => store.admin().devices().await,
+            }
+            .map_err(|e| e.to_string())?;
+            if *json {
+                let list: Vec<serde_json::Value> = devices
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({
+                            "id": d.id,
+                            "key": d.key,
+                            "serial": d.serial,
+                            "tenant": d.tenant.to_string(),
+                            "agent": d.agent.to_string(),
+                            "name": d.name,
+                            "address": d.address,
+                            "first_seen": d.first_seen,
+                            "last_contact": d.last_contact,
+                            "status": d.status.as_ref().map(|(at, s)| serde_json::json!({
+                                "observed_at": at,
+                                "status": s,
+                            })),
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!("id\tkey\tname\taddress\tpower\tlast contact");
+                for d in devices {
+                    let power = d
+                        .status
+                        .as_ref()
+                        .and_then(|(_, s)| s.power)
+                        .map(|p| format!("{p:?}"))
+                        .unwrap_or("-".into());
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}\t{}",
+                        d.id,
+                        d.key,
+                        d.name.as_deref().unwrap_or("-"),
+                        d.address.as_deref().unwrap_or("-"),
+                        power,
+                        fmt_ts(d.last_contact)
+                    );
+                }
+            }
+            store.close().await;
+            Ok(())
+        }
+        Command::Order {
+            command:
+                OrderCommand::Send {
+                    device,
+                    action,
+                    value,
+                    expires,
+                    wait,
+                },
+        } => {
+            let action = parse_action(action, value.as_deref())?;
+            let store = open_store(&cli).await?;
+            let orders = store.orders();
+            let id = orders
+                .create(
+                    OrderTarget::Device(*device),
+                    &action,
+                    "operator",
+                    timestamp_in(*expires)?,
+                )
+                .await
+                .map_err(|e| format!("--device {device}: {e}"))?;
+            println!("order {id} queued");
+            let deadline = tokio::time::Instant::now() + *wait;
+            let mut last = OrderState::Queued;
+            loop {
+                let order = orders.get(id).await.map_err(|e| e.to_string())?;
+                if order.state != last {
+                    println!("{}", order.state.as_str());
+                    last = order.state;
+                }
+                match order.state {
+                    OrderState::Done
+                    | OrderState::Failed
+                    | OrderState::TimedOut
+                    | OrderState::Expired => {
+                        if let Some(result) = order.result {
+                            println!("{result}");
+                        }
+                        store.close().await;
+                        return if order.state == OrderState::Done {
+                            Ok(())
+                        } else {
+                            Err(format!("order {id}: {}", order.state.as_str()))
+                        };
+                    }
+                    _ => {}
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    store.close().await;
+                    return Err(format!(
+                        "order {id}: no result within {wait:?} (still {}); it stays queued until it expires",
+                        order.state.as_str()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// RFC 3339, as the JSON contract writes it.
+fn fmt_ts(t: Timestamp) -> String {
+    serde_json::to_value(t)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+/// Resolves on Ctrl-C or (on Unix) SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
