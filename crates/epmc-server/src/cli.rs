@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::ca::EnrollmentToken;
+use crate::broker::BrokerConfig;
+use crate::ca::{CertSerial, EnrollmentToken, RevokedCert};
 use crate::datadir::{self, InitOutcome};
 use crate::server::{ServeConfig, Server};
 use crate::store::{OrderState, OrderTarget, Store, StoreOptions, TenantId};
@@ -57,6 +58,31 @@ pub enum Command {
         /// HTTPS listener (enrollment).
         #[arg(long, default_value = "127.0.0.1:8443")]
         https: SocketAddr,
+        /// Scale mode: consume agents' messages from this broker (mqtts://HOST:PORT) with a
+        /// shared subscription instead of listening on --mqtt (see deploy/scale/README.md).
+        #[arg(long, value_name = "URL")]
+        broker: Option<String>,
+        /// This replica's client id and certificate CN at the broker (each replica its own;
+        /// the broker's ACL grants the server's rights to it).
+        #[arg(long, default_value = "epmc-server", requires = "broker")]
+        broker_client_id: String,
+        /// The shared subscription group the replicas split the messages in.
+        #[arg(long, default_value = "epmc", requires = "broker")]
+        broker_group: String,
+        /// Where to write the CA's revocation list for the broker (Mosquitto's crlfile).
+        #[arg(long, value_name = "FILE", requires = "broker")]
+        broker_crl: Option<PathBuf>,
+        /// Delete history series and events older than this many days (checked hourly);
+        /// kept for ever when not given.
+        #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..=36_500))]
+        retention_days: Option<u32>,
+    },
+    /// Writes the CA's current revocation list (PEM) for an external broker (Mosquitto's
+    /// crlfile), e.g. before the broker's first start.
+    Crl {
+        /// The file to write (replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Tenants.
     Tenant {
@@ -252,19 +278,78 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             store.close().await;
             Ok(())
         }
-        Command::Serve { mqtt, https } => {
+        Command::Serve {
+            mqtt,
+            https,
+            broker,
+            broker_client_id,
+            broker_group,
+            broker_crl,
+            retention_days,
+        } => {
             let mut config = ServeConfig::new(&cli.data);
             config.mqtt = *mqtt;
             config.https = *https;
             config.database = cli.database.clone();
+            config.retention = retention_days.map(|d| Duration::from_secs(u64::from(d) * 86_400));
+            if let Some(url) = broker {
+                let mut b = BrokerConfig::from_url(url).map_err(|e| format!("--broker {e}"))?;
+                b.client_id = broker_client_id.clone();
+                b.group = broker_group.clone();
+                b.crl_file = broker_crl.clone();
+                if b.group.is_empty() || b.group.contains(['/', '+', '#']) {
+                    return Err(format!(
+                        "--broker-group {:?}: must be non-empty, without '/', '+' or '#'",
+                        b.group
+                    ));
+                }
+                config.broker = Some(b);
+            }
             let server = Server::start(config).await.map_err(|e| e.to_string())?;
-            println!(
-                "listening: agents on mqtts://{} , enrollment on https://{}",
-                server.mqtt_addr(),
-                server.https_addr()
-            );
+            match (server.mqtt_addr(), broker) {
+                (Some(addr), _) => println!(
+                    "listening: agents on mqtts://{addr} , enrollment on https://{}",
+                    server.https_addr()
+                ),
+                (None, Some(url)) => println!(
+                    "consuming: agents through {url} as {broker_client_id} (group {broker_group}), enrollment on https://{}",
+                    server.https_addr()
+                ),
+                (None, None) => {}
+            }
             shutdown_signal().await;
+            let stats = server.broker().map(|b| b.stats());
             server.shutdown().await;
+            if let Some(stats) = stats {
+                println!(
+                    "stopped: {} message(s) committed in {} batch(es) over {} connection(s)",
+                    stats.committed, stats.batches, stats.connections
+                );
+            }
+            Ok(())
+        }
+        Command::Crl { out } => {
+            let pki = datadir::load(&cli.data).map_err(|e| e.to_string())?;
+            let store = open_store(&cli).await?;
+            let revoked = store
+                .admin()
+                .revoked_serials()
+                .await
+                .map_err(|e| e.to_string())?;
+            store.close().await;
+            let list: Vec<RevokedCert> = revoked
+                .iter()
+                .map(|s| {
+                    s.parse::<CertSerial>()
+                        .map(|serial| RevokedCert {
+                            serial,
+                            revoked_at: OffsetDateTime::now_utc(),
+                        })
+                        .map_err(|e| format!("a revoked serial in the database: {e}"))
+                })
+                .collect::<Result<_, _>>()?;
+            crate::broker::write_crl(&pki.ca, &list, out)?;
+            println!("{}: {} revoked certificate(s)", out.display(), list.len());
             Ok(())
         }
         Command::Tenant { command } => {

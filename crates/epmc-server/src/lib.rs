@@ -6,6 +6,7 @@
 //! The HTTPS portal and the audit log are not built yet.
 #![forbid(unsafe_code)]
 
+pub mod broker;
 pub mod ca;
 pub mod cli;
 pub mod datadir;
