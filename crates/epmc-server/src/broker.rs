@@ -435,7 +435,8 @@ pub fn write_crl(
         .ok_or_else(|| format!("{}: not a file path", path.display()))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
-    tmp_name.push(".tmp");
+    // The process id keeps two writers (replicas on one machine) off each other's file.
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
     let tmp = match dir {
         Some(d) => d.join(&tmp_name),
         None => PathBuf::from(&tmp_name),

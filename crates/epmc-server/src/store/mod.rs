@@ -52,7 +52,7 @@ pub use orders::{DispatchLease, OrdersHandle, QueuedAgent};
 pub use tenant::TenantHandle;
 pub use types::{
     AgentAccess, AgentRecord, AgentState, DeviceDetails, DeviceSummary, EventRecord,
-    ExceptionRecord, HistoryRecord, NewToken, OrderRecord, OrderState, OrderTarget, PruneReport,
+    ExceptionRecord, HistoryRecord, OrderRecord, OrderState, OrderTarget, PruneReport,
     RejectedMessage, SecurityEvent, Tenant, TenantId,
 };
 
