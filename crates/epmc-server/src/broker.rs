@@ -391,7 +391,12 @@ async fn consume(
                 }
             }
         }
+        // Every replica takes the rows of a batch's agents in the same order (agent id; a
+        // stable sort keeps each agent's own order), so two replicas' commits wait for each
+        // other instead of deadlocking.
+        data.sort_by_key(|i| i.agent);
         let n = data.len();
+        let started = std::time::Instant::now();
         if n > 0 {
             match sink.commit(data).await {
                 Ok(outcomes) if outcomes.len() == n => {}
@@ -409,6 +414,11 @@ async fn consume(
             sink.agent_state(agent, online).await;
             counters.presence.fetch_add(1, Ordering::Relaxed);
         }
+        tracing::debug!(
+            messages = batch.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "batch committed; acknowledging"
+        );
         counters
             .committed
             .fetch_add(batch.len() as u64, Ordering::Relaxed);

@@ -498,7 +498,8 @@ impl Outlet {
 }
 
 /// Sends queued orders (looking only at agents that have some), marks them delivered on the
-/// agent's PUBACK (or the broker's, in scale mode), and expires overdue ones. In scale mode
+/// agent's PUBACK (in scale mode: before publishing, put back in the queue if the broker does
+/// not acknowledge), and expires overdue ones. In scale mode
 /// only the replica holding the dispatch lease sends, so replicas do not publish each order
 /// twice and one agent's orders leave in order.
 async fn dispatch_orders(
@@ -583,9 +584,26 @@ async fn dispatch_orders(
                         continue;
                     }
                 };
+                // Through the broker the order is claimed (marked delivered) before it is
+                // published: the agent may answer before the broker's PUBACK reaches us, and
+                // its result must find the order delivered, not overtake the mark.
+                let claimed = matches!(outlet, Outlet::Broker(_));
+                if claimed {
+                    match orders.mark_delivered(order.id).await {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(e) => {
+                            tracing::warn!(order = %order.id, error = %e, "claiming an order failed");
+                            break;
+                        }
+                    }
+                }
                 // Not connected any more, or the window of unacknowledged orders is full:
                 // the order stays queued for the next round.
                 let Some(ack) = outlet.send(&agent, payload).await else {
+                    if claimed && let Err(e) = orders.requeue(order.id).await {
+                        tracing::warn!(order = %order.id, error = %e, "requeueing an order failed");
+                    }
                     break;
                 };
                 if let Ok(mut s) = in_flight.lock() {
@@ -594,10 +612,14 @@ async fn dispatch_orders(
                 let orders = orders.clone();
                 let in_flight = in_flight.clone();
                 tokio::spawn(async move {
-                    if ack.await
-                        && let Err(e) = orders.mark_delivered(order.id).await
-                    {
-                        tracing::warn!(order = %order.id, error = %e, "marking delivered failed");
+                    let acked = ack.await;
+                    let done = match (acked, claimed) {
+                        (true, false) => orders.mark_delivered(order.id).await.map(|_| ()),
+                        (false, true) => orders.requeue(order.id).await.map(|_| ()),
+                        _ => Ok(()),
+                    };
+                    if let Err(e) = done {
+                        tracing::warn!(order = %order.id, error = %e, "updating the order's state failed");
                     }
                     if let Ok(mut s) = in_flight.lock() {
                         s.remove(&order.id);

@@ -8,8 +8,9 @@
 //! - Every message the broker acknowledged is stored exactly once, although one replica is
 //!   SIGKILLed mid-run (and restarted, as its supervisor would).
 //! - An order reaches its agent through the broker and its result is applied.
-//! - A revocation is written to the broker's CRL file; a restarted broker refuses the revoked
-//!   agent (what a SIGHUP does is measured and printed).
+//! - A revocation is written to the broker's CRL file; after a SIGHUP, and after a restart,
+//!   the broker refuses the revoked agent (whether a SIGHUP ends its open connection is
+//!   measured and printed).
 //! - A broker crash (SIGKILL) before its autosave: what it had acknowledged and not yet handed
 //!   to a replica is measured and printed (deploy/scale/README.md reports it).
 
@@ -196,7 +197,7 @@ impl Replica {
                 "--broker-crl",
             ])
             .arg(crl)
-            .env("RUST_LOG", "warn,epmc_server::broker=info")
+            .env("RUST_LOG", "warn,epmc_server::broker=debug")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -504,8 +505,11 @@ async fn two_replicas_behind_mosquitto_store_everything_once() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let empty_crl = std::fs::read(&crl).unwrap();
-    assert!(empty_crl.starts_with(b"-----BEGIN X509 CRL-----"));
+    assert!(
+        std::fs::read(&crl)
+            .unwrap()
+            .starts_with(b"-----BEGIN X509 CRL-----")
+    );
 
     let store = Store::open(&db).await.unwrap();
     let tenant = store.admin().add_tenant("acme").await.unwrap();
@@ -539,12 +543,18 @@ async fn two_replicas_behind_mosquitto_store_everything_once() {
         }));
     }
     let all = AGENTS as u64 * PER_AGENT;
+    // Mid-run: once a tenth is stored (the replicas are committing), with publishes still
+    // coming.
     let deadline = Instant::now() + BOUND;
-    while acked.load(Ordering::Relaxed) < all / 3 {
-        assert!(Instant::now() < deadline, "publishing stalled");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let at_kill = total(&stored(&store, tenant).await);
+    let at_kill = loop {
+        let n = total(&stored(&store, tenant).await);
+        if n >= all / 10 {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "storing stalled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let acked_at_kill = acked.load(Ordering::Relaxed);
     r1.sigkill();
     let mut clients = Vec::new();
     for p in publishers {
@@ -554,14 +564,29 @@ async fn two_replicas_behind_mosquitto_store_everything_once() {
     }
     // With replica 1 down: replica 2 carries on; what the broker had routed to replica 1's
     // session waits there.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let while_down = total(&stored(&store, tenant).await);
+    let deadline = Instant::now() + BOUND;
+    let mut while_down = at_kill;
+    while while_down <= at_kill {
+        assert!(
+            Instant::now() < deadline,
+            "replica 2 kept storing after replica 1 died"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while_down = total(&stored(&store, tenant).await);
+    }
+    // Let replica 2 drain what it can, then see what waits for replica 1.
+    let mut settled = while_down;
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = total(&stored(&store, tenant).await);
+        if now == settled || Instant::now() >= deadline {
+            break;
+        }
+        settled = now;
+    }
     eprintln!(
-        "scale: {all} events acknowledged by the broker; {at_kill} stored when replica 1 was killed, {while_down} stored 3 s later with replica 1 down"
-    );
-    assert!(
-        while_down > at_kill,
-        "replica 2 kept storing after replica 1 died"
+        "scale: {all} events acknowledged by the broker; replica 1 killed at {acked_at_kill} acknowledged and {at_kill} stored; with replica 1 down, replica 2 stored until {settled} ({} wait for replica 1's session)",
+        all - settled
     );
     // Replica 1 comes back (its supervisor restarts it) and resumes its session.
     let r1 = Replica::start(&data, &db, broker.addr, "epmc-server-1", &crl);
@@ -578,6 +603,23 @@ async fn two_replicas_behind_mosquitto_store_everything_once() {
         }
     }
     assert_eq!(total(&s), all, "nothing else stored");
+
+    // After replica 1's restart, the shared subscription still reaches both replicas:
+    // more messages, all stored.
+    let extra = PER_AGENT..PER_AGENT + 40;
+    let done = agents[1]
+        .publish_events(&clients[1].0, extra.clone(), &AtomicU64::new(0))
+        .await;
+    assert_eq!(done.len(), 40);
+    let got = wait_stored_for(&store, tenant, &agents[1].serial, extra.clone()).await;
+    let missing: Vec<u64> = extra
+        .clone()
+        .filter(|n| !got.contains_key(&(*n as i64)))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "after the restart, not stored: {missing:?}"
+    );
 
     // Presence came from the state topic.
     let online = store
@@ -633,7 +675,10 @@ async fn two_replicas_behind_mosquitto_store_everything_once() {
         if state == OrderState::Done {
             break;
         }
-        assert!(Instant::now() < deadline, "order still {state:?}");
+        if Instant::now() >= deadline {
+            diagnose(&db).await;
+            panic!("order still {state:?}");
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Nobody else got it twice: one delivery to the agent.
@@ -653,17 +698,30 @@ async fn two_replicas_behind_mosquitto_store_everything_once() {
         .await
         .unwrap();
     let deadline = Instant::now() + BOUND;
-    while std::fs::read(&crl).unwrap() == empty_crl {
-        assert!(Instant::now() < deadline, "the CRL file was not rewritten");
+    while !crl_revokes(&crl, revoked) {
+        assert!(
+            Instant::now() < deadline,
+            "the CRL file does not list the revoked certificate"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The revoked agent's connection is still open: a SIGHUP makes Mosquitto read the new
+    // CRL for the next handshakes; whether it ends the open connection is measured.
+    let (revoked_client, _) = clients.pop().expect("the revoked agent's connection");
+    assert!(revoked_client.is_connected());
     drop(clients);
     broker.signal("HUP");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let after_hup = MqttClient::connect(&revoked.options(broker.addr), &revoked.tls())
-        .await
-        .is_ok();
-    eprintln!("scale: after SIGHUP the revoked agent can connect: {after_hup}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    eprintln!(
+        "scale: after SIGHUP the revoked agent's open connection is still up: {}",
+        revoked_client.is_connected()
+    );
+    let after_hup = MqttClient::connect(&revoked.options(broker.addr), &revoked.tls()).await;
+    assert!(
+        after_hup.is_err(),
+        "after a SIGHUP the broker refuses the revoked agent's new connection"
+    );
+    drop(revoked_client);
     broker.restart();
     let after_restart = MqttClient::connect(&revoked.options(broker.addr), &revoked.tls()).await;
     assert!(
@@ -679,7 +737,7 @@ async fn two_replicas_behind_mosquitto_store_everything_once() {
     let committed_2 = r2.stop();
     eprintln!("scale: replica 1 (restarted) committed {committed_1}, replica 2 {committed_2}");
     assert!(committed_2 > 0, "replica 2 consumed");
-    let crash_range = PER_AGENT..PER_AGENT + 50;
+    let crash_range = PER_AGENT + 100..PER_AGENT + 150;
     let acked_before_crash = healthy
         .publish_events(&c1, crash_range.clone(), &AtomicU64::new(0))
         .await;
@@ -699,6 +757,43 @@ async fn two_replicas_behind_mosquitto_store_everything_once() {
     r1.stop();
     r2.stop();
     store.close().await;
+}
+
+/// What the database sessions are doing (printed when a wait fails).
+async fn diagnose(db: &str) {
+    use sqlx::{Connection, Row};
+    let mut c = sqlx::PgConnection::connect(db).await.unwrap();
+    let rows = sqlx::query(
+        "SELECT pid, state, wait_event_type, wait_event, left(query, 120) FROM pg_stat_activity \
+         WHERE datname = current_database()",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    for r in rows {
+        eprintln!(
+            "pg: {:?} {:?} {:?} {:?} {:?}",
+            r.try_get::<i32, _>(0).ok(),
+            r.try_get::<String, _>(1).ok(),
+            r.try_get::<String, _>(2).ok(),
+            r.try_get::<String, _>(3).ok(),
+            r.try_get::<String, _>(4).ok()
+        );
+    }
+}
+
+/// Whether the CRL file (PEM) lists the agent's certificate.
+fn crl_revokes(path: &Path, agent: &Agent) -> bool {
+    use x509_parser::prelude::FromDer;
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let pem = std::fs::read(path).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).expect("a PEM CRL");
+    assert_eq!(pem.label, "X509 CRL");
+    let (_, crl) = CertificateRevocationList::from_der(&pem.contents).expect("a DER CRL");
+    let strip = |b: &[u8]| -> Vec<u8> { b.iter().copied().skip_while(|x| *x == 0).collect() };
+    let serial = strip(agent.bundle.certificate.serial.as_bytes());
+    crl.iter_revoked_certificates()
+        .any(|r| strip(r.raw_serial()) == serial)
 }
 
 /// Waits up to 10 s for events `range` of one device; returns what is stored of them.

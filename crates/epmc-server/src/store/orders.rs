@@ -104,6 +104,21 @@ impl OrdersHandle {
         self.transition(order, OrderState::Delivered, None).await
     }
 
+    /// Puts a delivered order back in the queue (a replica claimed it for the broker, then
+    /// could not publish it). `Ok(false)` when it is no longer delivered.
+    pub async fn requeue(&self, order: Uuid) -> Result<bool, StoreError> {
+        let mut conn = self.store.pool().acquire().await?;
+        set_state(
+            &mut conn,
+            order,
+            OrderState::Delivered,
+            OrderState::Queued,
+            None,
+            now_unix(),
+        )
+        .await
+    }
+
     /// The agent recorded the order.
     pub async fn mark_accepted(&self, order: Uuid) -> Result<bool, StoreError> {
         self.transition(order, OrderState::Accepted, None).await
