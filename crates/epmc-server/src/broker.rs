@@ -468,6 +468,7 @@ pub fn write_crl(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::pki_types::pem::PemObject;
 
     #[test]
     fn broker_urls() {
@@ -493,6 +494,43 @@ mod tests {
             c.shared_filter(Channel::Telemetry),
             "$share/epmc/epmc/v1/agents/+/telemetry"
         );
+    }
+
+    #[test]
+    fn replica_certificates_are_client_certificates_named_as_asked() {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let now = OffsetDateTime::now_utc();
+        let ca = CertificateAuthority::generate("test CA", now).unwrap();
+        let issued = ca
+            .issue_service_client("epmc-server-1", time::Duration::days(7), now)
+            .unwrap();
+        let der =
+            rustls::pki_types::CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        let (_, cert) = X509Certificate::from_der(der.as_ref()).unwrap();
+        let cn: Vec<&str> = cert
+            .subject()
+            .iter_common_name()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        assert_eq!(cn, vec!["epmc-server-1"]);
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth);
+        assert!(!cert.is_ca());
+        // An agent's CN (a UUID), and names the ACL could not hold, are refused.
+        for bad in [
+            "",
+            "6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f",
+            "epmc server",
+            "a/b",
+            "+",
+            &"x".repeat(65),
+        ] {
+            assert!(
+                ca.issue_service_client(bad, time::Duration::days(7), now)
+                    .is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

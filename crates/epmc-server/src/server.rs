@@ -349,6 +349,15 @@ impl Server {
                 )
             }
             Some(broker_config) => {
+                // A client id the CA cannot issue a certificate for is refused now, not at
+                // every connection attempt.
+                pki.ca
+                    .issue_service_client(
+                        &broker_config.client_id,
+                        time::Duration::minutes(1),
+                        OffsetDateTime::now_utc(),
+                    )
+                    .map_err(|e| ServeError::Pki(format!("broker client id: {e}")))?;
                 if let Some(path) = &broker_config.crl_file {
                     pki.write_crl(&revoked, path)?;
                 }
