@@ -77,7 +77,7 @@ impl OrdersHandle {
     }
 
     /// Tries to become the one replica that dispatches orders. On PostgreSQL this is a
-    /// session advisory lock held by a connection of its own: `Ok(None)` while another
+    /// session advisory lock (keyed by the schema) held by a connection of its own: `Ok(None)` while another
     /// replica holds it; it is released when the [`DispatchLease`] is dropped or its
     /// connection (or process) dies, so another replica takes over at its next try. On SQLite
     /// (one machine) the lease is always granted.
@@ -86,8 +86,11 @@ impl OrdersHandle {
             return Ok(Some(DispatchLease { conn: None }));
         }
         let mut conn = self.store.pool().acquire().await?.detach();
+        // Advisory locks are per database: the schema is part of the key, so deployments in
+        // two schemas of one database do not share the lease.
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT CAST(CASE WHEN pg_try_advisory_lock({DISPATCH_LOCK}) THEN 1 ELSE 0 END AS BIGINT)"
+            "SELECT CAST(CASE WHEN pg_try_advisory_lock({DISPATCH_LOCK}, hashtext(current_schema())) \
+             THEN 1 ELSE 0 END AS BIGINT)"
         )))
         .fetch_one(&mut conn)
         .await?;
@@ -191,8 +194,9 @@ impl OrdersHandle {
     }
 }
 
-/// The PostgreSQL advisory lock key of order dispatch (`pg_try_advisory_lock`): "EPMCdisp".
-const DISPATCH_LOCK: i64 = 0x4550_4d43_6469_7370;
+/// The first key of order dispatch's PostgreSQL advisory lock (`pg_try_advisory_lock(int,
+/// int)`, the second is the schema's hash): "EPMC".
+const DISPATCH_LOCK: i32 = 0x4550_4d43;
 
 /// An agent with queued orders ([`OrdersHandle::agents_with_queued`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
