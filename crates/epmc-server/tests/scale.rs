@@ -11,8 +11,9 @@
 //! - A revocation is written to the broker's CRL file; after a SIGHUP, and after a restart,
 //!   the broker refuses the revoked agent (whether a SIGHUP ends its open connection is
 //!   measured and printed).
-//! - A broker crash (SIGKILL) before its autosave: what it had acknowledged and not yet handed
-//!   to a replica is measured and printed (deploy/scale/README.md reports it).
+//! - What waits in the broker for stopped replicas survives a graceful broker restart; after a
+//!   broker crash (SIGKILL) before its autosave, what it had acknowledged since is measured and
+//!   printed (deploy/scale/README.md reports it).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
@@ -731,28 +732,46 @@ async fn two_replicas_behind_mosquitto_store_everything_once() {
     let healthy = &agents[1];
     let (c1, _rx1) = healthy.connect(broker.addr).await;
 
-    // Phase 4 (a measurement): the replicas stop, an agent publishes and the broker
-    // acknowledges, then the broker crashes before its autosave.
+    // Phase 4: the replicas stop, so what agents send waits in the broker. A graceful broker
+    // restart (SIGTERM) keeps it; a crash (SIGKILL) before the autosave loses what came after
+    // the last save (measured).
     let committed_1 = r1.stop();
     let committed_2 = r2.stop();
     eprintln!("scale: replica 1 (restarted) committed {committed_1}, replica 2 {committed_2}");
     assert!(committed_2 > 0, "replica 2 consumed");
-    let crash_range = PER_AGENT + 100..PER_AGENT + 150;
-    let acked_before_crash = healthy
+    let kept_range = PER_AGENT + 100..PER_AGENT + 150;
+    let done = healthy
+        .publish_events(&c1, kept_range.clone(), &AtomicU64::new(0))
+        .await;
+    assert_eq!(done.len(), 50);
+    drop(c1);
+    broker.restart();
+    let (c1, _rx1) = healthy.connect(broker.addr).await;
+    let crash_range = PER_AGENT + 200..PER_AGENT + 250;
+    let done = healthy
         .publish_events(&c1, crash_range.clone(), &AtomicU64::new(0))
         .await;
-    assert_eq!(acked_before_crash.len(), 50);
+    assert_eq!(done.len(), 50);
     drop(c1);
     broker.crash_and_restart();
     let r1 = Replica::start(&data, &db, broker.addr, "epmc-server-1", &crl);
     let r2 = Replica::start(&data, &db, broker.addr, "epmc-server-2", &crl);
+    let s = wait_stored_for(&store, tenant, &healthy.serial, kept_range.clone()).await;
+    let kept_missing: Vec<u64> = kept_range
+        .clone()
+        .filter(|n| !s.contains_key(&(*n as i64)))
+        .collect();
+    assert!(
+        kept_missing.is_empty(),
+        "queued in the broker across a graceful restart, then stored: missing {kept_missing:?}"
+    );
     let s = wait_stored_for(&store, tenant, &healthy.serial, crash_range.clone()).await;
     let survived = crash_range
         .clone()
         .filter(|n| s.contains_key(&(*n as i64)))
         .count();
     eprintln!(
-        "scale: broker SIGKILLed within its autosave interval: {survived} of 50 acknowledged messages reached the database"
+        "scale: 50 of 50 queued across a broker restart stored; broker SIGKILLed within its autosave interval: {survived} of 50 acknowledged messages reached the database"
     );
     r1.stop();
     r2.stop();
