@@ -177,6 +177,8 @@ struct Replica {
     child: Child,
     name: String,
     stdout: std::sync::mpsc::Receiver<String>,
+    /// How many commits failed (its "nothing acknowledged" warnings so far).
+    failed_commits: Arc<AtomicU64>,
 }
 
 impl Replica {
@@ -213,10 +215,15 @@ impl Replica {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().unwrap();
         let tag = name.to_owned();
+        let failed_commits = Arc::new(AtomicU64::new(0));
+        let failed = failed_commits.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("consuming from the broker") {
                     let _ = ready_tx.send(());
+                }
+                if line.contains("nothing acknowledged") {
+                    failed.fetch_add(1, Ordering::Relaxed);
                 }
                 eprintln!("[{tag}] {line}");
             }
@@ -230,6 +237,7 @@ impl Replica {
             child,
             name: name.to_owned(),
             stdout: out_rx,
+            failed_commits,
         }
     }
 
@@ -832,4 +840,90 @@ async fn wait_stored_for(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A commit that fails acknowledges nothing: the replica reconnects, the broker sends the
+/// messages again, and once the database works they are stored, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_is_not_acknowledged_and_comes_again() {
+    use sqlx::Connection;
+    let Some(db) = postgres_url().await else {
+        return;
+    };
+    epmc_server::ca::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    datadir::init(&data, &[]).unwrap();
+    let etc = dir.path().join("mosquitto");
+    std::fs::create_dir(&etc).unwrap();
+    for f in ["ca.crt", "server.crt", "server.key"] {
+        std::fs::copy(data.join(f), etc.join(f)).unwrap();
+    }
+    let crl = etc.join("crl.pem");
+    let pki = datadir::load(&data).unwrap();
+    epmc_server::broker::write_crl(&pki.ca, &[], &crl).unwrap();
+    let store = Store::open(&db).await.unwrap();
+    let tenant = store.admin().add_tenant("acme").await.unwrap();
+    let agents = make_agents(&store, &data, tenant, 1).await;
+    let agent = &agents[0];
+    let broker = Broker::start(&etc);
+    let replica = Replica::start(&data, &db, broker.addr, "epmc-server-1", &crl);
+    let (client, _rx) = agent.connect(broker.addr).await;
+    client
+        .publish(
+            &topic::telemetry(&agent.id),
+            agent.snapshot(),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + BOUND;
+    while store.admin().devices().await.unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the snapshot was not stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Every commit fails as a whole: the agents table is gone (an error of the database,
+    // not of a message, as a lost connection or a full disk would be).
+    let mut admin = sqlx::PgConnection::connect(&db).await.unwrap();
+    sqlx::raw_sql("ALTER TABLE agents RENAME TO agents_held")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let done = agent
+        .publish_events(&client, 0..20, &AtomicU64::new(0))
+        .await;
+    assert_eq!(done.len(), 20, "the broker acknowledges");
+    let deadline = Instant::now() + BOUND;
+    while replica.failed_commits.load(Ordering::Relaxed) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not retry the failed commit"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ingested_messages")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(held, 1, "only the snapshot is stored while commits fail");
+
+    // The database works again: the broker's redeliveries are stored, each once.
+    sqlx::raw_sql("ALTER TABLE agents_held RENAME TO agents")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let got = wait_stored_for(&store, tenant, &agent.serial, 0..20).await;
+    for n in 0..20 {
+        assert_eq!(got.get(&n).copied(), Some(1), "event {n} stored once");
+    }
+    assert_eq!(got.len(), 20);
+    eprintln!(
+        "scale: {} failed commit(s) before the database came back",
+        replica.failed_commits.load(Ordering::Relaxed)
+    );
+    drop(client);
+    replica.stop();
+    store.close().await;
 }
