@@ -7,7 +7,8 @@
 //!
 //! - Every message the broker acknowledged is stored exactly once, although one replica is
 //!   SIGKILLed mid-run (and restarted, as its supervisor would).
-//! - An order reaches its agent through the broker and its result is applied.
+//! - An order reaches its agent through the broker and its result is applied; an order for an
+//!   offline agent waits in its session at the broker and arrives when it reconnects.
 //! - A revocation is written to the broker's CRL file; after a SIGHUP, and after a restart,
 //!   the broker refuses the revoked agent (whether a SIGHUP ends its open connection is
 //!   measured and printed).
@@ -697,6 +698,45 @@ async fn two_replicas_behind_mosquitto_store_everything_once() {
             .is_err(),
         "the order was published once"
     );
+
+    // An order for an agent that is offline (it has connected before): the broker queues it
+    // in the agent's persistent session and delivers it when the agent comes back.
+    let offline = &agents[2];
+    let (c2, rx2) = clients.remove(2);
+    drop(rx2);
+    drop(c2);
+    let order = store
+        .orders()
+        .create(
+            OrderTarget::Agent(offline.id),
+            &OrderAction::CollectNow,
+            "operator",
+            Timestamp::from_unix(Timestamp::now().unix() + 600).unwrap(),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + BOUND;
+    while store.orders().get(order).await.unwrap().state != OrderState::Delivered {
+        assert!(
+            Instant::now() < deadline,
+            "the order was not handed to the broker"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (c2, mut rx2) = offline.connect(broker.addr).await;
+    let received = tokio::time::timeout(BOUND, rx2.recv())
+        .await
+        .expect("the queued order arrives after the reconnection")
+        .expect("the connection is up");
+    let Message::Order(o) = Envelope::from_json(&received.message.payload)
+        .unwrap()
+        .message
+    else {
+        panic!("not an order");
+    };
+    assert_eq!(o.order_id, order);
+    received.ack();
+    clients.insert(2, (c2, rx2));
 
     // Phase 3: revocation. The replicas rewrite the CRL file; the broker applies it when
     // restarted.
