@@ -2,8 +2,9 @@
 //!
 //! What exists (see `DESIGN.md` for the whole): the storage layer over SQLite and
 //! PostgreSQL ([`store`]), the private certificate authority and enrollment tokens ([`ca`]),
-//! the data directory ([`datadir`]), and the embedded MQTT/TLS ingest endpoint ([`ingest`]).
-//! The HTTPS portal and the audit log are not built yet.
+//! the data directory ([`datadir`]), the embedded MQTT/TLS ingest endpoint ([`ingest`]), the
+//! scale-mode consumer of an external broker ([`broker`]), the running server ([`server`]) and
+//! the operator's command line ([`cli`]). The HTTPS portal and the audit log are not built yet.
 #![forbid(unsafe_code)]
 
 pub mod broker;
