@@ -95,9 +95,14 @@ struct Broker {
 
 impl Broker {
     fn start(dir: &Path) -> Broker {
+        Broker::start_with(dir, |c| c)
+    }
+
+    /// With the rendered configuration changed by `edit`.
+    fn start_with(dir: &Path, edit: impl FnOnce(String) -> String) -> Broker {
         let port = free_port();
         let config = dir.join("mosquitto.conf");
-        std::fs::write(&config, render_config(dir, port)).unwrap();
+        std::fs::write(&config, edit(render_config(dir, port))).unwrap();
         std::fs::write(dir.join("acl"), ACL).unwrap();
         let mut b = Broker {
             child: None,
@@ -890,21 +895,8 @@ async fn a_failed_commit_is_not_acknowledged_and_comes_again() {
     let Some(db) = postgres_url().await else {
         return;
     };
-    epmc_server::ca::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    datadir::init(&data, &[]).unwrap();
-    let etc = dir.path().join("mosquitto");
-    std::fs::create_dir(&etc).unwrap();
-    for f in ["ca.crt", "server.crt", "server.key"] {
-        std::fs::copy(data.join(f), etc.join(f)).unwrap();
-    }
-    let crl = etc.join("crl.pem");
-    let pki = datadir::load(&data).unwrap();
-    epmc_server::broker::write_crl(&pki.ca, &[], &crl).unwrap();
-    let store = Store::open(&db).await.unwrap();
-    let tenant = store.admin().add_tenant("acme").await.unwrap();
-    let agents = make_agents(&store, &data, tenant, 1).await;
+    let (dir, store, tenant, agents) = small_setup(&db).await;
+    let (data, etc, crl) = paths(&dir);
     let agent = &agents[0];
     let broker = Broker::start(&etc);
     let replica = Replica::start(&data, &db, broker.addr, "epmc-server-1", &crl);
@@ -964,6 +956,70 @@ async fn a_failed_commit_is_not_acknowledged_and_comes_again() {
         replica.failed_commits.load(Ordering::Relaxed)
     );
     drop(client);
+    replica.stop();
+    store.close().await;
+}
+
+/// A data directory, the broker's files, a store with one tenant and one agent.
+async fn small_setup(db: &str) -> (tempfile::TempDir, Store, TenantId, Vec<Agent>) {
+    epmc_server::ca::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let (data, etc, crl) = paths(&dir);
+    datadir::init(&data, &[]).unwrap();
+    std::fs::create_dir(&etc).unwrap();
+    for f in ["ca.crt", "server.crt", "server.key"] {
+        std::fs::copy(data.join(f), etc.join(f)).unwrap();
+    }
+    let pki = datadir::load(&data).unwrap();
+    epmc_server::broker::write_crl(&pki.ca, &[], &crl).unwrap();
+    let store = Store::open(db).await.unwrap();
+    let tenant = store.admin().add_tenant("acme").await.unwrap();
+    let agents = make_agents(&store, &data, tenant, 1).await;
+    (dir, store, tenant, agents)
+}
+
+/// The data directory, the broker's folder and its CRL file in `dir`.
+fn paths(dir: &tempfile::TempDir) -> (PathBuf, PathBuf, PathBuf) {
+    let etc = dir.path().join("mosquitto");
+    let crl = etc.join("crl.pem");
+    (dir.path().join("data"), etc, crl)
+}
+
+/// A measurement for deploy/scale/README.md: with `autosave_on_changes true` and
+/// `autosave_interval 1` (a save after every change), how much of what the broker acknowledged
+/// survives its crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_crash_with_autosave_on_changes() {
+    let Some(db) = postgres_url().await else {
+        return;
+    };
+    let (dir, store, tenant, agents) = small_setup(&db).await;
+    let (data, etc, crl) = paths(&dir);
+    let agent = &agents[0];
+    let mut broker = Broker::start_with(&etc, |c| {
+        assert!(c.contains("autosave_interval 60\n"));
+        c.replace(
+            "autosave_interval 60\n",
+            "autosave_interval 1\nautosave_on_changes true\n",
+        )
+    });
+    // The replica's session and subscriptions exist; then it stops, so messages wait.
+    Replica::start(&data, &db, broker.addr, "epmc-server-1", &crl).stop();
+    let (client, _rx) = agent.connect(broker.addr).await;
+    let started = Instant::now();
+    let done = agent
+        .publish_events(&client, 0..50, &AtomicU64::new(0))
+        .await;
+    let took = started.elapsed();
+    assert_eq!(done.len(), 50);
+    drop(client);
+    broker.crash_and_restart();
+    let replica = Replica::start(&data, &db, broker.addr, "epmc-server-1", &crl);
+    let got = wait_stored_for(&store, tenant, &agent.serial, 0..50).await;
+    eprintln!(
+        "scale: autosave_on_changes: broker SIGKILLed after acknowledging 50 (in {took:?}): {} of 50 reached the database",
+        got.len()
+    );
     replica.stop();
     store.close().await;
 }
