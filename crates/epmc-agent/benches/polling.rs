@@ -320,7 +320,7 @@ fn server_role() {
             .issue_agent_with_key(agent.uuid(), time::OffsetDateTime::now_utc())
             .expect("certificate");
         datadir::write_agent_bundle(&dir.join("agent"), &bundle).expect("bundle");
-        println!("{}", server.mqtt_addr().port());
+        println!("{}", server.mqtt_addr().expect("embedded endpoint").port());
         let mut sink = Vec::new();
         let _ = tokio::task::spawn_blocking(move || {
             use std::io::Read;

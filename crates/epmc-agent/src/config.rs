@@ -49,8 +49,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use epmc_transport::client::{CredentialsError, HttpProxy, ProxyCredentials};
 use epmc_proto::release::{ReleaseError, ReleasePublicKey};
+use epmc_transport::client::{CredentialsError, HttpProxy, ProxyCredentials};
 use escvp::net::{DEFAULT_PORT, Password};
 use serde::Deserialize;
 use toml::Spanned;

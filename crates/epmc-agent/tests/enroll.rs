@@ -130,7 +130,10 @@ async fn connect_with(config: &Path, enrolled: &Enrolled, server: &Server, proxy
     assert_eq!(c.server.client_cert, dir.join("agent.crt"));
     assert_eq!(c.server.client_key, dir.join("agent.key"));
     assert_eq!(c.server.url.host, "localhost");
-    assert_eq!(c.server.url.port, server.mqtt_addr().port());
+    assert_eq!(
+        c.server.url.port,
+        server.mqtt_addr().expect("embedded endpoint").port()
+    );
     assert!(c.targets.is_empty());
     let tls = TlsIdentity::from_files(
         &c.server.ca_cert,
@@ -149,7 +152,11 @@ async fn connect_with(config: &Path, enrolled: &Enrolled, server: &Server, proxy
         )
     } else {
         assert!(c.proxy.is_none());
-        MqttOptions::new(server.mqtt_addr(), &c.server.url.host, &id)
+        MqttOptions::new(
+            server.mqtt_addr().expect("embedded endpoint"),
+            &c.server.url.host,
+            &id,
+        )
     };
     options.keep_alive = Duration::from_secs(5);
     options.connect_timeout = Duration::from_secs(10);
@@ -444,7 +451,10 @@ async fn enrolls_and_connects_through_an_http_proxy() {
     );
     assert_eq!(
         requests.last().unwrap(),
-        &format!("CONNECT localhost:{} HTTP/1.1", f.server.mqtt_addr().port())
+        &format!(
+            "CONNECT localhost:{} HTTP/1.1",
+            f.server.mqtt_addr().expect("embedded endpoint").port()
+        )
     );
     // The service started on that configuration reaches the server through the proxy too.
     let c = AgentConfig::load(&enrolled.config).unwrap();

@@ -67,7 +67,7 @@ impl Env {
         let server = serve(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
         let tenant = server.store().admin().add_tenant("acme").await.unwrap();
         Env {
-            mqtt: server.mqtt_addr(),
+            mqtt: server.mqtt_addr().expect("embedded endpoint"),
             server: Some(server),
             dir,
             tenant,

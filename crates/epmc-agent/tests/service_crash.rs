@@ -76,7 +76,7 @@ fn setup_agent(dir: &Path, server: &Server, bundle_dir: &Path, projector: Socket
             "[server]\nurl = \"mqtts://localhost:{}\"\nca_cert = \"ca.crt\"\nclient_cert = \"agent.crt\"\nclient_key = \"agent.key\"\n\
              [schedule]\nstatus_interval_seconds = 10\n\
              [[target]]\naddress = \"{projector}\"\ndisplay_name = \"Aula\"\n",
-            server.mqtt_addr().port()
+            server.mqtt_addr().expect("embedded endpoint").port()
         ),
     )
     .unwrap();

@@ -502,7 +502,7 @@ fn write_config(f: &Fixture, path: &Path) {
     write!(
         file,
         "[server]\nurl = \"mqtts://localhost:{}\"\nca_cert = \"ca.crt\"\nclient_cert = \"agent.crt\"\nclient_key = \"agent.key\"\n\n[update]\nurl = \"https://localhost:{}\"\npublic_key = \"{}\"\n",
-        f.server.mqtt_addr().port(),
+        f.server.mqtt_addr().expect("embedded endpoint").port(),
         f.server.https_addr().port(),
         f.key.public_key()
     )

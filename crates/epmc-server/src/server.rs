@@ -1,7 +1,8 @@
 //! The running server: the data directory's CA and certificates, the store, the embedded
-//! MQTT/TLS ingest endpoint, order dispatch, revocation, and the HTTPS enrollment endpoint,
-//! wired together. [`Server::start`] runs it in-process (tests start several on random
-//! ports); the binary's `serve` command is a thin wrapper.
+//! MQTT/TLS ingest endpoint (or, in scale mode, a consumer of an external broker, see
+//! [`crate::broker`]), order dispatch, revocation, retention, and the HTTPS enrollment
+//! endpoint, wired together. [`Server::start`] runs it in-process (tests start several on
+//! random ports); the binary's `serve` command is a thin wrapper.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -19,12 +20,15 @@ use time::OffsetDateTime;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
+use crate::broker::{self, BrokerConfig, BrokerLink};
 use crate::ca::{self, CertSerial, CertificateAuthority, RevokedCert};
 use crate::datadir::{self, DataDirError};
 use crate::ingest::{
     Endpoint, Inbound, IngestConfig, IngestSink, Outcome, SecurityEvent, SinkError,
 };
-use crate::store::{IngestItem, IngestOutcome, Store, StoreError, StoreOptions};
+use crate::store::{
+    DispatchLease, IngestItem, IngestOutcome, QueuedAgent, Store, StoreError, StoreOptions,
+};
 
 mod enroll;
 mod update;
@@ -49,6 +53,12 @@ pub struct ServeConfig {
     /// How often queued orders and revocations are looked for (also woken at once when an
     /// order is created through [`Server::notify_orders`]).
     pub poll: Duration,
+    /// Scale mode: consume from this external broker instead of listening on `mqtt`.
+    pub broker: Option<BrokerConfig>,
+    /// History series and events older than this are deleted (`None`: kept for ever).
+    pub retention: Option<Duration>,
+    /// How often retention is applied (and once at start).
+    pub prune_every: Duration,
 }
 
 impl ServeConfig {
@@ -61,6 +71,9 @@ impl ServeConfig {
             database: None,
             ingest: IngestConfig::default(),
             poll: Duration::from_secs(1),
+            broker: None,
+            retention: None,
+            prune_every: Duration::from_secs(3600),
         }
     }
 }
@@ -91,8 +104,9 @@ pub enum ServeError {
 /// A running server. See the [module docs](self).
 pub struct Server {
     store: Store,
-    endpoint: Endpoint,
-    mqtt_addr: SocketAddr,
+    endpoint: Option<Endpoint>,
+    broker: Option<BrokerLink>,
+    mqtt_addr: Option<SocketAddr>,
     https_addr: SocketAddr,
     https: axum_server::Handle<SocketAddr>,
     orders_wake: Arc<Notify>,
@@ -110,6 +124,7 @@ impl std::fmt::Debug for Server {
 }
 
 /// The agents' side of the store: commits batches, records presence and security events.
+/// The embedded endpoint and the broker consumer both write through it.
 struct StoreSink {
     store: Store,
 }
@@ -232,7 +247,7 @@ fn describe(event: &SecurityEvent) -> (&'static str, Option<AgentId>, SocketAddr
 
 /// The certificates and keys the listeners use, from the data directory.
 struct Pki {
-    ca: CertificateAuthority,
+    ca: Arc<CertificateAuthority>,
     server_chain: Vec<CertificateDer<'static>>,
     server_key_pem: String,
 }
@@ -244,26 +259,37 @@ impl Pki {
     }
 
     fn crl(&self, revoked: &[String]) -> Result<CertificateRevocationListDer<'static>, ServeError> {
-        let now = OffsetDateTime::now_utc();
-        let revoked: Vec<RevokedCert> = revoked
-            .iter()
-            .filter_map(|s| match s.parse::<CertSerial>() {
-                Ok(serial) => Some(serial),
-                Err(e) => {
-                    tracing::error!(error = %e, "a revoked serial in the database is unreadable");
-                    None
-                }
-            })
-            .map(|serial| RevokedCert {
-                serial,
-                revoked_at: now,
-            })
-            .collect();
         self.ca
-            .crl(&revoked, now)
+            .crl(&revoked_certs(revoked), OffsetDateTime::now_utc())
             .map_err(|e| ServeError::Pki(format!("CRL: {e}")))
     }
 
+    /// Writes the revocation list for the broker (scale mode).
+    fn write_crl(&self, revoked: &[String], path: &std::path::Path) -> Result<(), ServeError> {
+        broker::write_crl(&self.ca, &revoked_certs(revoked), path).map_err(ServeError::Pki)
+    }
+}
+
+/// The revoked serials as the CA lists them (an unreadable one is logged and left out).
+fn revoked_certs(revoked: &[String]) -> Vec<RevokedCert> {
+    let now = OffsetDateTime::now_utc();
+    revoked
+        .iter()
+        .filter_map(|s| match s.parse::<CertSerial>() {
+            Ok(serial) => Some(serial),
+            Err(e) => {
+                tracing::error!(error = %e, "a revoked serial in the database is unreadable");
+                None
+            }
+        })
+        .map(|serial| RevokedCert {
+            serial,
+            revoked_at: now,
+        })
+        .collect()
+}
+
+impl Pki {
     fn mqtt_config(&self, revoked: &[String]) -> Result<Arc<rustls::ServerConfig>, ServeError> {
         ca::mqtt_server_config(
             self.ca.cert_der(),
@@ -277,7 +303,8 @@ impl Pki {
 
 impl Server {
     /// Loads the data directory, opens (and migrates) the database, and starts every
-    /// listener and background task.
+    /// listener and background task. With [`ServeConfig::broker`] it listens for no agent:
+    /// it consumes from the broker, publishes orders there and writes the CRL for it.
     pub async fn start(config: ServeConfig) -> Result<Server, ServeError> {
         ca::install_crypto_provider();
         let loaded = datadir::load(&config.data_dir)?;
@@ -286,62 +313,112 @@ impl Server {
         let pki = Arc::new(Pki {
             server_chain: vec![server_cert, loaded.ca.cert_der().clone()],
             server_key_pem: loaded.server.key_pem.clone(),
-            ca: loaded.ca,
+            ca: Arc::new(loaded.ca),
         });
         let store = match &config.database {
             Some(url) => Store::open(url).await?,
             None => Store::open_data_dir(&config.data_dir, StoreOptions::default()).await?,
         };
         let revoked = store.admin().revoked_serials().await?;
-        let tls = pki.mqtt_config(&revoked)?;
         let sink = Arc::new(StoreSink {
             store: store.clone(),
         });
-        let endpoint = Endpoint::bind(
-            config.mqtt,
-            tls,
-            crate::ingest::agent_id_from_cn,
-            sink,
-            config.ingest.clone(),
-        )
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: config.mqtt,
-            source,
-        })?;
-        let mqtt_addr = endpoint.local_addr();
         let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let (outlet, endpoint, broker, mqtt_addr, agent_port) = match &config.broker {
+            None => {
+                let tls = pki.mqtt_config(&revoked)?;
+                let endpoint = Endpoint::bind(
+                    config.mqtt,
+                    tls,
+                    crate::ingest::agent_id_from_cn,
+                    sink,
+                    config.ingest.clone(),
+                )
+                .await
+                .map_err(|source| ServeError::Bind {
+                    addr: config.mqtt,
+                    source,
+                })?;
+                let addr = endpoint.local_addr();
+                (
+                    Outlet::Embedded(endpoint.clone()),
+                    Some(endpoint),
+                    None,
+                    Some(addr),
+                    addr.port(),
+                )
+            }
+            Some(broker_config) => {
+                // A client id the CA cannot issue a certificate for is refused now, not at
+                // every connection attempt.
+                pki.ca
+                    .issue_service_client(
+                        &broker_config.client_id,
+                        time::Duration::minutes(1),
+                        OffsetDateTime::now_utc(),
+                    )
+                    .map_err(|e| ServeError::Pki(format!("broker client id: {e}")))?;
+                if let Some(path) = &broker_config.crl_file {
+                    pki.write_crl(&revoked, path)?;
+                }
+                let (link, task) =
+                    broker::start(broker_config.clone(), pki.ca.clone(), sink, stop_rx.clone());
+                tasks.push(task);
+                (
+                    Outlet::Broker(link.clone()),
+                    None,
+                    Some(link),
+                    None,
+                    broker_config.port,
+                )
+            }
+        };
         let orders_wake = Arc::new(Notify::new());
-        let tasks = vec![
-            tokio::spawn(dispatch_orders(
+        tasks.push(tokio::spawn(dispatch_orders(
+            store.clone(),
+            outlet.clone(),
+            orders_wake.clone(),
+            config.poll,
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(watch_revocations(
+            store.clone(),
+            outlet,
+            config.broker.as_ref().and_then(|b| b.crl_file.clone()),
+            pki.clone(),
+            revoked,
+            config.poll,
+            stop_rx.clone(),
+        )));
+        if let Some(retention) = config.retention {
+            tasks.push(tokio::spawn(prune_periodically(
                 store.clone(),
-                endpoint.clone(),
-                orders_wake.clone(),
-                config.poll,
+                retention,
+                config.prune_every,
                 stop_rx.clone(),
-            )),
-            tokio::spawn(watch_revocations(
-                store.clone(),
-                endpoint.clone(),
-                pki.clone(),
-                revoked,
-                config.poll,
-                stop_rx.clone(),
-            )),
-        ];
+            )));
+        }
         let updates = update::routes(config.data_dir.join(crate::release::RELEASES_DIR));
         let (https, https_addr) = enroll::serve(
             config.https,
             pki.clone(),
             store.clone(),
-            mqtt_addr.port(),
+            agent_port,
             updates,
         )
         .await?;
-        tracing::info!(%mqtt_addr, %https_addr, backend = ?store.backend(), "server started");
+        tracing::info!(
+            mqtt_addr = ?mqtt_addr,
+            broker = ?config.broker.as_ref().map(|b| format!("{}:{}", b.host, b.port)),
+            %https_addr,
+            backend = ?store.backend(),
+            "server started"
+        );
         Ok(Server {
             store,
             endpoint,
+            broker,
             mqtt_addr,
             https_addr,
             https,
@@ -351,8 +428,8 @@ impl Server {
         })
     }
 
-    /// Where agents connect.
-    pub fn mqtt_addr(&self) -> SocketAddr {
+    /// Where agents connect to the embedded endpoint; `None` in scale mode.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
         self.mqtt_addr
     }
 
@@ -366,9 +443,14 @@ impl Server {
         &self.store
     }
 
-    /// The ingest endpoint.
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
+    /// The embedded ingest endpoint; `None` in scale mode.
+    pub fn endpoint(&self) -> Option<&Endpoint> {
+        self.endpoint.as_ref()
+    }
+
+    /// The broker consumer; `None` unless in scale mode.
+    pub fn broker(&self) -> Option<&BrokerLink> {
+        self.broker.as_ref()
     }
 
     /// Looks for queued orders now instead of at the next poll.
@@ -381,7 +463,9 @@ impl Server {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         self.https.graceful_shutdown(Some(Duration::from_secs(5)));
-        self.endpoint.shutdown().await;
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.shutdown().await;
+        }
         for task in self.tasks {
             let _ = task.await;
         }
@@ -390,16 +474,60 @@ impl Server {
     }
 }
 
-/// Sends queued orders to connected agents, marks them delivered on the agent's PUBACK, and
-/// expires overdue ones.
+/// Where orders leave: the embedded endpoint's connections, or the broker.
+#[derive(Clone)]
+enum Outlet {
+    Embedded(Endpoint),
+    Broker(BrokerLink),
+}
+
+type AckFuture = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+
+impl Outlet {
+    /// Whether an order for this agent can be handed over now: over the embedded endpoint,
+    /// the agent must be connected; through the broker, the replica must be connected and the
+    /// agent must have connected once (so the broker has its session to queue the order in;
+    /// a publish to a topic nobody subscribes to is acknowledged and dropped).
+    fn reachable(&self, queued: &QueuedAgent) -> bool {
+        match self {
+            Outlet::Embedded(e) => e.is_connected(&queued.agent),
+            Outlet::Broker(b) => b.is_connected() && queued.ever_connected,
+        }
+    }
+
+    /// Hands an order over; the future says whether the agent (embedded) or the broker
+    /// acknowledged it. `None`: not now (not connected, or the window is full).
+    async fn send(&self, agent: &AgentId, payload: Bytes) -> Option<AckFuture> {
+        match self {
+            Outlet::Embedded(e) => {
+                let ack = e.send_order(agent, payload).ok()?;
+                Some(Box::pin(async move { ack.await.is_ok() }))
+            }
+            Outlet::Broker(b) => match b.send_order(agent, payload).await {
+                Ok(pending) => Some(Box::pin(async move { pending.acked().await.is_ok() })),
+                Err(e) => {
+                    tracing::debug!(%agent, error = %e, "order not published");
+                    None
+                }
+            },
+        }
+    }
+}
+
+/// Sends queued orders (looking only at agents that have some), marks them delivered on the
+/// agent's PUBACK (in scale mode: before publishing, put back in the queue if the broker does
+/// not acknowledge), and expires overdue ones. In scale mode
+/// only the replica holding the dispatch lease sends, so replicas do not publish each order
+/// twice and one agent's orders leave in order.
 async fn dispatch_orders(
     store: Store,
-    endpoint: Endpoint,
+    outlet: Outlet,
     wake: Arc<Notify>,
     poll: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let in_flight: Arc<Mutex<HashSet<uuid::Uuid>>> = Arc::default();
+    let mut lease: Option<DispatchLease> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
@@ -416,18 +544,40 @@ async fn dispatch_orders(
             Ok((expired, timed_out)) => tracing::info!(expired, timed_out, "orders expired"),
             Err(e) => tracing::warn!(error = %e, "expiring orders failed"),
         }
-        let agents = match store.admin().agents(None).await {
+        if matches!(outlet, Outlet::Broker(_)) {
+            if let Some(l) = &mut lease
+                && !l.is_held().await
+            {
+                tracing::warn!("order dispatch lease lost");
+                lease = None;
+            }
+            if lease.is_none() {
+                match orders.try_dispatch_lease().await {
+                    Ok(Some(l)) => {
+                        tracing::info!("this replica dispatches orders");
+                        lease = Some(l);
+                    }
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "taking the order dispatch lease failed");
+                        continue;
+                    }
+                }
+            }
+        }
+        let agents = match orders.agents_with_queued(now).await {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(error = %e, "listing agents failed");
+                tracing::warn!(error = %e, "listing agents with queued orders failed");
                 continue;
             }
         };
-        for agent in agents.into_iter().filter(|a| endpoint.is_connected(&a.id)) {
-            let queued = match orders.queued_for_agent(agent.id, now).await {
+        for queued_agent in agents.into_iter().filter(|a| outlet.reachable(a)) {
+            let agent = queued_agent.agent;
+            let queued = match orders.queued_for_agent(agent, now).await {
                 Ok(q) => q,
                 Err(e) => {
-                    tracing::warn!(error = %e, agent = %agent.id, "reading queued orders failed");
+                    tracing::warn!(error = %e, %agent, "reading queued orders failed");
                     continue;
                 }
             };
@@ -451,11 +601,27 @@ async fn dispatch_orders(
                         continue;
                     }
                 };
-                let ack = match endpoint.send_order(&agent.id, payload) {
-                    Ok(ack) => ack,
-                    // Not connected any more, or its window of unacknowledged orders is
-                    // full: the order stays queued for the next round.
-                    Err(_) => break,
+                // Through the broker the order is claimed (marked delivered) before it is
+                // published: the agent may answer before the broker's PUBACK reaches us, and
+                // its result must find the order delivered, not overtake the mark.
+                let claimed = matches!(outlet, Outlet::Broker(_));
+                if claimed {
+                    match orders.mark_delivered(order.id).await {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(e) => {
+                            tracing::warn!(order = %order.id, error = %e, "claiming an order failed");
+                            break;
+                        }
+                    }
+                }
+                // Not connected any more, or the window of unacknowledged orders is full:
+                // the order stays queued for the next round.
+                let Some(ack) = outlet.send(&agent, payload).await else {
+                    if claimed && let Err(e) = orders.requeue(order.id).await {
+                        tracing::warn!(order = %order.id, error = %e, "requeueing an order failed");
+                    }
+                    break;
                 };
                 if let Ok(mut s) = in_flight.lock() {
                     s.insert(order.id);
@@ -463,10 +629,14 @@ async fn dispatch_orders(
                 let orders = orders.clone();
                 let in_flight = in_flight.clone();
                 tokio::spawn(async move {
-                    if ack.await.is_ok()
-                        && let Err(e) = orders.mark_delivered(order.id).await
-                    {
-                        tracing::warn!(order = %order.id, error = %e, "marking delivered failed");
+                    let acked = ack.await;
+                    let done = match (acked, claimed) {
+                        (true, false) => orders.mark_delivered(order.id).await.map(|_| ()),
+                        (false, true) => orders.requeue(order.id).await.map(|_| ()),
+                        _ => Ok(()),
+                    };
+                    if let Err(e) = done {
+                        tracing::warn!(order = %order.id, error = %e, "updating the order's state failed");
                     }
                     if let Ok(mut s) = in_flight.lock() {
                         s.remove(&order.id);
@@ -477,16 +647,23 @@ async fn dispatch_orders(
     }
 }
 
-/// Rebuilds the MQTT listener's CRL when the store's revocations change, and closes the
-/// connections of revoked agents.
+/// How often the broker's CRL file is rewritten even without a new revocation: well before
+/// the list's `nextUpdate` (seven days), after which the broker would refuse every client.
+const CRL_REFRESH: Duration = Duration::from_secs(24 * 3600);
+
+/// When the store's revocations change: rebuilds the embedded listener's CRL and closes the
+/// connections of revoked agents, or, in scale mode, rewrites the broker's CRL file (and
+/// rewrites it daily so it never expires).
 async fn watch_revocations(
     store: Store,
-    endpoint: Endpoint,
+    outlet: Outlet,
+    crl_file: Option<PathBuf>,
     pki: Arc<Pki>,
     mut known: Vec<String>,
     poll: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut written = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
@@ -502,33 +679,88 @@ async fn watch_revocations(
                 continue;
             }
         };
-        if revoked == known {
+        let stale = written.elapsed() >= CRL_REFRESH;
+        if revoked == known && !stale {
             continue;
         }
-        match pki.mqtt_config(&revoked) {
-            Ok(tls) => endpoint.set_tls(tls),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot rebuild the TLS configuration with the new CRL");
-                continue;
+        match &outlet {
+            Outlet::Embedded(endpoint) => {
+                match pki.mqtt_config(&revoked) {
+                    Ok(tls) => endpoint.set_tls(tls),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot rebuild the TLS configuration with the new CRL");
+                        continue;
+                    }
+                }
+                let newly: HashSet<&String> =
+                    revoked.iter().filter(|s| !known.contains(s)).collect();
+                if let Ok(agents) = store.admin().agents(None).await {
+                    for agent in agents {
+                        if agent
+                            .cert_serial
+                            .as_ref()
+                            .is_some_and(|s| newly.contains(s))
+                            && endpoint.kick(&agent.id)
+                        {
+                            tracing::warn!(agent = %agent.id, "revoked agent disconnected");
+                        }
+                    }
+                }
             }
-        }
-        let newly: HashSet<&String> = revoked.iter().filter(|s| !known.contains(s)).collect();
-        if let Ok(agents) = store.admin().agents(None).await {
-            for agent in agents {
-                if agent
-                    .cert_serial
-                    .as_ref()
-                    .is_some_and(|s| newly.contains(s))
-                    && endpoint.kick(&agent.id)
-                {
-                    tracing::warn!(agent = %agent.id, "revoked agent disconnected");
+            Outlet::Broker(_) => {
+                if let Some(path) = &crl_file {
+                    if let Err(e) = pki.write_crl(&revoked, path) {
+                        tracing::error!(error = %e, "cannot write the broker's CRL");
+                        continue;
+                    }
+                    written = tokio::time::Instant::now();
+                    if revoked != known {
+                        tracing::warn!(
+                            file = %path.display(),
+                            "CRL rewritten: the broker applies it once restarted (see deploy/scale/README.md)"
+                        );
+                    }
                 }
             }
         }
-        tracing::info!(
-            revoked = revoked.len(),
-            "certificate revocation list updated"
-        );
+        if revoked != known {
+            tracing::info!(
+                revoked = revoked.len(),
+                "certificate revocation list updated"
+            );
+        }
         known = revoked;
+    }
+}
+
+/// Deletes history series and events older than `retention`, at start and every `every`.
+async fn prune_periodically(
+    store: Store,
+    retention: Duration,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let cutoff = Timestamp::now()
+            .unix()
+            .saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
+        match Timestamp::from_unix(cutoff) {
+            Ok(cutoff) => match store.admin().prune(cutoff).await {
+                Ok(report) => tracing::info!(
+                    history = report.history,
+                    events = report.events,
+                    "retention applied"
+                ),
+                Err(e) => tracing::warn!(error = %e, "applying retention failed"),
+            },
+            Err(e) => tracing::warn!(error = %e, "retention cut-off out of range"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every.max(Duration::from_secs(1))) => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
     }
 }

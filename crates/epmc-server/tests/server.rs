@@ -111,7 +111,11 @@ fn make_csr() -> (String, String) {
 }
 
 fn options(server: &Server, agent: &str) -> MqttOptions {
-    let mut o = MqttOptions::new(server.mqtt_addr(), "localhost", agent);
+    let mut o = MqttOptions::new(
+        server.mqtt_addr().expect("the embedded endpoint"),
+        "localhost",
+        agent,
+    );
     o.keep_alive = Duration::from_secs(5);
     o
 }
@@ -128,7 +132,10 @@ async fn enroll_connect_publish_order_and_revoke() {
     let answer = f.enroll(&token, &csr).await;
     assert_eq!(answer.status(), 200);
     let answer: EnrollResponse = answer.json().await.unwrap();
-    assert_eq!(answer.mqtt_port, f.server.mqtt_addr().port());
+    assert_eq!(
+        answer.mqtt_port,
+        f.server.mqtt_addr().expect("the embedded endpoint").port()
+    );
     let agent = AgentId::parse(&answer.agent_id).unwrap();
 
     // The token is single use.

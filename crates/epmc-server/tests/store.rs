@@ -14,6 +14,7 @@ use epmc_proto::model::{
 use epmc_proto::order::{OrderAction, OrderOutcome, OrderResult};
 use epmc_proto::topic::{AgentId, Channel};
 use epmc_proto::{Envelope, Message};
+use epmc_server::ca::{CaFingerprint, EnrollmentToken};
 use epmc_server::store::{
     AgentAccess, AgentState, Backend, IngestItem, IngestOutcome, OrderState, OrderTarget,
     RejectReason, SqlitePragma, Store, StoreError, TenantId,
@@ -662,25 +663,26 @@ async fn device_first_seen_by_address_merges_into_its_serial(db: Db) {
     assert_eq!(at, t(1_800_000_060));
 }
 
+/// A token as `token create` makes it: the store keeps only the hex SHA-256 of its secret.
+fn new_token() -> (EnrollmentToken, String) {
+    let token = EnrollmentToken::generate(CaFingerprint::of_der(b"a test CA")).expect("token");
+    let hash = token.secret_hash().to_hex();
+    (token, hash)
+}
+
 async fn token_is_used_once_under_concurrency(db: Db) {
     let s = &db.store;
     let (tenant, _) = tenant_with_agent(s, "acme").await;
-    let token = s
-        .admin()
-        .create_token(tenant, t(now().unix() + 3600))
-        .await
-        .expect("token");
-    assert_eq!(token.secret.len(), 64);
     for _ in 0..3 {
-        let token = s
-            .admin()
-            .create_token(tenant, t(now().unix() + 3600))
+        let (_token, hash) = new_token();
+        s.admin()
+            .register_token(tenant, t(now().unix() + 3600), &hash)
             .await
             .expect("token");
         let (e1, e2) = (s.enrollment(), s.enrollment());
-        let (secret1, secret2) = (token.secret.clone(), token.secret.clone());
-        let a = tokio::spawn(async move { e1.consume_token(&secret1, now()).await });
-        let b = tokio::spawn(async move { e2.consume_token(&secret2, now()).await });
+        let (hash1, hash2) = (hash.clone(), hash.clone());
+        let a = tokio::spawn(async move { e1.consume_token_hash(&hash1, now()).await });
+        let b = tokio::spawn(async move { e2.consume_token_hash(&hash2, now()).await });
         let (a, b) = (a.await.expect("join"), b.await.expect("join"));
         let wins: Vec<_> = [&a, &b].into_iter().filter(|r| r.is_ok()).collect();
         assert_eq!(wins.len(), 1, "exactly one consume wins: {a:?} {b:?}");
@@ -691,42 +693,49 @@ async fn token_is_used_once_under_concurrency(db: Db) {
                 .any(|r| matches!(r, Err(StoreError::TokenRefused)))
         );
     }
+    let (_token, hash) = new_token();
+    s.admin()
+        .register_token(tenant, t(now().unix() + 3600), &hash)
+        .await
+        .expect("token");
     let e = s.enrollment();
     assert_eq!(
-        e.consume_token(&token.secret, now()).await.expect("first"),
+        e.consume_token_hash(&hash, now()).await.expect("first"),
         tenant
     );
     assert!(matches!(
-        e.consume_token(&token.secret, now()).await,
+        e.consume_token_hash(&hash, now()).await,
         Err(StoreError::TokenRefused)
     ));
+    // A token that was never registered.
+    let (_other, unknown) = new_token();
     assert!(matches!(
-        e.consume_token("not-a-token", now()).await,
+        e.consume_token_hash(&unknown, now()).await,
         Err(StoreError::TokenRefused)
     ));
-    // The secret is not stored: its Debug hides it too.
-    assert!(!format!("{token:?}").contains(&token.secret));
 }
 
 async fn expired_token_is_refused(db: Db) {
     let s = &db.store;
     let (tenant, _) = tenant_with_agent(s, "acme").await;
     let at = 1_800_000_000;
-    let token = s.admin().create_token(tenant, t(at)).await.expect("token");
+    let (_token, hash) = new_token();
+    s.admin()
+        .register_token(tenant, t(at), &hash)
+        .await
+        .expect("token");
     let e = s.enrollment();
     assert!(matches!(
-        e.consume_token(&token.secret, t(at)).await,
+        e.consume_token_hash(&hash, t(at)).await,
         Err(StoreError::TokenRefused)
     ));
     assert!(matches!(
-        e.consume_token(&token.secret, t(at + 1)).await,
+        e.consume_token_hash(&hash, t(at + 1)).await,
         Err(StoreError::TokenRefused)
     ));
     // The refusals did not use it up: before expiry it still works, once.
     assert_eq!(
-        e.consume_token(&token.secret, t(at - 1))
-            .await
-            .expect("valid"),
+        e.consume_token_hash(&hash, t(at - 1)).await.expect("valid"),
         tenant
     );
     // Enrollment then creates the agent and records its certificate.

@@ -57,6 +57,10 @@ pub enum CaError {
     /// A serial number's text is not 1 to 20 bytes of lowercase hex.
     #[error("{0:?} is not a serial number (1 to 20 bytes of lowercase hex)")]
     InvalidSerial(String),
+    /// A name for a server replica's broker certificate is empty, too long, not made of
+    /// letters, digits, `.`, `_` and `-`, or a UUID (the CN of agents).
+    #[error("{0:?} is not a service name (1 to 64 letters, digits, '.', '_' or '-', not a UUID)")]
+    InvalidServiceName(String),
     /// A certificate the CA just issued did not carry the request's public key.
     #[error("the issued certificate does not carry the request's public key")]
     IssuedKeyMismatch,
@@ -374,6 +378,42 @@ impl CertificateAuthority {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(ServerCertificate {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues a client certificate (clientAuth) with a new P-256 key for a server replica
+    /// that connects to an external MQTT broker (`serve --broker`): CN `name`, valid for
+    /// `validity` from `now`. The broker's ACL grants the server's rights to that CN, so the
+    /// name may never be a UUID, the form of every agent's CN.
+    pub fn issue_service_client(
+        &self,
+        name: &str,
+        validity: Duration,
+        now: OffsetDateTime,
+    ) -> Result<ServerCertificate, CaError> {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            && Uuid::try_parse(name).is_err();
+        if !valid {
+            return Err(CaError::InvalidServiceName(name.to_owned()));
+        }
+        let key = new_p256_key()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name(name);
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = now + validity;
+        params.serial_number = Some(SerialNumber::from_slice(CertSerial::random()?.as_bytes()));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(ServerCertificate {

@@ -3,13 +3,12 @@
 
 use epmc_proto::bounded::Timestamp;
 use epmc_proto::topic::AgentId;
-use sha2::{Digest, Sha256};
 use sqlx::Row;
 use uuid::Uuid;
 
 use super::types::{agent_id, opt_ts, tenant_id, ts};
 use super::{
-    AgentRecord, AgentState, DeviceDetails, DeviceSummary, ExceptionRecord, NewToken, OrdersHandle,
+    AgentRecord, AgentState, DeviceDetails, DeviceSummary, ExceptionRecord, OrdersHandle,
     PruneReport, RejectedMessage, SecurityEvent, Store, StoreError, Tenant, TenantId, devices,
     now_unix,
 };
@@ -62,27 +61,6 @@ impl AdminHandle {
                 })
             })
             .collect()
-    }
-
-    /// A one-time enrollment token for `tenant`, valid until `expires_at`. The secret is in
-    /// the answer only; the store keeps its SHA-256.
-    pub async fn create_token(
-        &self,
-        tenant: TenantId,
-        expires_at: Timestamp,
-    ) -> Result<NewToken, StoreError> {
-        let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes)
-            .map_err(|e| StoreError::Invalid(format!("no randomness: {e}")))?;
-        let secret = crate::ca::encoding::encode(&bytes);
-        let id = self
-            .register_token(tenant, expires_at, &secret_hash(&secret))
-            .await?;
-        Ok(NewToken {
-            id,
-            secret,
-            expires_at,
-        })
     }
 
     /// Records a one-time enrollment token made elsewhere (the CA's token format), by the
@@ -300,10 +278,6 @@ impl AdminHandle {
         })
         .collect()
     }
-}
-
-pub(super) fn secret_hash(secret: &str) -> String {
-    crate::ca::encoding::encode(Sha256::digest(secret.as_bytes()).as_slice())
 }
 
 fn foreign_key_to_not_found(e: StoreError) -> StoreError {

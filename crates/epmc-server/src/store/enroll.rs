@@ -5,7 +5,6 @@ use epmc_proto::bounded::Timestamp;
 use epmc_proto::topic::AgentId;
 use sqlx::Row;
 
-use super::admin::secret_hash;
 use super::types::tenant_id;
 use super::{Store, StoreError, TenantId};
 
@@ -20,18 +19,10 @@ impl EnrollmentHandle {
         EnrollmentHandle { store }
     }
 
-    /// Uses an enrollment token: returns its tenant, exactly once, and only before it expires
-    /// at `now`. One statement marks it used, so of two concurrent attempts one wins.
-    pub async fn consume_token(
-        &self,
-        secret: &str,
-        now: Timestamp,
-    ) -> Result<TenantId, StoreError> {
-        self.consume_token_hash(&secret_hash(secret), now).await
-    }
-
-    /// [`EnrollmentHandle::consume_token`] for a token given by the lowercase hex SHA-256 of
-    /// its secret (see [`super::AdminHandle::register_token`]).
+    /// Uses an enrollment token, given by the lowercase hex SHA-256 of its secret (see
+    /// [`super::AdminHandle::register_token`]): returns its tenant, exactly once, and only
+    /// before it expires at `now`. One statement marks it used, so of two concurrent attempts
+    /// one wins.
     pub async fn consume_token_hash(
         &self,
         secret_sha256_hex: &str,

@@ -48,11 +48,11 @@ pub use enroll::EnrollmentHandle;
 pub use error::StoreError;
 pub use ingest::{IngestHandle, IngestItem, IngestOutcome, RejectReason};
 pub use migrate::SCHEMA_VERSION;
-pub use orders::OrdersHandle;
+pub use orders::{DispatchLease, OrdersHandle, QueuedAgent};
 pub use tenant::TenantHandle;
 pub use types::{
     AgentAccess, AgentRecord, AgentState, DeviceDetails, DeviceSummary, EventRecord,
-    ExceptionRecord, HistoryRecord, NewToken, OrderRecord, OrderState, OrderTarget, PruneReport,
+    ExceptionRecord, HistoryRecord, OrderRecord, OrderState, OrderTarget, PruneReport,
     RejectedMessage, SecurityEvent, Tenant, TenantId,
 };
 

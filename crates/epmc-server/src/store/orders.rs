@@ -3,11 +3,11 @@
 use epmc_proto::bounded::Timestamp;
 use epmc_proto::order::OrderAction;
 use epmc_proto::topic::AgentId;
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, Connection, Row};
 use uuid::Uuid;
 
 use super::types::{agent_id, tenant_id, ts};
-use super::{OrderRecord, OrderState, OrderTarget, Store, StoreError, TenantId, now_unix};
+use super::{Backend, OrderRecord, OrderState, OrderTarget, Store, StoreError, TenantId, now_unix};
 
 /// Order dispatch's handle.
 #[derive(Clone, Debug)]
@@ -53,9 +53,73 @@ impl OrdersHandle {
         rows.iter().map(record).collect()
     }
 
+    /// The agents that have queued orders not expired at `now` (what dispatch looks at,
+    /// instead of every agent), each with whether it has ever connected (an agent that never
+    /// did has no session at a broker to queue its orders in).
+    pub async fn agents_with_queued(&self, now: Timestamp) -> Result<Vec<QueuedAgent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT o.agent_id, CAST(CASE WHEN MAX(a.last_seen) IS NULL THEN 0 ELSE 1 END AS BIGINT) \
+             FROM orders o JOIN agents a ON a.id = o.agent_id \
+             WHERE o.state = 'queued' AND o.expires_at > $1 \
+             GROUP BY o.agent_id ORDER BY MIN(o.seq)",
+        )
+        .bind(now.unix())
+        .fetch_all(self.store.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(QueuedAgent {
+                    agent: agent_id(&r.try_get::<String, _>(0)?)?,
+                    ever_connected: r.try_get::<i64, _>(1)? != 0,
+                })
+            })
+            .collect()
+    }
+
+    /// Tries to become the one replica that dispatches orders. On PostgreSQL this is a
+    /// session advisory lock (keyed by the schema) held by a connection of its own: `Ok(None)` while another
+    /// replica holds it; it is released when the [`DispatchLease`] is dropped or its
+    /// connection (or process) dies, so another replica takes over at its next try. On SQLite
+    /// (one machine) the lease is always granted.
+    pub async fn try_dispatch_lease(&self) -> Result<Option<DispatchLease>, StoreError> {
+        if self.store.backend() != Backend::Postgres {
+            return Ok(Some(DispatchLease { conn: None }));
+        }
+        let mut conn = self.store.pool().acquire().await?.detach();
+        // Advisory locks are per database: the schema is part of the key, so deployments in
+        // two schemas of one database do not share the lease.
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT CAST(CASE WHEN pg_try_advisory_lock({DISPATCH_LOCK}, hashtext(current_schema())) \
+             THEN 1 ELSE 0 END AS BIGINT)"
+        )))
+        .fetch_one(&mut conn)
+        .await?;
+        if row.try_get::<i64, _>(0)? == 1 {
+            Ok(Some(DispatchLease { conn: Some(conn) }))
+        } else {
+            let _ = conn.close().await;
+            Ok(None)
+        }
+    }
+
     /// The order was handed to the agent's connection.
     pub async fn mark_delivered(&self, order: Uuid) -> Result<bool, StoreError> {
         self.transition(order, OrderState::Delivered, None).await
+    }
+
+    /// Puts a delivered order back in the queue (a replica claimed it for the broker, then
+    /// could not publish it). `Ok(false)` when it is no longer delivered.
+    pub async fn requeue(&self, order: Uuid) -> Result<bool, StoreError> {
+        let mut conn = self.store.pool().acquire().await?;
+        set_state(
+            &mut conn,
+            order,
+            OrderState::Delivered,
+            OrderState::Queued,
+            None,
+            now_unix(),
+        )
+        .await
     }
 
     /// The agent recorded the order.
@@ -127,6 +191,38 @@ impl OrdersHandle {
         .rows_affected();
         tx.commit().await?;
         Ok((expired, timed_out))
+    }
+}
+
+/// The first key of order dispatch's PostgreSQL advisory lock (`pg_try_advisory_lock(int,
+/// int)`, the second is the schema's hash): "EPMC".
+const DISPATCH_LOCK: i32 = 0x4550_4d43;
+
+/// An agent with queued orders ([`OrdersHandle::agents_with_queued`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueuedAgent {
+    /// The agent.
+    pub agent: AgentId,
+    /// Whether it has ever connected.
+    pub ever_connected: bool,
+}
+
+/// The right to dispatch orders ([`OrdersHandle::try_dispatch_lease`]); dropping it
+/// releases it.
+#[derive(Debug)]
+pub struct DispatchLease {
+    /// The connection holding the advisory lock (PostgreSQL only).
+    conn: Option<AnyConnection>,
+}
+
+impl DispatchLease {
+    /// Whether the lease still holds: its connection answers. `false` means it is lost
+    /// (drop it and try again).
+    pub async fn is_held(&mut self) -> bool {
+        match &mut self.conn {
+            None => true,
+            Some(conn) => conn.ping().await.is_ok(),
+        }
     }
 }
 

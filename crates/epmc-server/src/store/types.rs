@@ -49,28 +49,6 @@ pub struct Tenant {
     pub created_at: Timestamp,
 }
 
-/// A freshly created enrollment token. The secret exists only here: the store keeps its
-/// SHA-256.
-#[derive(Clone, PartialEq, Eq)]
-pub struct NewToken {
-    /// The token's id (for listing and audit; not a secret).
-    pub id: Uuid,
-    /// The secret to hand to the agent's installer, once.
-    pub secret: String,
-    /// When it stops being accepted.
-    pub expires_at: Timestamp,
-}
-
-impl fmt::Debug for NewToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NewToken")
-            .field("id", &self.id)
-            .field("secret", &"***")
-            .field("expires_at", &self.expires_at)
-            .finish()
-    }
-}
-
 /// Connection state of an agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AgentState {

@@ -1,0 +1,652 @@
+//! The operator's command line (`epmc-server`): parsing and the commands' logic. The binary only
+//! installs the tracing subscriber and the crypto provider, parses, and runs [`run`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::broker::BrokerConfig;
+use crate::ca::{CertSerial, EnrollmentToken, RevokedCert};
+use crate::datadir::{self, InitOutcome};
+use crate::server::{ServeConfig, Server};
+use crate::store::{OrderState, OrderTarget, Store, StoreOptions, TenantId};
+use clap::{Parser, Subcommand};
+use epmc_proto::bounded::Timestamp;
+use epmc_proto::order::OrderAction;
+use epmc_proto::topic::AgentId;
+use time::OffsetDateTime;
+
+/// The command line of `epmc-server`.
+#[derive(Parser)]
+#[command(
+    name = "epmc-server",
+    version,
+    about = "EPMC-rs server: ingest, storage, CA and orders"
+)]
+pub struct Cli {
+    /// The data directory (CA, certificates, SQLite database).
+    #[arg(
+        long,
+        env = "EPMC_DATA",
+        global = true,
+        default_value = "/var/lib/epmc-server"
+    )]
+    pub data: PathBuf,
+    /// A database URL (postgres://… or sqlite://…) instead of the data directory's SQLite file.
+    #[arg(long, env = "EPMC_DATABASE", global = true)]
+    pub database: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Creates the data directory: CA, server certificate, database (changes nothing if it exists).
+    Init {
+        /// Names and addresses the server certificate is valid for (localhost and 127.0.0.1
+        /// are always included).
+        #[arg(long = "hostname")]
+        hostnames: Vec<String>,
+    },
+    /// Runs the server until SIGTERM or Ctrl-C.
+    Serve {
+        /// MQTT over TLS listener for agents.
+        #[arg(long, default_value = "127.0.0.1:8883")]
+        mqtt: SocketAddr,
+        /// HTTPS listener (enrollment).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        https: SocketAddr,
+        /// Scale mode: consume agents' messages from this broker (mqtts://HOST:PORT) with a
+        /// shared subscription instead of listening on --mqtt (see deploy/scale/README.md).
+        #[arg(long, value_name = "URL")]
+        broker: Option<String>,
+        /// This replica's client id and certificate CN at the broker (each replica its own;
+        /// the broker's ACL grants the server's rights to it).
+        #[arg(long, default_value = "epmc-server", requires = "broker")]
+        broker_client_id: String,
+        /// The shared subscription group the replicas split the messages in.
+        #[arg(long, default_value = "epmc", requires = "broker")]
+        broker_group: String,
+        /// Where to write the CA's revocation list for the broker (Mosquitto's crlfile).
+        #[arg(long, value_name = "FILE", requires = "broker")]
+        broker_crl: Option<PathBuf>,
+        /// Delete history series and events older than this many days (checked hourly);
+        /// kept for ever when not given.
+        #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..=36_500))]
+        retention_days: Option<u32>,
+    },
+    /// Writes the CA's current revocation list (PEM) for an external broker (Mosquitto's
+    /// crlfile), e.g. before the broker's first start.
+    Crl {
+        /// The file to write (replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Tenants.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Enrollment tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Agents.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+    /// Lists devices with their latest status and last contact.
+    Devices {
+        /// Only this tenant's devices.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Orders.
+    Order {
+        #[command(subcommand)]
+        command: OrderCommand,
+    },
+    /// Agent releases: signing key, signed manifests, publishing (see `release --help`).
+    Release {
+        #[command(subcommand)]
+        command: crate::release::ReleaseCommand,
+    },
+}
+
+/// Subcommands of `tenant`.
+#[derive(Subcommand)]
+pub enum TenantCommand {
+    /// Adds a tenant.
+    Add {
+        /// Its unique name.
+        name: String,
+    },
+    /// Lists tenants.
+    List,
+}
+
+/// Subcommands of `token`.
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Prints a one-time enrollment token for a tenant.
+    Create {
+        /// The tenant's name.
+        #[arg(long)]
+        tenant: String,
+        /// How long it is valid, e.g. 30m, 24h, 7d.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        expires: Duration,
+    },
+}
+
+/// Subcommands of `agent`.
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// Issues a certificate for an agent that cannot reach the enrollment endpoint; writes
+    /// ca.crt, agent.crt and agent.key to DIR and prints the new agent id.
+    Issue {
+        /// The tenant's name.
+        #[arg(long)]
+        tenant: String,
+        /// Where to write the files (must not hold them already).
+        #[arg(long)]
+        out: PathBuf,
+        /// A name for the agent.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Lists agents.
+    List,
+    /// Revokes an agent's certificates; a running server closes its connection.
+    Revoke {
+        /// The agent id.
+        id: String,
+        /// Why (recorded).
+        #[arg(long, default_value = "revoked by the operator")]
+        reason: String,
+    },
+}
+
+/// Subcommands of `order`.
+#[derive(Subcommand)]
+pub enum OrderCommand {
+    /// Queues an order for a device and waits for its result.
+    Send {
+        /// The device (its number in `devices`).
+        #[arg(long)]
+        device: i64,
+        /// collect_now, power_on, power_off, av_mute (VALUE on|off), source_change (VALUE hex
+        /// code), change_setting (VALUE NAME=VALUE), copy_settings (VALUE SOURCE=PROFILE,
+        /// SOURCE a device number of the same agent).
+        action: String,
+        /// The action's value.
+        value: Option<String>,
+        /// How long the order may wait for the agent.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        expires: Duration,
+        /// How long to wait for the result here.
+        #[arg(long, default_value = "2m", value_parser = parse_duration)]
+        wait: Duration,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and a unit (s, m, h, d)"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn parse_action(action: &str, value: Option<&str>) -> Result<OrderAction, String> {
+    let json = match (action, value) {
+        ("collect_now" | "power_on" | "power_off" | "check_agent_update", None) => {
+            serde_json::json!({ "action": action })
+        }
+        ("av_mute", Some(v @ ("on" | "off"))) => {
+            serde_json::json!({ "action": action, "on": v == "on" })
+        }
+        ("source_change", Some(v)) => serde_json::json!({ "action": action, "source": v }),
+        ("change_setting", Some(v)) => {
+            let (name, value) = v
+                .split_once('=')
+                .ok_or_else(|| format!("{v:?}: change_setting takes NAME=VALUE"))?;
+            serde_json::json!({ "action": action, "name": name, "value": value })
+        }
+        _ => {
+            return Err(format!(
+                "{action:?} {value:?}: not an action with that value (see --help)"
+            ));
+        }
+    };
+    serde_json::from_value(json).map_err(|e| format!("{action}: {e}"))
+}
+
+/// `copy_settings SOURCE=PROFILE`: SOURCE is a device number from `devices`, reported by the
+/// same agent as the target (the agent reads one and writes the other).
+async fn copy_settings_action(
+    store: &Store,
+    target: i64,
+    value: Option<&str>,
+) -> Result<OrderAction, String> {
+    let v = value.ok_or("copy_settings takes SOURCE=PROFILE (SOURCE: a device number)")?;
+    let (source, profile) = v
+        .split_once('=')
+        .ok_or_else(|| format!("{v:?}: copy_settings takes SOURCE=PROFILE"))?;
+    let source: i64 = source
+        .trim()
+        .parse()
+        .map_err(|_| format!("{source:?}: SOURCE is a device number (see `devices`)"))?;
+    let devices = store.admin().devices().await.map_err(|e| e.to_string())?;
+    let find = |id: i64| {
+        devices
+            .iter()
+            .find(|d| d.id == id)
+            .ok_or_else(|| format!("no device {id}"))
+    };
+    let (source, target) = (find(source)?, find(target)?);
+    if source.agent != target.agent {
+        return Err(format!(
+            "device {} and device {} are reported by different agents; settings are copied by one agent",
+            source.id, target.id
+        ));
+    }
+    serde_json::from_value(serde_json::json!({
+        "action": "copy_settings",
+        "source_device": source.key,
+        "profile": profile,
+    }))
+    .map_err(|e| format!("copy_settings: {e}"))
+}
+
+async fn open_store(cli: &Cli) -> Result<Store, String> {
+    let store = match &cli.database {
+        Some(url) => Store::open(url).await,
+        None => Store::open_data_dir(&cli.data, StoreOptions::default()).await,
+    };
+    store.map_err(|e| format!("database: {e}"))
+}
+
+async fn tenant_by_name(store: &Store, name: &str) -> Result<TenantId, String> {
+    store
+        .admin()
+        .tenants()
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|t| t.name == name)
+        .map(|t| t.id)
+        .ok_or_else(|| format!("--tenant {name:?}: no such tenant (see `tenant list`)"))
+}
+
+fn timestamp_in(d: Duration) -> Result<Timestamp, String> {
+    Timestamp::from_unix(Timestamp::now().unix() + d.as_secs() as i64).map_err(|e| e.to_string())
+}
+
+/// Runs one parsed command line; the error is the message for the operator.
+pub async fn run(cli: Cli) -> Result<(), String> {
+    match &cli.command {
+        Command::Release { command } => command
+            .run(&cli.data, &mut std::io::stdout().lock())
+            .map_err(|e| e.to_string()),
+        Command::Init { hostnames } => {
+            match datadir::init(&cli.data, hostnames).map_err(|e| e.to_string())? {
+                InitOutcome::Created { ca_fingerprint } => {
+                    println!(
+                        "created {} (CA fingerprint {})",
+                        cli.data.display(),
+                        ca_fingerprint.to_hex()
+                    );
+                }
+                InitOutcome::AlreadyInitialized { ca_fingerprint } => {
+                    println!(
+                        "{} is already initialized; nothing changed (CA fingerprint {})",
+                        cli.data.display(),
+                        ca_fingerprint.to_hex()
+                    );
+                }
+            }
+            let store = open_store(&cli).await?;
+            store.close().await;
+            Ok(())
+        }
+        Command::Serve {
+            mqtt,
+            https,
+            broker,
+            broker_client_id,
+            broker_group,
+            broker_crl,
+            retention_days,
+        } => {
+            let mut config = ServeConfig::new(&cli.data);
+            config.mqtt = *mqtt;
+            config.https = *https;
+            config.database = cli.database.clone();
+            config.retention = retention_days.map(|d| Duration::from_secs(u64::from(d) * 86_400));
+            if let Some(url) = broker {
+                let mut b = BrokerConfig::from_url(url).map_err(|e| format!("--broker {e}"))?;
+                b.client_id = broker_client_id.clone();
+                b.group = broker_group.clone();
+                b.crl_file = broker_crl.clone();
+                if b.group.is_empty() || b.group.contains(['/', '+', '#']) {
+                    return Err(format!(
+                        "--broker-group {:?}: must be non-empty, without '/', '+' or '#'",
+                        b.group
+                    ));
+                }
+                config.broker = Some(b);
+            }
+            let server = Server::start(config).await.map_err(|e| e.to_string())?;
+            match (server.mqtt_addr(), broker) {
+                (Some(addr), _) => println!(
+                    "listening: agents on mqtts://{addr} , enrollment on https://{}",
+                    server.https_addr()
+                ),
+                (None, Some(url)) => println!(
+                    "consuming: agents through {url} as {broker_client_id} (group {broker_group}), enrollment on https://{}",
+                    server.https_addr()
+                ),
+                (None, None) => {}
+            }
+            shutdown_signal().await;
+            let stats = server.broker().map(|b| b.stats());
+            server.shutdown().await;
+            if let Some(stats) = stats {
+                println!(
+                    "stopped: {} message(s) committed in {} batch(es) over {} connection(s)",
+                    stats.committed, stats.batches, stats.connections
+                );
+            }
+            Ok(())
+        }
+        Command::Crl { out } => {
+            let pki = datadir::load(&cli.data).map_err(|e| e.to_string())?;
+            let store = open_store(&cli).await?;
+            let revoked = store
+                .admin()
+                .revoked_serials()
+                .await
+                .map_err(|e| e.to_string())?;
+            store.close().await;
+            let list: Vec<RevokedCert> = revoked
+                .iter()
+                .map(|s| {
+                    s.parse::<CertSerial>()
+                        .map(|serial| RevokedCert {
+                            serial,
+                            revoked_at: OffsetDateTime::now_utc(),
+                        })
+                        .map_err(|e| format!("a revoked serial in the database: {e}"))
+                })
+                .collect::<Result<_, _>>()?;
+            crate::broker::write_crl(&pki.ca, &list, out)?;
+            println!("{}: {} revoked certificate(s)", out.display(), list.len());
+            Ok(())
+        }
+        Command::Tenant { command } => {
+            let store = open_store(&cli).await?;
+            match command {
+                TenantCommand::Add { name } => {
+                    let id = store
+                        .admin()
+                        .add_tenant(name)
+                        .await
+                        .map_err(|e| format!("tenant {name:?}: {e}"))?;
+                    println!("{id}");
+                }
+                TenantCommand::List => {
+                    for t in store.admin().tenants().await.map_err(|e| e.to_string())? {
+                        println!("{}\t{}", t.id, t.name);
+                    }
+                }
+            }
+            store.close().await;
+            Ok(())
+        }
+        Command::Token {
+            command: TokenCommand::Create { tenant, expires },
+        } => {
+            let pki = datadir::load(&cli.data).map_err(|e| e.to_string())?;
+            let store = open_store(&cli).await?;
+            let tenant = tenant_by_name(&store, tenant).await?;
+            let token =
+                EnrollmentToken::generate(pki.ca.fingerprint()).map_err(|e| e.to_string())?;
+            store
+                .admin()
+                .register_token(
+                    tenant,
+                    timestamp_in(*expires)?,
+                    &token.secret_hash().to_hex(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("{}", token.to_token_string());
+            store.close().await;
+            Ok(())
+        }
+        Command::Agent { command } => {
+            let store = open_store(&cli).await?;
+            match command {
+                AgentCommand::Issue { tenant, out, name } => {
+                    let pki = datadir::load(&cli.data).map_err(|e| e.to_string())?;
+                    let tenant = tenant_by_name(&store, tenant).await?;
+                    let admin = store.admin();
+                    let agent = admin
+                        .create_agent(tenant, name)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let bundle = pki
+                        .ca
+                        .issue_agent_with_key(agent.uuid(), OffsetDateTime::now_utc())
+                        .map_err(|e| e.to_string())?;
+                    datadir::write_agent_bundle(out, &bundle).map_err(|e| e.to_string())?;
+                    let not_after =
+                        Timestamp::from_unix(bundle.certificate.not_after.unix_timestamp())
+                            .map_err(|e| e.to_string())?;
+                    admin
+                        .record_certificate(agent, &bundle.certificate.serial.to_hex(), not_after)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    println!("{agent}");
+                }
+                AgentCommand::List => {
+                    for a in store
+                        .admin()
+                        .agents(None)
+                        .await
+                        .map_err(|e| e.to_string())?
+                    {
+                        println!(
+                            "{}\t{}\t{:?}\t{}\t{}",
+                            a.id,
+                            a.name,
+                            a.state,
+                            a.version.as_deref().unwrap_or("-"),
+                            a.last_seen.map(fmt_ts).unwrap_or("-".into())
+                        );
+                    }
+                }
+                AgentCommand::Revoke { id, reason } => {
+                    let agent =
+                        AgentId::parse(id).map_err(|_| format!("{id:?}: not an agent id"))?;
+                    let serials = store
+                        .admin()
+                        .revoke_agent(agent, reason)
+                        .await
+                        .map_err(|e| format!("agent {id}: {e}"))?;
+                    println!(
+                        "revoked {} certificate(s) of {agent}; a running server closes its connection",
+                        serials.len()
+                    );
+                }
+            }
+            store.close().await;
+            Ok(())
+        }
+        Command::Devices { tenant, json } => {
+            let store = open_store(&cli).await?;
+            let devices = match tenant {
+                Some(name) => {
+                    let t = tenant_by_name(&store, name).await?;
+                    store.tenant(t).devices().await
+                }
+                None => store.admin().devices().await,
+            }
+            .map_err(|e| e.to_string())?;
+            if *json {
+                let list: Vec<serde_json::Value> = devices
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({
+                            "id": d.id,
+                            "key": d.key,
+                            "serial": d.serial,
+                            "tenant": d.tenant.to_string(),
+                            "agent": d.agent.to_string(),
+                            "name": d.name,
+                            "address": d.address,
+                            "first_seen": d.first_seen,
+                            "last_contact": d.last_contact,
+                            "status": d.status.as_ref().map(|(at, s)| serde_json::json!({
+                                "observed_at": at,
+                                "status": s,
+                            })),
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!("id\tkey\tname\taddress\tpower\tlast contact");
+                for d in devices {
+                    let power = d
+                        .status
+                        .as_ref()
+                        .and_then(|(_, s)| s.power)
+                        .map(|p| format!("{p:?}"))
+                        .unwrap_or("-".into());
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}\t{}",
+                        d.id,
+                        d.key,
+                        d.name.as_deref().unwrap_or("-"),
+                        d.address.as_deref().unwrap_or("-"),
+                        power,
+                        fmt_ts(d.last_contact)
+                    );
+                }
+            }
+            store.close().await;
+            Ok(())
+        }
+        Command::Order {
+            command:
+                OrderCommand::Send {
+                    device,
+                    action,
+                    value,
+                    expires,
+                    wait,
+                },
+        } => {
+            let store = open_store(&cli).await?;
+            let action = if action == "copy_settings" {
+                copy_settings_action(&store, *device, value.as_deref()).await?
+            } else {
+                parse_action(action, value.as_deref())?
+            };
+            let orders = store.orders();
+            let id = orders
+                .create(
+                    OrderTarget::Device(*device),
+                    &action,
+                    "operator",
+                    timestamp_in(*expires)?,
+                )
+                .await
+                .map_err(|e| format!("--device {device}: {e}"))?;
+            println!("order {id} queued");
+            let deadline = tokio::time::Instant::now() + *wait;
+            let mut last = OrderState::Queued;
+            loop {
+                let order = orders.get(id).await.map_err(|e| e.to_string())?;
+                if order.state != last {
+                    println!("{}", order.state.as_str());
+                    last = order.state;
+                }
+                match order.state {
+                    OrderState::Done
+                    | OrderState::Failed
+                    | OrderState::TimedOut
+                    | OrderState::Expired => {
+                        if let Some(result) = order.result {
+                            println!("{result}");
+                        }
+                        store.close().await;
+                        return if order.state == OrderState::Done {
+                            Ok(())
+                        } else {
+                            Err(format!("order {id}: {}", order.state.as_str()))
+                        };
+                    }
+                    _ => {}
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    store.close().await;
+                    return Err(format!(
+                        "order {id}: no result within {wait:?} (still {}); it stays queued until it expires",
+                        order.state.as_str()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// RFC 3339, as the JSON contract writes it.
+fn fmt_ts(t: Timestamp) -> String {
+    serde_json::to_value(t)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+/// Resolves on Ctrl-C or (on Unix) SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
