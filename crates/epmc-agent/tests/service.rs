@@ -488,3 +488,37 @@ async fn an_unanswering_projector_is_retried_with_back_off_not_in_a_loop() {
     service.stop().await;
     accept.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_serving_only_http_is_reported_through_the_fallback() {
+    use escvp::emulator::{HttpConfig, TcpService};
+    let env = Env::start().await;
+    let fleet = Fleet::spawn([(
+        "127.0.0.1:0".parse().unwrap(),
+        template()
+            .with_http(HttpConfig::default())
+            .with_tcp(TcpService::Closed),
+    )])
+    .await
+    .unwrap();
+    let p = &fleet.projectors()[0];
+    let agent_dir = env.issue("http-agent").await;
+    let mut config = env.config(
+        &agent_dir,
+        "bidirectional",
+        &[(p.tcp_addr(), "Web only", "poll")],
+    );
+    for t in &mut config.targets {
+        t.http_port = p.http_addr().unwrap().port();
+    }
+    let service = Service::start(config, options(&agent_dir)).await.unwrap();
+    // Stored under its serial, with a status read over HTTP.
+    let device = env.device(p.serial()).await;
+    // Orders need ESC/VP.net: refused with the reason, not left hanging.
+    let order = env.order(&device, OrderAction::PowerOn).await;
+    let (state, result) = env.finished(order).await;
+    assert_eq!(state, OrderState::Failed);
+    let detail = result.unwrap()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("only over HTTP"), "{detail}");
+    service.stop().await;
+}

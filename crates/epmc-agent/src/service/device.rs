@@ -25,6 +25,7 @@ use super::orders;
 use super::status::Reach;
 use crate::collect::{CollectError, Notifications, Projector, Stage};
 use crate::config::{Endpoint, SessionMode};
+use crate::http;
 
 /// Tries an order gets on an unreachable projector before it fails.
 pub const ORDER_ATTEMPTS: u32 = 3;
@@ -162,7 +163,11 @@ impl DeviceTask {
                 .await;
             match session {
                 Ok(p) => p.close().await,
-                Err(e) => self.failed(e).await,
+                Err(e) => {
+                    if !self.try_http(&e).await {
+                        self.failed(e).await;
+                    }
+                }
             }
             self.mark_first_done();
         }
@@ -180,7 +185,9 @@ impl DeviceTask {
             let mut p = match connected {
                 Ok(p) => p,
                 Err(e) => {
-                    self.failed(e).await;
+                    if !self.try_http(&e).await {
+                        self.failed(e).await;
+                    }
                     self.mark_first_done();
                     // Wait for the retry time (orders still queue meanwhile).
                     loop {
@@ -235,6 +242,75 @@ impl DeviceTask {
                 }
             }
             p.close().await;
+        }
+    }
+
+    /// The HTTP `json_query` fallback, where ESC/VP.net is not served (refused, closed, or
+    /// "Protected"): reads over HTTP what is due. Returns whether an HTTP server answered (the
+    /// outcome, a read or a failure, is then recorded); `false` leaves the ESC/VP.net error
+    /// to the caller. Orders need ESC/VP.net: those waiting fail with a reason.
+    async fn try_http(&mut self, tcp_error: &CollectError) -> bool {
+        let Some(port) = self.endpoint.http_port else {
+            return false;
+        };
+        if !http::fallback_applies(tcp_error) {
+            return false;
+        }
+        let ctx = self.ctx.clone();
+        let full = Instant::now() >= self.next_full;
+        let read = ctx
+            .talking(async {
+                if full {
+                    http::collect_http(&self.endpoint, port, &self.ctx.collect)
+                        .await
+                        .map(|c| (c.snapshot.clone(), Some(c.collection)))
+                } else {
+                    http::status_http(&self.endpoint, port, &self.ctx.collect)
+                        .await
+                        .map(|s| (s.snapshot, None))
+                }
+            })
+            .await;
+        match read {
+            Ok((snapshot, collection)) => {
+                self.identified(snapshot.device_id.to_string());
+                self.contact_ok().await;
+                self.failures = 0;
+                let now = Instant::now();
+                self.next_status = now + self.ctx.schedule.status_interval;
+                self.record_status(snapshot.status.clone());
+                match collection {
+                    Some(c) => {
+                        self.next_full = now + self.ctx.schedule.full_collection_interval;
+                        self.ctx.publish(Message::Collection(Box::new(c))).await;
+                    }
+                    None => self.ctx.publish(Message::Snapshot(snapshot)).await,
+                }
+                for job in std::mem::take(&mut self.jobs) {
+                    let why = "this projector answers only over HTTP (its ESC/VP.net port is closed or protected); orders need ESC/VP.net";
+                    match job.work {
+                        Work::Order(order) | Work::Apply(order, _) => {
+                            let r = orders::failed(
+                                &order,
+                                epmc_proto::order::FailureReason::DeviceRefused,
+                                why,
+                                None,
+                            );
+                            self.ctx.complete(&order, r).await;
+                        }
+                        Work::ReadProfile(Some(tx)) => {
+                            let _ = tx.send(Err(why.to_owned()));
+                        }
+                        Work::ReadProfile(None) => {}
+                    }
+                }
+                true
+            }
+            Err(e) if e.is_no_server() => false,
+            Err(e) => {
+                self.failed(CollectError::Http(e)).await;
+                true
+            }
         }
     }
 
