@@ -673,9 +673,21 @@ async fn run_service(args: RunArgs, err: &mut impl Write) -> std::io::Result<u8>
             "epmc-agent: no targets: add [[target]] entries to the configuration or --target ADDR"
         )?;
     }
-    let options = crate::service::ServiceOptions::new(args.dir.dir.join("state"));
+    let mut options = crate::service::ServiceOptions::new(args.dir.dir.join("state"));
+    options.config_file = Some(
+        args.config
+            .clone()
+            .unwrap_or_else(|| args.dir.dir.join("agent.toml")),
+    );
     match crate::service::run(config, options, shutdown_signal()).await {
-        Ok(()) => Ok(0),
+        Ok(crate::service::RunOutcome::Stopped) => Ok(0),
+        Ok(crate::service::RunOutcome::Updated(v)) => {
+            writeln!(
+                err,
+                "epmc-agent: updated to {v}; exiting so that the supervisor starts the new binary (run it with Restart=always)"
+            )?;
+            Ok(0)
+        }
         Err(e) => {
             writeln!(err, "epmc-agent: {e}")?;
             Ok(1)

@@ -522,3 +522,66 @@ async fn a_projector_serving_only_http_is_reported_through_the_fallback() {
     assert!(detail.contains("only over HTTP"), "{detail}");
     service.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_agent_update_orders_reach_the_updater() {
+    let env = Env::start().await;
+    let agent_dir = env.issue("update-agent").await;
+    let agents = env.server().store().admin().agents(None).await.unwrap();
+    let agent = agents.iter().find(|a| a.name == "update-agent").unwrap().id;
+    let send = async |env: &Env| {
+        let expires = Timestamp::from_unix(Timestamp::now().unix() + 600).unwrap();
+        let id = env
+            .server()
+            .store()
+            .orders()
+            .create(
+                OrderTarget::Agent(agent),
+                &OrderAction::CheckAgentUpdate,
+                "test",
+                expires,
+            )
+            .await
+            .unwrap();
+        env.server().notify_orders();
+        env.finished(id).await
+    };
+
+    // Without [update]: refused, saying why.
+    let config = env.config(&agent_dir, "bidirectional", &[]);
+    let service = Service::start(config, options(&agent_dir)).await.unwrap();
+    let (state, result) = send(&env).await;
+    assert_eq!(state, OrderState::Failed);
+    assert!(
+        result.unwrap()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("[update]")
+    );
+    service.stop().await;
+
+    // With [update] pointing at this server: the updater asks it, nothing is published.
+    let (key, _) = epmc_server::release::ReleaseKey::generate().unwrap();
+    let path = agent_dir.join("agent.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text += &format!(
+        "[update]\nurl = \"https://localhost:{}\"\npublic_key = \"{}\"\n",
+        env.server().https_addr().port(),
+        key.public_key()
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut config = AgentConfig::load(&path).unwrap();
+    config.schedule.status_interval = Duration::from_millis(700);
+    let service = Service::start(config, options(&agent_dir)).await.unwrap();
+    let (state, result) = send(&env).await;
+    let result = result.unwrap();
+    assert_eq!(state, OrderState::Done, "{result}");
+    assert!(
+        result["device_reply"]
+            .as_str()
+            .unwrap()
+            .contains("no agent release"),
+        "{result}"
+    );
+    service.stop().await;
+}

@@ -81,6 +81,10 @@ pub struct ServiceOptions {
     /// Whether the first contact with a projector is a full collection (the server then knows
     /// what the device is at once) rather than a status read.
     pub full_on_first_contact: bool,
+    /// The configuration file (the self-test of an update loads it).
+    pub config_file: Option<PathBuf>,
+    /// The binary an update replaces (default: this executable).
+    pub binary: Option<PathBuf>,
 }
 
 impl ServiceOptions {
@@ -97,6 +101,8 @@ impl ServiceOptions {
             spread_start: Duration::from_secs(2),
             slow_grace: Duration::from_millis(500),
             full_on_first_contact: true,
+            config_file: None,
+            binary: None,
         }
     }
 }
@@ -131,6 +137,9 @@ pub enum ServiceError {
     /// The MQTT session could not start.
     #[error("MQTT: {0}")]
     Mqtt(String),
+    /// The `[update]` section cannot be used.
+    #[error("self-update: {0}")]
+    Update(String),
 }
 
 /// Writes a file atomically: a temporary file beside it, synced, renamed over it, and the
@@ -252,6 +261,17 @@ pub(crate) struct Ctx {
     mode: Mode,
     slow_grace: Duration,
     full_on_first_contact: bool,
+    updates: Option<Updates>,
+}
+
+/// What self-update needs: the updater (from `[update]`), the binary it replaces, the
+/// self-test, and where a successful installation is announced (the service then ends so
+/// that its supervisor starts the new binary).
+struct Updates {
+    updater: crate::update::Updater,
+    binary: PathBuf,
+    test: crate::update::SelfTest,
+    installed: watch::Sender<Option<String>>,
 }
 
 impl Ctx {
@@ -333,12 +353,18 @@ async fn dispatch(ctx: &Arc<Ctx>, order: Order) {
         return ctx.complete(&order, r).await;
     }
     if order.action == OrderAction::CheckAgentUpdate {
-        let r = orders::failed(
-            &order,
-            FailureReason::NotPermitted,
-            "self-update is not configured on this agent",
-            None,
-        );
+        let r = match &ctx.updates {
+            None => orders::failed(
+                &order,
+                FailureReason::NotPermitted,
+                "self-update is not configured on this agent (no [update] section)",
+                None,
+            ),
+            Some(u) => {
+                ctx.accepted(&order).await;
+                update_now(u, &order).await
+            }
+        };
         return ctx.complete(&order, r).await;
     }
     let Some(device) = order.device_id.clone() else {
@@ -415,6 +441,37 @@ async fn dispatch(ctx: &Arc<Ctx>, order: Order) {
     }
 }
 
+/// Runs an update for a `check_agent_update` order.
+async fn update_now(u: &Updates, order: &Order) -> OrderResult {
+    use crate::update::{UpdateError, UpdateOutcome};
+    match u.updater.update(&u.binary, &u.test).await {
+        Ok(UpdateOutcome::NotPublished) => orders::result(
+            order,
+            OrderOutcome::Done,
+            Some("no agent release is published for this platform".into()),
+        ),
+        Ok(UpdateOutcome::Installed { from, installed }) => {
+            let text = format!(
+                "installed {} (was {from}); the agent restarts into it",
+                installed.version
+            );
+            let _ = u.installed.send(Some(installed.version.to_string()));
+            orders::result(order, OrderOutcome::Done, Some(text))
+        }
+        Err(UpdateError::NotNewer { current, offered }) if current == offered => orders::result(
+            order,
+            OrderOutcome::Done,
+            Some(format!("up to date: {current}")),
+        ),
+        Err(e) => orders::failed(
+            order,
+            FailureReason::NotPermitted,
+            &format!("update refused: {e}"),
+            None,
+        ),
+    }
+}
+
 fn source_device_of(order: &Order) -> String {
     match &order.action {
         OrderAction::CopySettings { source_device, .. } => source_device.to_string(),
@@ -432,6 +489,7 @@ pub struct Service {
     devices: JoinSet<()>,
     agent: AgentId,
     state_dir: PathBuf,
+    installed: watch::Receiver<Option<String>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -510,6 +568,33 @@ impl Service {
 
         let endpoints = config.endpoints();
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (installed_tx, installed_rx) = watch::channel(None);
+        let updates = match &config.update {
+            None => None,
+            Some(_) => {
+                let updater = crate::update::Updater::from_config(&config)
+                    .map_err(|e| ServiceError::Update(e.to_string()))?;
+                let binary = match options.binary.clone() {
+                    Some(b) => b,
+                    None => std::env::current_exe().map_err(|e| {
+                        ServiceError::Update(format!("cannot find this executable: {e}"))
+                    })?,
+                };
+                let test = match &options.config_file {
+                    Some(f) => crate::update::SelfTest::with_config(f),
+                    None => crate::update::SelfTest {
+                        args: Vec::new(),
+                        timeout: crate::update::DEFAULT_SELF_TEST_TIMEOUT,
+                    },
+                };
+                Some(Updates {
+                    updater,
+                    binary,
+                    test,
+                    installed: installed_tx,
+                })
+            }
+        };
         let ctx = Arc::new(Ctx {
             publisher,
             status: StatusTable::default(),
@@ -524,6 +609,7 @@ impl Service {
             mode: config.mode,
             slow_grace: options.slow_grace,
             full_on_first_contact: options.full_on_first_contact,
+            updates,
         });
 
         let mut devices = JoinSet::new();
@@ -557,6 +643,16 @@ impl Service {
         tasks.spawn(intake(ctx.clone(), session.clone(), restart_orders));
         tasks.spawn(greet(ctx.clone(), session.clone(), config.clone()));
         tasks.spawn(send_exceptions(ctx.clone(), options.exceptions_every));
+        if let Some(interval) = config.update.as_ref().map(|u| u.check_interval) {
+            let ctx = ctx.clone();
+            let stop = stop_rx_for_updates(&ctx);
+            tasks.spawn(async move {
+                let Some(u) = &ctx.updates else { return };
+                if let Some(installed) = u.updater.watch(&u.binary, &u.test, interval, stop).await {
+                    let _ = u.installed.send(Some(installed.version.to_string()));
+                }
+            });
+        }
         tasks.spawn(write_status(
             ctx.clone(),
             session.clone(),
@@ -573,6 +669,7 @@ impl Service {
             devices,
             agent,
             state_dir: options.state_dir,
+            installed: installed_rx,
         })
     }
 
@@ -589,6 +686,20 @@ impl Service {
     /// Messages waiting for the server.
     pub fn outbox_messages(&self) -> usize {
         self.ctx.publisher.pending()
+    }
+
+    /// Completes with the new version once a self-update installed it: the service should
+    /// then stop, so that its supervisor starts the new binary.
+    pub async fn updated(&self) -> String {
+        let mut rx = self.installed.clone();
+        loop {
+            if let Some(v) = rx.borrow_and_update().clone() {
+                return v;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// The agent screen now.
@@ -626,12 +737,28 @@ pub async fn run(
     config: AgentConfig,
     options: ServiceOptions,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), ServiceError> {
+) -> Result<RunOutcome, ServiceError> {
     let service = Service::start(config, options).await?;
-    shutdown.await;
-    tracing::info!("stopping");
+    let outcome = tokio::select! {
+        () = shutdown => RunOutcome::Stopped,
+        v = service.updated() => RunOutcome::Updated(v),
+    };
+    tracing::info!(?outcome, "stopping");
     service.stop().await;
-    Ok(())
+    Ok(outcome)
+}
+
+/// Why [`run`] returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Asked to stop (SIGTERM, Ctrl-C).
+    Stopped,
+    /// A self-update installed this version; the supervisor should start the new binary.
+    Updated(String),
+}
+
+fn stop_rx_for_updates(ctx: &Ctx) -> watch::Receiver<bool> {
+    ctx.stop.clone()
 }
 
 /// Receives orders: decode, journal (synced), acknowledge, dispatch. Orders left in the
