@@ -407,161 +407,222 @@ impl Projector {
 
     /// Reads the serial number once per session (the device id).
     pub async fn identify(&mut self, report: &mut Report) -> Result<DeviceId, CollectError> {
-        if self.serial.is_none()
-            && let Some(sno) = self.get::<SerialNumber>(report).await?
-        {
-            let s = sno.as_str().trim();
-            if !s.is_empty() {
-                self.serial = Some(s.to_owned());
-            }
-        }
-        Ok(self.device_id())
+        identify(self, report).await
     }
 
     /// Reads the status items (and the serial number, if not read yet).
     pub async fn read_status(&mut self) -> Result<StatusRead, CollectError> {
-        let mut report = Report::default();
-        let device_id = self.identify(&mut report).await?;
-        let status = self.status(&mut report).await?;
-        Ok(StatusRead {
-            snapshot: DeviceSnapshot {
-                device_id,
-                observed_at: Timestamp::now(),
-                status,
-            },
-            report,
-        })
-    }
-
-    async fn status(&mut self, report: &mut Report) -> Result<DeviceStatus, CollectError> {
-        let mut st = DeviceStatus::default();
-        if let Some(code) = self.get::<Power>(report).await? {
-            st.power = Some(PowerState::from_code(code.get()));
-            st.power_code = Some(HexCode::new(code.get()));
-        }
-        if let Some(ps) = self.get::<PwStatus>(report).await? {
-            st.warnings = Some(warnings(ps.warnings, report));
-            st.alarms = Some(alarms(ps.alarms, report));
-        }
-        if let Some(code) = self.get::<ErrProperty>(report).await? {
-            st.error_code = Some(HexCode::new(code.get()));
-        }
-        if let Some(lamp) = self.get::<Lamp>(report).await? {
-            st.light_up_time_hours = BoundedVec::new(lamp.hours().to_vec()).ok();
-        }
-        if let Some(on) = self.get::<OnTime>(report).await? {
-            st.total_operation_time_hours = Some(on.0);
-        }
-        if let Some(code) = self.get::<Source>(report).await? {
-            if self.sources.is_none() {
-                self.sources = self.get::<SourceListProperty>(report).await?;
-            }
-            let name = self
-                .sources
-                .as_ref()
-                .and_then(|l| l.name_of(code))
-                .and_then(|n| BoundedString::new(n).ok());
-            st.source = Some(SourceRef {
-                code: HexCode::new(code.get()),
-                name,
-            });
-        }
-        if let Some(m) = self.get::<Mute>(report).await? {
-            st.av_mute = Some(m.is_on());
-        }
-        if let Some(s) = self.get::<Signal>(report).await? {
-            st.signal = match s {
-                SignalState::NONE => Some(ProtoSignal::None),
-                SignalState::DETECTED | SignalState::THREE_D => Some(ProtoSignal::Present),
-                SignalState::NOT_SUPPORTED | SignalState::UNSUPPORTED => {
-                    Some(ProtoSignal::Unsupported)
-                }
-                other => {
-                    report.problems.push(Problem {
-                        command: Signal::NAME,
-                        reason: format!("unknown signal state {other:?}"),
-                    });
-                    None
-                }
-            };
-        }
-        Ok(st)
+        read_status(self).await
     }
 
     /// Reads everything: information, status and settings.
     pub async fn read_full(&mut self, meta: &TargetMeta) -> Result<Collected, CollectError> {
-        let mut report = Report::default();
-        let device_id = self.identify(&mut report).await?;
-        let mut info = DeviceInfo {
-            serial_number: self
-                .serial
-                .as_deref()
-                .and_then(|s| name(s, "SNO", &mut report)),
-            ..DeviceInfo::default()
-        };
-        if let Some(model) = self.get::<ProjectorInfo>(&mut report).await? {
-            info.model = name(model.as_str(), ProjectorInfo::NAME, &mut report);
-        }
-        if let Some(fw) = self.get::<FirmwareVersion>(&mut report).await? {
-            info.firmware_version = name(fw.as_str(), FirmwareVersion::NAME, &mut report);
-        }
-        let status = self.status(&mut report).await?;
-        let mut settings = DeviceSettings {
-            ip_address: Some(self.addr.ip()),
-            ..DeviceSettings::default()
-        };
-        if let Some(n) = self.get::<NetworkName>(&mut report).await? {
-            settings.projector_name = name(n.as_str(), NetworkName::NAME, &mut report);
-        }
-        if let Some(c) = self.get::<ColorModeProperty>(&mut report).await? {
-            settings.color_mode = Some(HexCode::new(c.get()));
-        }
-        if let Some(l) = self.get::<Luminance>(&mut report).await? {
-            settings.luminance_mode = Some(HexCode::new(l.get()));
-        }
-        if let Some(l) = self.get::<LumLevel>(&mut report).await? {
-            settings.luminance_constant_level = byte(l.0, LumLevel::NAME, &mut report);
-        }
-        if let Some(v) = self.get::<Volume>(&mut report).await? {
-            settings.volume = byte(v.0, Volume::NAME, &mut report);
-        }
-        let now = Timestamp::now();
-        let agent_settings = (meta != &TargetMeta::default()).then(|| AgentDeviceSettings {
-            device_id: device_id.clone(),
-            display_name: meta
-                .display_name
-                .as_deref()
-                .and_then(|s| BoundedString::new(s).ok()),
-            group_name: meta
-                .group
-                .as_deref()
-                .and_then(|s| BoundedString::new(s).ok()),
-            comment: meta
-                .comment
-                .as_deref()
-                .and_then(|s| BoundedString::new(s).ok()),
-        });
-        Ok(Collected {
-            addr: self.addr,
-            via: Interface::EscVpNet,
-            snapshot: DeviceSnapshot {
-                device_id: device_id.clone(),
-                observed_at: now,
-                status: status.clone(),
-            },
-            collection: FullCollection {
-                device_id,
-                collected_at: now,
-                agent_settings,
-                info,
-                logs: DeviceLogs::default(),
-                status,
-                history: History::default(),
-                settings,
-            },
-            report,
-        })
+        read_full(self, meta).await
     }
+}
+
+/// Where the typed ESC/VP21 values come from: an ESC/VP.net session ([`Projector`]) or the
+/// HTTP `json_query` interface ([`crate::http::HttpProjector`]). The reads that turn them into
+/// `epmc-proto` messages ([`read_status`], [`read_full`]) are written once, over this.
+pub(crate) trait Items: Send {
+    /// Why a read failed as a whole.
+    type Error;
+    /// The value of `P`: `Ok(None)` when the projector refuses it or the answer does not
+    /// parse (both recorded in `report`).
+    fn get<P: Property>(
+        &mut self,
+        report: &mut Report,
+    ) -> impl std::future::Future<Output = Result<Option<P::Value>, Self::Error>> + Send;
+    /// Where the projector was reached.
+    fn addr(&self) -> SocketAddr;
+    /// Which interface this is.
+    fn via(&self) -> Interface;
+    /// The serial number, once read.
+    fn serial_mut(&mut self) -> &mut Option<String>;
+    /// The source list, once read.
+    fn sources_mut(&mut self) -> &mut Option<SourceList>;
+}
+
+impl Items for Projector {
+    type Error = CollectError;
+    async fn get<P: Property>(&mut self, report: &mut Report) -> Step<P::Value> {
+        Projector::get::<P>(self, report).await
+    }
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    fn via(&self) -> Interface {
+        Interface::EscVpNet
+    }
+    fn serial_mut(&mut self) -> &mut Option<String> {
+        &mut self.serial
+    }
+    fn sources_mut(&mut self) -> &mut Option<SourceList> {
+        &mut self.sources
+    }
+}
+
+/// Reads the serial number once per session (the device id).
+pub(crate) async fn identify<R: Items>(
+    r: &mut R,
+    report: &mut Report,
+) -> Result<DeviceId, R::Error> {
+    if r.serial_mut().is_none()
+        && let Some(sno) = r.get::<SerialNumber>(report).await?
+    {
+        let s = sno.as_str().trim();
+        if !s.is_empty() {
+            *r.serial_mut() = Some(s.to_owned());
+        }
+    }
+    let addr = r.addr();
+    Ok(device_id(r.serial_mut().as_deref(), addr))
+}
+
+/// Reads the status items (and the serial number, if not read yet).
+pub(crate) async fn read_status<R: Items>(r: &mut R) -> Result<StatusRead, R::Error> {
+    let mut report = Report::default();
+    let device_id = identify(r, &mut report).await?;
+    let status = status(r, &mut report).await?;
+    Ok(StatusRead {
+        snapshot: DeviceSnapshot {
+            device_id,
+            observed_at: Timestamp::now(),
+            status,
+        },
+        report,
+    })
+}
+
+async fn status<R: Items>(r: &mut R, report: &mut Report) -> Result<DeviceStatus, R::Error> {
+    let mut st = DeviceStatus::default();
+    if let Some(code) = r.get::<Power>(report).await? {
+        st.power = Some(PowerState::from_code(code.get()));
+        st.power_code = Some(HexCode::new(code.get()));
+    }
+    if let Some(ps) = r.get::<PwStatus>(report).await? {
+        st.warnings = Some(warnings(ps.warnings, report));
+        st.alarms = Some(alarms(ps.alarms, report));
+    }
+    if let Some(code) = r.get::<ErrProperty>(report).await? {
+        st.error_code = Some(HexCode::new(code.get()));
+    }
+    if let Some(lamp) = r.get::<Lamp>(report).await? {
+        st.light_up_time_hours = BoundedVec::new(lamp.hours().to_vec()).ok();
+    }
+    if let Some(on) = r.get::<OnTime>(report).await? {
+        st.total_operation_time_hours = Some(on.0);
+    }
+    if let Some(code) = r.get::<Source>(report).await? {
+        if r.sources_mut().is_none() {
+            *r.sources_mut() = r.get::<SourceListProperty>(report).await?;
+        }
+        let name = r
+            .sources_mut()
+            .as_ref()
+            .and_then(|l| l.name_of(code))
+            .and_then(|n| BoundedString::new(n).ok());
+        st.source = Some(SourceRef {
+            code: HexCode::new(code.get()),
+            name,
+        });
+    }
+    if let Some(m) = r.get::<Mute>(report).await? {
+        st.av_mute = Some(m.is_on());
+    }
+    if let Some(s) = r.get::<Signal>(report).await? {
+        st.signal = match s {
+            SignalState::NONE => Some(ProtoSignal::None),
+            SignalState::DETECTED | SignalState::THREE_D => Some(ProtoSignal::Present),
+            SignalState::NOT_SUPPORTED | SignalState::UNSUPPORTED => Some(ProtoSignal::Unsupported),
+            other => {
+                report.problems.push(Problem {
+                    command: Signal::NAME,
+                    reason: format!("unknown signal state {other:?}"),
+                });
+                None
+            }
+        };
+    }
+    Ok(st)
+}
+
+/// Reads everything: information, status and settings.
+pub(crate) async fn read_full<R: Items>(
+    r: &mut R,
+    meta: &TargetMeta,
+) -> Result<Collected, R::Error> {
+    let mut report = Report::default();
+    let device_id = identify(r, &mut report).await?;
+    let mut info = DeviceInfo {
+        serial_number: r
+            .serial_mut()
+            .as_deref()
+            .and_then(|s| name(s, "SNO", &mut report)),
+        ..DeviceInfo::default()
+    };
+    if let Some(model) = r.get::<ProjectorInfo>(&mut report).await? {
+        info.model = name(model.as_str(), ProjectorInfo::NAME, &mut report);
+    }
+    if let Some(fw) = r.get::<FirmwareVersion>(&mut report).await? {
+        info.firmware_version = name(fw.as_str(), FirmwareVersion::NAME, &mut report);
+    }
+    let status = status(r, &mut report).await?;
+    let mut settings = DeviceSettings {
+        ip_address: Some(r.addr().ip()),
+        ..DeviceSettings::default()
+    };
+    if let Some(n) = r.get::<NetworkName>(&mut report).await? {
+        settings.projector_name = name(n.as_str(), NetworkName::NAME, &mut report);
+    }
+    if let Some(c) = r.get::<ColorModeProperty>(&mut report).await? {
+        settings.color_mode = Some(HexCode::new(c.get()));
+    }
+    if let Some(l) = r.get::<Luminance>(&mut report).await? {
+        settings.luminance_mode = Some(HexCode::new(l.get()));
+    }
+    if let Some(l) = r.get::<LumLevel>(&mut report).await? {
+        settings.luminance_constant_level = byte(l.0, LumLevel::NAME, &mut report);
+    }
+    if let Some(v) = r.get::<Volume>(&mut report).await? {
+        settings.volume = byte(v.0, Volume::NAME, &mut report);
+    }
+    let now = Timestamp::now();
+    let agent_settings = (meta != &TargetMeta::default()).then(|| AgentDeviceSettings {
+        device_id: device_id.clone(),
+        display_name: meta
+            .display_name
+            .as_deref()
+            .and_then(|s| BoundedString::new(s).ok()),
+        group_name: meta
+            .group
+            .as_deref()
+            .and_then(|s| BoundedString::new(s).ok()),
+        comment: meta
+            .comment
+            .as_deref()
+            .and_then(|s| BoundedString::new(s).ok()),
+    });
+    Ok(Collected {
+        addr: r.addr(),
+        via: r.via(),
+        snapshot: DeviceSnapshot {
+            device_id: device_id.clone(),
+            observed_at: now,
+            status: status.clone(),
+        },
+        collection: FullCollection {
+            device_id,
+            collected_at: now,
+            agent_settings,
+            info,
+            logs: DeviceLogs::default(),
+            status,
+            history: History::default(),
+            settings,
+        },
+        report,
+    })
 }
 
 /// IMEVENT notifications of one held session, as `event` messages.

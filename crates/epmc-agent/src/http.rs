@@ -22,22 +22,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use epmc_proto::bounded::{BoundedString, BoundedVec, HexCode, Timestamp};
-use epmc_proto::model::{
-    AgentDeviceSettings, DeviceId, DeviceInfo, DeviceLogs, DeviceSettings, DeviceSnapshot,
-    DeviceStatus, FullCollection, History, PowerState, SignalState as ProtoSignal, SourceRef,
-};
+use epmc_proto::model::DeviceId;
 use escvp::http::{Authorization, Challenge, DIGEST_USER, JsonQueryReply, json_query_target};
 use escvp::net::Password;
-use escvp::value::{
-    ColorModeProperty, Error as ErrProperty, Lamp, LumLevel, Luminance, Mute, OnTime, Power,
-    ProjectorInfo, Property, PwStatus, SerialNumber, Signal, SignalState, Source, SourceList,
-    SourceListProperty, Volume, WireValue,
-};
+use escvp::value::{Property, SourceList, WireValue};
 
 use crate::collect::{
-    CollectError, CollectOptions, Collected, FirmwareVersion, Interface, NetworkName, Problem,
-    Report, Stage, StatusRead,
+    CollectError, CollectOptions, Collected, Interface, Problem, Report, Stage, StatusRead,
 };
 use crate::config::{Endpoint, TargetMeta};
 
@@ -393,164 +384,37 @@ impl HttpProjector {
 
     /// Reads the serial number once (the device id).
     pub async fn identify(&mut self, report: &mut Report) -> Result<DeviceId, HttpError> {
-        if self.serial.is_none()
-            && let Some(sno) = self.get::<SerialNumber>(report).await?
-        {
-            let s = sno.as_str().trim();
-            if !s.is_empty() {
-                self.serial = Some(s.to_owned());
-            }
-        }
-        Ok(self.device_id())
+        crate::collect::identify(self, report).await
     }
 
     /// Reads the status items (and the serial number, if not read yet), as
     /// [`crate::collect::Projector::read_status`] does over ESC/VP.net.
     pub async fn read_status(&mut self) -> Result<StatusRead, HttpError> {
-        let mut report = Report::default();
-        let device_id = self.identify(&mut report).await?;
-        let status = self.status(&mut report).await?;
-        Ok(StatusRead {
-            snapshot: DeviceSnapshot {
-                device_id,
-                observed_at: Timestamp::now(),
-                status,
-            },
-            report,
-        })
-    }
-
-    async fn status(&mut self, report: &mut Report) -> Result<DeviceStatus, HttpError> {
-        let mut st = DeviceStatus::default();
-        if let Some(code) = self.get::<Power>(report).await? {
-            st.power = Some(PowerState::from_code(code.get()));
-            st.power_code = Some(HexCode::new(code.get()));
-        }
-        if let Some(ps) = self.get::<PwStatus>(report).await? {
-            st.warnings = Some(crate::collect::warnings(ps.warnings, report));
-            st.alarms = Some(crate::collect::alarms(ps.alarms, report));
-        }
-        if let Some(code) = self.get::<ErrProperty>(report).await? {
-            st.error_code = Some(HexCode::new(code.get()));
-        }
-        if let Some(lamp) = self.get::<Lamp>(report).await? {
-            st.light_up_time_hours = BoundedVec::new(lamp.hours().to_vec()).ok();
-        }
-        if let Some(on) = self.get::<OnTime>(report).await? {
-            st.total_operation_time_hours = Some(on.0);
-        }
-        if let Some(code) = self.get::<Source>(report).await? {
-            if self.sources.is_none() {
-                self.sources = self.get::<SourceListProperty>(report).await?;
-            }
-            let name = self
-                .sources
-                .as_ref()
-                .and_then(|l| l.name_of(code))
-                .and_then(|n| BoundedString::new(n).ok());
-            st.source = Some(SourceRef {
-                code: HexCode::new(code.get()),
-                name,
-            });
-        }
-        if let Some(m) = self.get::<Mute>(report).await? {
-            st.av_mute = Some(m.is_on());
-        }
-        if let Some(s) = self.get::<Signal>(report).await? {
-            st.signal = match s {
-                SignalState::NONE => Some(ProtoSignal::None),
-                SignalState::DETECTED | SignalState::THREE_D => Some(ProtoSignal::Present),
-                SignalState::NOT_SUPPORTED | SignalState::UNSUPPORTED => {
-                    Some(ProtoSignal::Unsupported)
-                }
-                other => {
-                    report.problems.push(Problem {
-                        command: Signal::NAME,
-                        reason: format!("unknown signal state {other:?}"),
-                    });
-                    None
-                }
-            };
-        }
-        Ok(st)
+        crate::collect::read_status(self).await
     }
 
     /// Reads everything, as [`crate::collect::Projector::read_full`] does over ESC/VP.net.
     pub async fn read_full(&mut self, meta: &TargetMeta) -> Result<Collected, HttpError> {
-        let mut report = Report::default();
-        let device_id = self.identify(&mut report).await?;
-        let mut info = DeviceInfo {
-            serial_number: self
-                .serial
-                .as_deref()
-                .and_then(|s| crate::collect::name(s, "SNO", &mut report)),
-            ..DeviceInfo::default()
-        };
-        if let Some(model) = self.get::<ProjectorInfo>(&mut report).await? {
-            info.model = crate::collect::name(model.as_str(), ProjectorInfo::NAME, &mut report);
-        }
-        if let Some(fw) = self.get::<FirmwareVersion>(&mut report).await? {
-            info.firmware_version =
-                crate::collect::name(fw.as_str(), FirmwareVersion::NAME, &mut report);
-        }
-        let status = self.status(&mut report).await?;
-        let mut settings = DeviceSettings {
-            ip_address: Some(self.addr.ip()),
-            ..DeviceSettings::default()
-        };
-        if let Some(n) = self.get::<NetworkName>(&mut report).await? {
-            settings.projector_name =
-                crate::collect::name(n.as_str(), NetworkName::NAME, &mut report);
-        }
-        if let Some(c) = self.get::<ColorModeProperty>(&mut report).await? {
-            settings.color_mode = Some(HexCode::new(c.get()));
-        }
-        if let Some(l) = self.get::<Luminance>(&mut report).await? {
-            settings.luminance_mode = Some(HexCode::new(l.get()));
-        }
-        if let Some(l) = self.get::<LumLevel>(&mut report).await? {
-            settings.luminance_constant_level =
-                crate::collect::byte(l.0, LumLevel::NAME, &mut report);
-        }
-        if let Some(v) = self.get::<Volume>(&mut report).await? {
-            settings.volume = crate::collect::byte(v.0, Volume::NAME, &mut report);
-        }
-        let now = Timestamp::now();
-        let agent_settings = (meta != &TargetMeta::default()).then(|| AgentDeviceSettings {
-            device_id: device_id.clone(),
-            display_name: meta
-                .display_name
-                .as_deref()
-                .and_then(|s| BoundedString::new(s).ok()),
-            group_name: meta
-                .group
-                .as_deref()
-                .and_then(|s| BoundedString::new(s).ok()),
-            comment: meta
-                .comment
-                .as_deref()
-                .and_then(|s| BoundedString::new(s).ok()),
-        });
-        Ok(Collected {
-            addr: self.addr,
-            via: Interface::Http,
-            snapshot: DeviceSnapshot {
-                device_id: device_id.clone(),
-                observed_at: now,
-                status: status.clone(),
-            },
-            collection: FullCollection {
-                device_id,
-                collected_at: now,
-                agent_settings,
-                info,
-                logs: DeviceLogs::default(),
-                status,
-                history: History::default(),
-                settings,
-            },
-            report,
-        })
+        crate::collect::read_full(self, meta).await
+    }
+}
+
+impl crate::collect::Items for HttpProjector {
+    type Error = HttpError;
+    async fn get<P: Property>(&mut self, report: &mut Report) -> Step<P::Value> {
+        HttpProjector::get::<P>(self, report).await
+    }
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    fn via(&self) -> Interface {
+        Interface::Http
+    }
+    fn serial_mut(&mut self) -> &mut Option<String> {
+        &mut self.serial
+    }
+    fn sources_mut(&mut self) -> &mut Option<SourceList> {
+        &mut self.sources
     }
 }
 
