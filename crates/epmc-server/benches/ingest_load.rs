@@ -101,7 +101,7 @@ impl Params {
             handshakes: env_usize("EPMC_BENCH_HANDSHAKES", pick(5000, 40)).max(1),
             handshake_loops: env_usize("EPMC_BENCH_HANDSHAKE_LOOPS", 8).max(1),
             phase_limit: Duration::from_secs(
-                env_usize("EPMC_BENCH_PHASE_SECONDS", pick(300, 60)) as u64,
+                env_usize("EPMC_BENCH_PHASE_SECONDS", pick(300, 60)) as u64
             ),
             phases,
         }
@@ -459,7 +459,12 @@ async fn postgres_raw(p: &Params, url: &str, batch: usize) -> (f64, f64) {
     let status = serde_json::to_string(&sample::status()).expect("status JSON");
     let agent = Uuid::new_v4().to_string();
     let rows: Vec<(String, String)> = (0..p.total())
-        .map(|i| (Uuid::new_v4().to_string(), serial(i % p.agents, i % p.devices)))
+        .map(|i| {
+            (
+                Uuid::new_v4().to_string(),
+                serial(i % p.agents, i % p.devices),
+            )
+        })
         .collect();
 
     let start = Instant::now();
@@ -540,11 +545,9 @@ async fn postgres_schema(base: &str) -> (String, String) {
 async fn drop_schema(base: &str, schema: &str) {
     use sqlx::Connection;
     if let Ok(mut conn) = sqlx::PgConnection::connect(base).await {
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA {schema} CASCADE"
-        )))
-        .execute(&mut conn)
-        .await;
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&mut conn)
+            .await;
     }
 }
 
@@ -622,10 +625,7 @@ fn mosquitto_pid(broker: &support::Broker) -> u32 {
 
 /// Opens `identities.len()` idle MQTT connections (at most 64 handshakes at once); returns
 /// them so they stay open.
-async fn open_idle(
-    addr: SocketAddr,
-    identities: &[(String, TlsIdentity)],
-) -> Vec<MqttClient> {
+async fn open_idle(addr: SocketAddr, identities: &[(String, TlsIdentity)]) -> Vec<MqttClient> {
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
     let tasks: Vec<_> = identities
         .iter()
@@ -652,7 +652,11 @@ async fn open_idle(
 }
 
 /// Server memory for `n` idle connections: (RSS before, RSS after).
-async fn idle_memory(pid: u32, addr: SocketAddr, identities: &[(String, TlsIdentity)]) -> (u64, u64) {
+async fn idle_memory(
+    pid: u32,
+    addr: SocketAddr,
+    identities: &[(String, TlsIdentity)],
+) -> (u64, u64) {
     // One connection first, so one-time allocations (TLS, runtime) are in the baseline.
     let warm = open_idle(addr, &identities[..1]).await;
     drop(warm);
@@ -660,7 +664,10 @@ async fn idle_memory(pid: u32, addr: SocketAddr, identities: &[(String, TlsIdent
     let before = rss(pid);
     let clients = open_idle(addr, &identities[1..]).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(clients.iter().all(|c| c.is_connected()), "all idle agents still connected");
+    assert!(
+        clients.iter().all(|c| c.is_connected()),
+        "all idle agents still connected"
+    );
     let after = rss(pid);
     drop(clients);
     (before, after)
@@ -688,7 +695,11 @@ fn full_handshake_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Arc<rus
 }
 
 /// One full handshake; with `client_id`, also CONNECT, CONNACK (accepted) and DISCONNECT.
-async fn one_handshake(addr: SocketAddr, config: Arc<rustls::ClientConfig>, client_id: Option<&str>) {
+async fn one_handshake(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    client_id: Option<&str>,
+) {
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("TCP");
     tcp.set_nodelay(true).expect("nodelay");
     let connector = tokio_rustls::TlsConnector::from(config);
@@ -731,7 +742,9 @@ async fn one_handshake(addr: SocketAddr, config: Arc<rustls::ClientConfig>, clie
                 "CONNECT accepted: {connack:?}"
             );
             let mut out = Vec::new();
-            Packet::Disconnect.encode(&mut out, 1024).expect("DISCONNECT");
+            Packet::Disconnect
+                .encode(&mut out, 1024)
+                .expect("DISCONNECT");
             tls.write_all(&out).await.expect("write DISCONNECT");
         }
         None => {
@@ -775,7 +788,9 @@ async fn handshake_rate(
 /// The reference for handshakes: a plain rustls server with the listener's own configuration
 /// that completes each handshake, reads one byte and closes.
 async fn plain_rustls_server(config: Arc<rustls::ServerConfig>) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     tokio::spawn(async move {
@@ -819,17 +834,20 @@ fn main() {
         load.trim()
     );
 
-    let broker = (p.runs("mosquitto") || p.runs("idle") || p.runs("handshake"))
-        .then(support::Broker::start);
+    let broker =
+        (p.runs("mosquitto") || p.runs("idle") || p.runs("handshake")).then(support::Broker::start);
 
     let sqlite = p.runs("sqlite").then(|| {
         println!("sqlite ingest …");
         rt.block_on(bounded(&p, "sqlite", server_ingest(&p, None)))
     });
-    let relay = broker.as_ref().filter(|_| p.runs("mosquitto")).map(|broker| {
-        println!("mosquitto relay …");
-        rt.block_on(bounded(&p, "mosquitto", mosquitto_relay(&p, broker)))
-    });
+    let relay = broker
+        .as_ref()
+        .filter(|_| p.runs("mosquitto"))
+        .map(|broker| {
+            println!("mosquitto relay …");
+            rt.block_on(bounded(&p, "mosquitto", mosquitto_relay(&p, broker)))
+        });
     if sqlite.is_some() || relay.is_some() {
         let show = |l: &Option<Load>, f: &dyn Fn(&Load) -> String| {
             l.as_ref().map(f).unwrap_or_else(|| "not run".into())
@@ -844,7 +862,7 @@ fn main() {
         rows.push(Row {
             what: format!(
                 "SQLite ingest, saturated ({} agents, window {}): committed, PUBACK after commit \
-                 | ref: Mosquitto QoS 1 relay publishers → broker → 1 subscriber",
+                 (reference: Mosquitto QoS 1 relay, publishers → broker → 1 subscriber)",
                 p.agents, p.window
             ),
             figure: show(&sqlite, &|l| l.saturated.describe()),
@@ -860,17 +878,27 @@ fn main() {
                 "  publish → PUBACK, paced at {} msg/s for {} s (from when each was due)",
                 p.rate, p.paced_seconds
             ),
-            figure: show(&sqlite, &|l| format!("{} ({})", l.paced.latency(), l.paced.describe())),
-            reference: show(&relay, &|l| format!("{} ({})", l.paced.latency(), l.paced.describe())),
+            figure: show(&sqlite, &|l| {
+                format!("{} ({})", l.paced.latency(), l.paced.describe())
+            }),
+            reference: show(&relay, &|l| {
+                format!("{} ({})", l.paced.latency(), l.paced.describe())
+            }),
         });
     }
     if p.runs("postgres") {
         match std::env::var("EPMC_TEST_POSTGRES_URL") {
-            Err(_) => println!("postgres: skipped (EPMC_TEST_POSTGRES_URL unset; see scripts/pg-test)"),
+            Err(_) => {
+                println!("postgres: skipped (EPMC_TEST_POSTGRES_URL unset; see scripts/pg-test)")
+            }
             Ok(base) => {
                 println!("postgres ingest …");
                 let (url, schema) = rt.block_on(postgres_schema(&base));
-                let t = rt.block_on(bounded(&p, "postgres", server_ingest(&p, Some(url.clone()))));
+                let t = rt.block_on(bounded(
+                    &p,
+                    "postgres",
+                    server_ingest(&p, Some(url.clone())),
+                ));
                 let batch = epmc_server::ingest::IngestConfig::default().max_batch;
                 let (insert, copy) =
                     rt.block_on(bounded(&p, "postgres", postgres_raw(&p, &url, batch)));
@@ -920,8 +948,11 @@ fn main() {
                 })
                 .collect();
             println!("idle connections …");
-            let (before, after) =
-                rt.block_on(bounded(&p, "idle", idle_memory(server.pid(), server.mqtt, &ours)));
+            let (before, after) = rt.block_on(bounded(
+                &p,
+                "idle",
+                idle_memory(server.pid(), server.mqtt, &ours),
+            ));
             let (m_before, m_after) = rt.block_on(bounded(
                 &p,
                 "idle",

@@ -1466,7 +1466,10 @@ async fn batched_snapshots_equal_one_by_one(db: Db) {
     assert_eq!(da[2].address.as_deref(), Some("192.0.2.7"));
     // S4: a1 reported it last.
     assert_eq!(da[3].agent, a1);
-    assert_eq!(power(&da[3]), (1_800_000_060, Some(PowerState::StandbyNetworkOn)));
+    assert_eq!(
+        power(&da[3]),
+        (1_800_000_060, Some(PowerState::StandbyNetworkOn))
+    );
     let rejected = s.admin().rejected_count().await.expect("count");
     assert_eq!(rejected, 2, "the invalid payload of each tenant");
     let a1_seen = s.admin().agents(Some(ta)).await.expect("agents");
