@@ -494,6 +494,9 @@ async fn apply_snapshots(
         tenant: TenantId,
         agent: AgentId,
         key: &'a str,
+        /// The time of its first snapshot in the run (a new row's `first_seen`).
+        first: i64,
+        /// The newest time of its snapshots.
         seen: i64,
         last: usize,
         row: Option<i64>,
@@ -509,6 +512,7 @@ async fn apply_snapshots(
                 tenant: s.tenant,
                 agent: s.agent,
                 key,
+                first: at,
                 seen: at,
                 last: pos,
                 row: None,
@@ -557,24 +561,33 @@ async fn apply_snapshots(
             }
         }
     }
-    // Found rows are touched together: agent (of the device's latest snapshot in the run)
-    // and last contact, as `devices::resolve` does.
+    // The others one by one, in the order they first appear, with the time of their first
+    // snapshot (a new row's first contact); then every row is touched together, in the order
+    // of each device's last snapshot: agent and last contact, as `devices::resolve` does.
+    for dev in devices.iter_mut() {
+        if dev.row.is_none() {
+            let row = devices::resolve(conn, dev.tenant, dev.agent, dev.key, None, None, dev.first)
+                .await?;
+            dev.row = Some(row);
+        }
+    }
     let mut order: Vec<usize> = (0..devices.len()).collect();
     order.sort_unstable_by_key(|&d| devices[d].last);
     let mut touch: Vec<(i64, AgentId, i64)> = Vec::new();
     let mut touch_at: HashMap<i64, usize> = HashMap::new();
     for &d in &order {
         let dev = &devices[d];
-        if let Some(row) = dev.row {
-            match touch_at.get(&row) {
-                Some(&t) => {
-                    touch[t].1 = dev.agent;
-                    touch[t].2 = touch[t].2.max(dev.seen);
-                }
-                None => {
-                    touch_at.insert(row, touch.len());
-                    touch.push((row, dev.agent, dev.seen));
-                }
+        let row = dev
+            .row
+            .ok_or_else(|| StoreError::Invalid("a device was not resolved".into()))?;
+        match touch_at.get(&row) {
+            Some(&t) => {
+                touch[t].1 = dev.agent;
+                touch[t].2 = touch[t].2.max(dev.seen);
+            }
+            None => {
+                touch_at.insert(row, touch.len());
+                touch.push((row, dev.agent, dev.seen));
             }
         }
     }
@@ -593,14 +606,6 @@ async fn apply_snapshots(
             q = q.bind(*row).bind(agent_ids[agent].as_str()).bind(*seen);
         }
         q.execute(&mut *conn).await?;
-    }
-    for &d in &order {
-        if devices[d].row.is_none() {
-            let dev = &devices[d];
-            let row = devices::resolve(conn, dev.tenant, dev.agent, dev.key, None, None, dev.seen)
-                .await?;
-            devices[d].row = Some(row);
-        }
     }
 
     // 3. The latest status per device row: the newest snapshot, the later one among equals.
