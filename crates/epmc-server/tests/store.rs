@@ -1373,6 +1373,8 @@ fn mixed_sequence(a1: AgentId, a2: AgentId, stored_before: &[u8]) -> Vec<IngestI
         snap(a1, "S1", 1_800_000_100, PowerState::On),
         snap(a1, "S1", 1_800_000_300, PowerState::CoolDown),
         snap(a1, "S1", 1_800_000_200, PowerState::StandbyNetworkOn),
+        // Same device and time as a1's newest, later in the same run of snapshots: it wins.
+        snap(a2, "S1", 1_800_000_300, PowerState::WarmUp),
         item(a1, Channel::Telemetry, twice.clone()),
         item(a1, Channel::Telemetry, twice),
         snap(a1, "ip:192.0.2.7", 1_800_000_100, PowerState::On),
@@ -1388,7 +1390,6 @@ fn mixed_sequence(a1: AgentId, a2: AgentId, stored_before: &[u8]) -> Vec<IngestI
             )),
         ),
         snap(a1, "ip:192.0.2.7", 1_800_000_500, PowerState::CoolDown),
-        snap(a2, "S1", 1_800_000_300, PowerState::WarmUp),
         snap(a2, "S4", 1_800_000_050, PowerState::On),
         item(a1, Channel::Telemetry, b"{not json".to_vec()),
         snap(a1, "S4", 1_800_000_060, PowerState::StandbyNetworkOn),
@@ -1429,7 +1430,7 @@ async fn batched_snapshots_equal_one_by_one(db: Db) {
         IngestOutcome::Rejected(RejectReason::Invalid(_))
     ));
     let mut expected = vec![Stored; 13];
-    expected[4] = Duplicate;
+    expected[5] = Duplicate;
     expected[12] = Duplicate;
     expected[10] = batched[10].clone();
     assert_eq!(batched, expected);
