@@ -1360,3 +1360,170 @@ async fn sqlite_default_is_one_file_in_the_data_dir() {
         .expect("reopen");
     assert_eq!(store.admin().tenants().await.expect("tenants").len(), 1);
 }
+
+// The ingest path applies consecutive snapshots of a batch together (multi-row statements);
+// these check that the outcome is that of applying each message alone, in order.
+both!(
+    batched_snapshots_equal_one_by_one,
+    concurrent_snapshot_batches_creating_the_same_device_both_store,
+);
+
+/// A sequence of messages from two agents that exercises what the batched snapshot path must
+/// get right: times out of order, an id twice in the batch and one stored before, an `ip:`
+/// device merged into its serial by a collection in the middle, two agents reporting one
+/// serial at the same time, and a rejected payload between snapshots.
+fn mixed_sequence(a1: AgentId, a2: AgentId, stored_before: &[u8]) -> Vec<IngestItem> {
+    let snap = |agent, device: &str, at, power| {
+        item(agent, Channel::Telemetry, json(snapshot(device, at, power)))
+    };
+    let twice = json(snapshot("S2", 1_800_000_150, PowerState::On));
+    let history = History::default();
+    vec![
+        snap(a1, "S1", 1_800_000_100, PowerState::On),
+        snap(a1, "S1", 1_800_000_300, PowerState::CoolDown),
+        snap(a1, "S1", 1_800_000_200, PowerState::StandbyNetworkOn),
+        // Same device and time as a1's newest, later in the same run of snapshots: it wins.
+        snap(a2, "S1", 1_800_000_300, PowerState::WarmUp),
+        item(a1, Channel::Telemetry, twice.clone()),
+        item(a1, Channel::Telemetry, twice),
+        snap(a1, "ip:192.0.2.7", 1_800_000_100, PowerState::On),
+        item(
+            a1,
+            Channel::Telemetry,
+            json(collection(
+                "ip:192.0.2.7",
+                1_800_000_400,
+                Some("S3"),
+                Some("192.0.2.7"),
+                history,
+            )),
+        ),
+        snap(a1, "ip:192.0.2.7", 1_800_000_500, PowerState::CoolDown),
+        snap(a2, "S4", 1_800_000_050, PowerState::On),
+        item(a1, Channel::Telemetry, b"{not json".to_vec()),
+        snap(a1, "S4", 1_800_000_060, PowerState::StandbyNetworkOn),
+        item(a1, Channel::Telemetry, stored_before.to_vec()),
+    ]
+}
+
+async fn batched_snapshots_equal_one_by_one(db: Db) {
+    let s = &db.store;
+    // Each call is a new message id.
+    let earlier = || json(snapshot("S5", 1_800_000_010, PowerState::On));
+    // Tenant A gets the sequence as one batch, tenant B one message per batch.
+    let (ta, a1) = tenant_with_agent(s, "batched").await;
+    let a2 = s.admin().create_agent(ta, "a2").await.expect("agent");
+    let (tb, b1) = tenant_with_agent(s, "single").await;
+    let b2 = s.admin().create_agent(tb, "b2").await.expect("agent");
+    let (ea, eb) = (earlier(), earlier());
+    for (agent, e) in [(a1, &ea), (b1, &eb)] {
+        let out = s
+            .ingest()
+            .ingest_batch(&[item(agent, Channel::Telemetry, e.clone())])
+            .await
+            .expect("batch");
+        assert_eq!(out, vec![IngestOutcome::Stored]);
+    }
+    let batched = s
+        .ingest()
+        .ingest_batch(&mixed_sequence(a1, a2, &ea))
+        .await
+        .expect("batch");
+    let mut single = Vec::new();
+    for i in mixed_sequence(b1, b2, &eb) {
+        single.extend(s.ingest().ingest_batch(&[i]).await.expect("batch"));
+    }
+    use IngestOutcome::{Duplicate, Stored};
+    assert!(matches!(
+        batched[10],
+        IngestOutcome::Rejected(RejectReason::Invalid(_))
+    ));
+    let mut expected = vec![Stored; 13];
+    expected[5] = Duplicate;
+    expected[12] = Duplicate;
+    expected[10] = batched[10].clone();
+    assert_eq!(batched, expected);
+    assert_eq!(single, expected);
+
+    let devices = |tenant| async move {
+        let mut d = s.tenant(tenant).devices().await.expect("devices");
+        d.sort_by(|x, y| x.key.cmp(&y.key));
+        d
+    };
+    let (da, db_) = (devices(ta).await, devices(tb).await);
+    let keys: Vec<&str> = da.iter().map(|d| d.key.as_str()).collect();
+    assert_eq!(keys, ["S1", "S2", "S3", "S4", "S5"]);
+    for (x, y) in da.iter().zip(&db_) {
+        assert_eq!(x.key, y.key);
+        assert_eq!(x.status, y.status, "{}", x.key);
+        assert_eq!(x.first_seen, y.first_seen, "{}", x.key);
+        assert_eq!(x.last_contact, y.last_contact, "{}", x.key);
+        assert_eq!(x.address, y.address, "{}", x.key);
+        let same_agent = (x.agent == a1 && y.agent == b1) || (x.agent == a2 && y.agent == b2);
+        assert!(same_agent, "{}: {} vs {}", x.key, x.agent, y.agent);
+    }
+    // And what one by one means, spelled out for the batched tenant.
+    let power = |d: &epmc_server::store::DeviceSummary| {
+        let (at, status) = d.status.as_ref().expect("status");
+        (at.unix(), status.power)
+    };
+    // S1: the newest time wins; of the two at that time, the later message (agent a2's).
+    assert_eq!(power(&da[0]), (1_800_000_300, Some(PowerState::WarmUp)));
+    assert_eq!(da[0].agent, a2);
+    assert_eq!(da[0].last_contact.unix(), 1_800_000_300);
+    // S3: the ip: device merged into its serial, then its newest snapshot.
+    assert_eq!(power(&da[2]), (1_800_000_500, Some(PowerState::CoolDown)));
+    assert_eq!(da[2].address.as_deref(), Some("192.0.2.7"));
+    // S4: a1 reported it last.
+    assert_eq!(da[3].agent, a1);
+    assert_eq!(
+        power(&da[3]),
+        (1_800_000_060, Some(PowerState::StandbyNetworkOn))
+    );
+    let rejected = s.admin().rejected_count().await.expect("count");
+    assert_eq!(rejected, 2, "the invalid payload of each tenant");
+    let a1_seen = s.admin().agents(Some(ta)).await.expect("agents");
+    assert!(a1_seen.iter().all(|a| a.last_seen.is_some()));
+}
+
+async fn concurrent_snapshot_batches_creating_the_same_device_both_store(db: Db) {
+    // As `concurrent_batches_creating_the_same_device_both_store`, with batches of
+    // snapshots: the batched path that loses the insert race falls back to one by one.
+    let s = &db.store;
+    let (tenant, a1) = tenant_with_agent(s, "acme").await;
+    let a2 = s
+        .admin()
+        .create_agent(tenant, "second")
+        .await
+        .expect("agent");
+    for round in 0..20 {
+        let batch = |agent: AgentId| {
+            let ingest = s.ingest();
+            let items: Vec<IngestItem> = (0..3)
+                .map(|k| {
+                    item(
+                        agent,
+                        Channel::Telemetry,
+                        json(snapshot(
+                            &format!("RACE{round}-{k}"),
+                            1_800_000_000 + round,
+                            PowerState::On,
+                        )),
+                    )
+                })
+                .collect();
+            async move { ingest.ingest_batch(&items).await }
+        };
+        let (r1, r2) = tokio::join!(tokio::spawn(batch(a1)), tokio::spawn(batch(a2)));
+        let (r1, r2) = (
+            r1.expect("join").expect("batch"),
+            r2.expect("join").expect("batch"),
+        );
+        assert_eq!(r1, vec![IngestOutcome::Stored; 3], "round {round}");
+        assert_eq!(r2, vec![IngestOutcome::Stored; 3], "round {round}");
+    }
+    let devices = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(devices.len(), 60, "one row per serial");
+    assert!(devices.iter().all(|d| d.status.is_some()));
+    assert_eq!(s.admin().rejected_count().await.expect("count"), 0);
+}

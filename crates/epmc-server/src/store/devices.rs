@@ -8,7 +8,7 @@ use sqlx::{AnyConnection, Row};
 use super::types::{agent_id, tenant_id, ts};
 use super::{DeviceDetails, DeviceSummary, EventRecord, HistoryRecord, StoreError, TenantId};
 
-const IP_PREFIX: &str = "ip:";
+pub(super) const IP_PREFIX: &str = "ip:";
 
 /// The row of the device `device_key` (a serial or `ip:ADDR`) reported by `agent`, created if
 /// new. `serial` (from the device's info) and `address` (from its settings) let a device

@@ -11,7 +11,7 @@ use epmc_proto::model::{
 };
 use epmc_proto::order::{OrderOutcome, OrderResult};
 use epmc_proto::topic::{AgentId, Channel};
-use epmc_proto::{Envelope, Message, ProtoError};
+use epmc_proto::{Envelope, Kind, Message, ProtoError};
 use sqlx::{AnyConnection, Connection, Row};
 
 use super::types::tenant_id;
@@ -134,38 +134,60 @@ impl IngestHandle {
     ) -> Result<Vec<IngestOutcome>, StoreError> {
         let now = now_unix();
         let limit = self.store.inner.options.rejected_raw_limit;
+        let backend = self.store.backend();
+        // Decoding needs no database: done before the write lock is taken.
+        let decoded: Vec<Result<Envelope, RejectReason>> = items.iter().map(decode).collect();
         let mut tx = self.store.begin_write().await?;
-        let mut agents: HashMap<AgentId, AgentAccess> = HashMap::new();
-        let mut outcomes = Vec::with_capacity(items.len());
-        for item in items {
-            let outcome = match decode(item) {
-                Err(reason) => IngestOutcome::Rejected(reason),
-                Ok(envelope) => {
-                    let access = match agents.get(&item.agent) {
-                        Some(a) => *a,
-                        None => {
-                            let a = agent_access(&mut tx, item.agent).await?;
-                            agents.insert(item.agent, a);
-                            a
-                        }
-                    };
-                    match access {
-                        AgentAccess::Unknown => IngestOutcome::Rejected(RejectReason::UnknownAgent),
-                        AgentAccess::Revoked => IngestOutcome::Rejected(RejectReason::RevokedAgent),
-                        AgentAccess::Active(tenant) => {
-                            apply_isolated(
-                                &mut tx,
-                                self.store.backend(),
-                                tenant,
-                                item.agent,
-                                &envelope,
-                                now,
-                            )
-                            .await?
-                        }
-                    }
+        let wanted: Vec<AgentId> = items
+            .iter()
+            .zip(&decoded)
+            .filter(|(_, d)| d.is_ok())
+            .map(|(item, _)| item.agent)
+            .collect();
+        let agents = agents_access(&mut tx, &wanted).await?;
+        let mut outcomes: Vec<Option<IngestOutcome>> = vec![None; items.len()];
+        // Consecutive snapshots are applied together (see `apply_snapshots`); any other
+        // message first applies the snapshots before it, so the batch's order holds.
+        let mut run: Vec<Snap<'_>> = Vec::new();
+        for (i, (item, decoded)) in items.iter().zip(&decoded).enumerate() {
+            let envelope = match decoded {
+                Err(reason) => {
+                    outcomes[i] = Some(IngestOutcome::Rejected(reason.clone()));
+                    continue;
                 }
+                Ok(envelope) => envelope,
             };
+            let tenant = match agents.get(&item.agent).copied() {
+                None | Some(AgentAccess::Unknown) => {
+                    outcomes[i] = Some(IngestOutcome::Rejected(RejectReason::UnknownAgent));
+                    continue;
+                }
+                Some(AgentAccess::Revoked) => {
+                    outcomes[i] = Some(IngestOutcome::Rejected(RejectReason::RevokedAgent));
+                    continue;
+                }
+                Some(AgentAccess::Active(tenant)) => tenant,
+            };
+            if let Message::Snapshot(snapshot) = &envelope.message {
+                run.push(Snap {
+                    index: i,
+                    tenant,
+                    agent: item.agent,
+                    envelope,
+                    snapshot,
+                });
+                continue;
+            }
+            flush_snapshots(&mut tx, backend, &mut run, &mut outcomes, now).await?;
+            outcomes[i] =
+                Some(apply_isolated(&mut tx, backend, tenant, item.agent, envelope, now).await?);
+        }
+        flush_snapshots(&mut tx, backend, &mut run, &mut outcomes, now).await?;
+        let mut result = Vec::with_capacity(items.len());
+        for (item, outcome) in items.iter().zip(outcomes) {
+            let outcome = outcome.ok_or_else(|| {
+                StoreError::Invalid("an item of the batch was not applied".into())
+            })?;
             if let IngestOutcome::Rejected(reason) = &outcome {
                 tracing::warn!(agent = %item.agent, channel = item.channel.as_str(), %reason, "message rejected");
                 let raw = &item.payload[..item.payload.len().min(limit)];
@@ -182,10 +204,10 @@ impl IngestHandle {
                 .execute(&mut *tx)
                 .await?;
             }
-            outcomes.push(outcome);
+            result.push(outcome);
         }
         tx.commit().await?;
-        Ok(outcomes)
+        Ok(result)
     }
 
     /// Marks an agent connected.
@@ -271,6 +293,381 @@ async fn apply_isolated(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// A snapshot of the batch waiting to be applied with its neighbours.
+struct Snap<'a> {
+    /// Its place in the batch.
+    index: usize,
+    tenant: TenantId,
+    agent: AgentId,
+    envelope: &'a Envelope,
+    snapshot: &'a DeviceSnapshot,
+}
+
+/// Most rows in one multi-row statement. Statements are built for power-of-two row counts
+/// only (a run of 200 is 128 + 64 + 8), so each connection prepares a handful of statement
+/// shapes once and its statement cache keeps them.
+const MAX_ROWS: usize = 256;
+
+/// Splits `n` rows into statement sizes: powers of two, at most [`MAX_ROWS`].
+fn pieces(mut n: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    while n > 0 {
+        let size = if n >= MAX_ROWS {
+            MAX_ROWS
+        } else {
+            1 << (usize::BITS - 1 - n.leading_zeros())
+        };
+        out.push(size);
+        n -= size;
+    }
+    out
+}
+
+/// `rows` groups of `width` placeholders, `($1, $2), ($3, $4)`, numbered from `$first`.
+fn placeholders(first: usize, width: usize, rows: usize) -> String {
+    let mut sql = String::with_capacity(rows * width * 6);
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for c in 0..width {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&(first + r * width + c).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// `$first, $first+1, …` for an `IN (…)` list.
+fn in_list(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The access of every agent named, with one query per [`MAX_ROWS`] agents.
+async fn agents_access(
+    conn: &mut AnyConnection,
+    agents: &[AgentId],
+) -> Result<HashMap<AgentId, AgentAccess>, StoreError> {
+    let mut distinct: Vec<AgentId> = agents.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let mut access: HashMap<AgentId, AgentAccess> = distinct
+        .iter()
+        .map(|a| (*a, AgentAccess::Unknown))
+        .collect();
+    let mut rest = distinct.as_slice();
+    for n in pieces(distinct.len()) {
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        let sql = format!(
+            "SELECT id, tenant_id, revoked_at FROM agents WHERE id IN ({})",
+            in_list(1, n)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for a in chunk {
+            q = q.bind(a.to_string());
+        }
+        for r in q.fetch_all(&mut *conn).await? {
+            let agent = super::types::agent_id(&r.try_get::<String, _>(0)?)?;
+            let a = if r.try_get::<Option<i64>, _>(2)?.is_some() {
+                AgentAccess::Revoked
+            } else {
+                AgentAccess::Active(tenant_id(&r.try_get::<String, _>(1)?)?)
+            };
+            access.insert(agent, a);
+        }
+    }
+    Ok(access)
+}
+
+/// Applies the snapshots waiting in `run` together, inside a savepoint. When the database
+/// refuses them (a constraint, or a row another writer created at the same moment) the
+/// savepoint is rolled back and each is applied alone ([`apply_isolated`]), so the outcome is
+/// the same as one by one; a transient failure fails the batch.
+async fn flush_snapshots(
+    tx: &mut AnyConnection,
+    backend: Backend,
+    run: &mut Vec<Snap<'_>>,
+    outcomes: &mut [Option<IngestOutcome>],
+    now: i64,
+) -> Result<(), StoreError> {
+    if run.is_empty() {
+        return Ok(());
+    }
+    let run = std::mem::take(run);
+    let mut sp = tx.begin().await?;
+    match apply_snapshots(&mut sp, &run, now).await {
+        Ok(applied) => {
+            sp.commit().await?;
+            for (index, outcome) in applied {
+                outcomes[index] = Some(outcome);
+            }
+            Ok(())
+        }
+        Err(e) if falls_back(backend, &e) => {
+            sp.rollback().await?;
+            tracing::debug!(error = %e, n = run.len(), "snapshots applied one by one");
+            for s in &run {
+                outcomes[s.index] =
+                    Some(apply_isolated(tx, backend, s.tenant, s.agent, s.envelope, now).await?);
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether applying messages one by one may get further than applying them together.
+fn falls_back(backend: Backend, e: &StoreError) -> bool {
+    match e {
+        StoreError::Invalid(_) => true,
+        StoreError::Database(sqlx::Error::Database(d)) => {
+            d.is_unique_violation() || !is_transient(backend, d.as_ref())
+        }
+        _ => false,
+    }
+}
+
+/// Applies consecutive snapshots with a few multi-row statements, with the same result as
+/// [`apply`] on each in order: each new message id is recorded (a repeated one is a
+/// duplicate and changes nothing); each device is found or created and its last contact is
+/// the newest of its snapshots; its latest status is the newest snapshot's (among equal
+/// times, the later one's) unless a newer one is stored; the agents' last-seen time is
+/// `now`. Returns each snapshot's batch index and outcome.
+async fn apply_snapshots(
+    conn: &mut AnyConnection,
+    run: &[Snap<'_>],
+    now: i64,
+) -> Result<Vec<(usize, IngestOutcome)>, StoreError> {
+    // 1. The message ids: the ones the insert returns are new.
+    let ids: Vec<String> = run.iter().map(|s| s.envelope.id.to_string()).collect();
+    let agent_ids: HashMap<AgentId, String> =
+        run.iter().map(|s| (s.agent, s.agent.to_string())).collect();
+    let mut fresh: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut offset = 0;
+    for n in pieces(run.len()) {
+        let sql = format!(
+            "INSERT INTO ingested_messages (id, agent_id, kind, received_at) VALUES {} \
+             ON CONFLICT (id) DO NOTHING RETURNING id",
+            placeholders(1, 4, n)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (s, id) in run[offset..offset + n].iter().zip(&ids[offset..offset + n]) {
+            q = q
+                .bind(id.as_str())
+                .bind(agent_ids[&s.agent].as_str())
+                .bind(Kind::Snapshot.as_str())
+                .bind(now);
+        }
+        for r in q.fetch_all(&mut *conn).await? {
+            fresh.insert(r.try_get::<String, _>(0)?);
+        }
+        offset += n;
+    }
+    let mut outcomes = Vec::with_capacity(run.len());
+    let mut stored: Vec<&Snap<'_>> = Vec::with_capacity(run.len());
+    for (s, id) in run.iter().zip(&ids) {
+        // An id twice in the run: the first is new, the second a duplicate.
+        if fresh.remove(id) {
+            outcomes.push((s.index, IngestOutcome::Stored));
+            stored.push(s);
+        } else {
+            outcomes.push((s.index, IngestOutcome::Duplicate));
+        }
+    }
+    if stored.is_empty() {
+        return Ok(outcomes);
+    }
+
+    // 2. The devices, once each: (agent, key) → newest time and last position in the run.
+    struct Device<'a> {
+        tenant: TenantId,
+        agent: AgentId,
+        key: &'a str,
+        /// The time of its first snapshot in the run (a new row's `first_seen`).
+        first: i64,
+        /// The newest time of its snapshots.
+        seen: i64,
+        last: usize,
+        row: Option<i64>,
+    }
+    let mut devices: Vec<Device<'_>> = Vec::new();
+    let mut by_key: HashMap<(AgentId, &str), usize> = HashMap::new();
+    let mut device_of: Vec<usize> = Vec::with_capacity(stored.len());
+    for (pos, s) in stored.iter().enumerate() {
+        let key = s.snapshot.device_id.as_str();
+        let at = s.snapshot.observed_at.unix();
+        let d = *by_key.entry((s.agent, key)).or_insert_with(|| {
+            devices.push(Device {
+                tenant: s.tenant,
+                agent: s.agent,
+                key,
+                first: at,
+                seen: at,
+                last: pos,
+                row: None,
+            });
+            devices.len() - 1
+        });
+        let dev = &mut devices[d];
+        dev.seen = dev.seen.max(at);
+        dev.last = pos;
+        device_of.push(d);
+    }
+    // Serial keys look their rows up together, per tenant; the rest (new devices, `ip:`
+    // keys and their merges) go through `devices::resolve` one by one.
+    let mut tenants: Vec<TenantId> = devices.iter().map(|d| d.tenant).collect();
+    tenants.sort_unstable();
+    tenants.dedup();
+    for tenant in tenants {
+        let mut serials: Vec<&str> = devices
+            .iter()
+            .filter(|d| d.tenant == tenant && !d.key.starts_with(devices::IP_PREFIX))
+            .map(|d| d.key)
+            .collect();
+        serials.sort_unstable();
+        serials.dedup();
+        let tenant_text = tenant.to_string();
+        let mut rows: HashMap<String, i64> = HashMap::new();
+        let mut rest = serials.as_slice();
+        for n in pieces(serials.len()) {
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            let sql = format!(
+                "SELECT id, serial FROM devices WHERE tenant_id = $1 AND serial IN ({})",
+                in_list(2, n)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(tenant_text.as_str());
+            for serial in chunk {
+                q = q.bind(*serial);
+            }
+            for r in q.fetch_all(&mut *conn).await? {
+                rows.insert(r.try_get::<String, _>(1)?, r.try_get::<i64, _>(0)?);
+            }
+        }
+        for d in devices.iter_mut().filter(|d| d.tenant == tenant) {
+            if !d.key.starts_with(devices::IP_PREFIX) {
+                d.row = rows.get(d.key).copied();
+            }
+        }
+    }
+    // The others one by one, in the order they first appear, with the time of their first
+    // snapshot (a new row's first contact); then every row is touched together, in the order
+    // of each device's last snapshot: agent and last contact, as `devices::resolve` does.
+    for dev in devices.iter_mut() {
+        if dev.row.is_none() {
+            let row = devices::resolve(conn, dev.tenant, dev.agent, dev.key, None, None, dev.first)
+                .await?;
+            dev.row = Some(row);
+        }
+    }
+    let mut order: Vec<usize> = (0..devices.len()).collect();
+    order.sort_unstable_by_key(|&d| devices[d].last);
+    let mut touch: Vec<(i64, AgentId, i64)> = Vec::new();
+    let mut touch_at: HashMap<i64, usize> = HashMap::new();
+    for &d in &order {
+        let dev = &devices[d];
+        let row = dev
+            .row
+            .ok_or_else(|| StoreError::Invalid("a device was not resolved".into()))?;
+        match touch_at.get(&row) {
+            Some(&t) => {
+                touch[t].1 = dev.agent;
+                touch[t].2 = touch[t].2.max(dev.seen);
+            }
+            None => {
+                touch_at.insert(row, touch.len());
+                touch.push((row, dev.agent, dev.seen));
+            }
+        }
+    }
+    let mut rest = touch.as_slice();
+    for n in pieces(touch.len()) {
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        let sql = format!(
+            "UPDATE devices SET agent_id = v.column2, last_contact = CASE \
+             WHEN devices.last_contact < v.column3 THEN v.column3 ELSE devices.last_contact END \
+             FROM (VALUES {}) AS v WHERE devices.id = v.column1",
+            placeholders(1, 3, n)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (row, agent, seen) in chunk {
+            q = q.bind(*row).bind(agent_ids[agent].as_str()).bind(*seen);
+        }
+        q.execute(&mut *conn).await?;
+    }
+
+    // 3. The latest status per device row: the newest snapshot, the later one among equals.
+    let mut latest: Vec<(i64, i64, &DeviceSnapshot)> = Vec::new();
+    let mut latest_at: HashMap<i64, usize> = HashMap::new();
+    for (s, &d) in stored.iter().zip(&device_of) {
+        let row = devices[d]
+            .row
+            .ok_or_else(|| StoreError::Invalid("a device was not resolved".into()))?;
+        let at = s.snapshot.observed_at.unix();
+        match latest_at.get(&row) {
+            Some(&l) => {
+                if at >= latest[l].1 {
+                    latest[l] = (row, at, s.snapshot);
+                }
+            }
+            None => {
+                latest_at.insert(row, latest.len());
+                latest.push((row, at, s.snapshot));
+            }
+        }
+    }
+    let mut rest = latest.as_slice();
+    for n in pieces(latest.len()) {
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        let sql = format!(
+            "INSERT INTO device_status (device_id, observed_at, status) VALUES {} \
+             ON CONFLICT (device_id) DO UPDATE SET observed_at = excluded.observed_at, \
+             status = excluded.status WHERE device_status.observed_at <= excluded.observed_at",
+            placeholders(1, 3, n)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (row, at, snapshot) in chunk {
+            q = q.bind(*row).bind(*at).bind(json(&snapshot.status)?);
+        }
+        q.execute(&mut *conn).await?;
+    }
+
+    // 4. The agents' last-seen time.
+    let mut seen_agents: Vec<&str> = stored
+        .iter()
+        .map(|s| agent_ids[&s.agent].as_str())
+        .collect();
+    seen_agents.sort_unstable();
+    seen_agents.dedup();
+    let mut rest = seen_agents.as_slice();
+    for n in pieces(seen_agents.len()) {
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        let sql = format!(
+            "UPDATE agents SET last_seen = CASE WHEN last_seen IS NULL OR last_seen < $1 THEN $1 \
+             ELSE last_seen END WHERE id IN ({})",
+            in_list(2, n)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+        for agent in chunk {
+            q = q.bind(*agent);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(outcomes)
 }
 
 /// A database error that says nothing about the message: retrying later may succeed.
