@@ -349,7 +349,11 @@ async fn server_ingest(p: &Params, database: Option<String>) -> Load {
             .await
             .expect("agent");
         let (identity, _, _) = agent_identity(&ca, agent.uuid());
-        let mut opts = MqttOptions::new(server.mqtt_addr(), "localhost", &agent.to_string());
+        let mut opts = MqttOptions::new(
+            server.mqtt_addr().expect("embedded endpoint"),
+            "localhost",
+            &agent.to_string(),
+        );
         opts.in_flight = p.window;
         let (client, _, _rx) = MqttClient::connect(&opts, &identity)
             .await
@@ -362,7 +366,7 @@ async fn server_ingest(p: &Params, database: Option<String>) -> Load {
         ));
     }
     let load = both_runs(p, agents, |_| async { None }).await;
-    let stats = server.endpoint().stats();
+    let stats = server.endpoint().expect("embedded endpoint").stats();
     let sent = (p.total() + p.agents * p.paced_messages()) as u64;
     assert_eq!(stats.rejected, 0, "no message may be rejected: {stats:?}");
     assert_eq!(stats.duplicates, 0, "no message is a duplicate: {stats:?}");
