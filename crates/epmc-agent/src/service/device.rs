@@ -154,18 +154,19 @@ impl DeviceTask {
             }
             self.take_queued();
             let ctx = self.ctx.clone();
-            let session = ctx
-                .talking(async {
-                    let mut p = self.connect().await?;
-                    self.work(&mut p, None).await;
-                    Ok(p)
-                })
-                .await;
+            // Boxed: the work runs in at most `concurrency` tasks at a time, while every
+            // idle device task (thousands) would otherwise carry its whole state inline.
+            let session = Box::pin(ctx.talking(async {
+                let mut p = self.connect().await?;
+                self.work(&mut p, None).await;
+                Ok(p)
+            }))
+            .await;
             match session {
-                Ok(p) => p.close().await,
+                Ok(p) => Box::pin(p.close()).await,
                 Err(e) => {
-                    if !self.try_http(&e).await {
-                        self.failed(e).await;
+                    if !Box::pin(self.try_http(&e)).await {
+                        Box::pin(self.failed(e)).await;
                     }
                 }
             }
@@ -181,12 +182,12 @@ impl DeviceTask {
             }
             self.take_queued();
             let ctx = self.ctx.clone();
-            let connected = ctx.talking(self.connect()).await;
+            let connected = Box::pin(ctx.talking(self.connect())).await;
             let mut p = match connected {
                 Ok(p) => p,
                 Err(e) => {
-                    if !self.try_http(&e).await {
-                        self.failed(e).await;
+                    if !Box::pin(self.try_http(&e)).await {
+                        Box::pin(self.failed(e)).await;
                     }
                     self.mark_first_done();
                     // Wait for the retry time (orders still queue meanwhile).
@@ -206,7 +207,7 @@ impl DeviceTask {
             };
             let mut notes: Option<Notifications> = None;
             // The first work identifies the device, so notifications carry its serial.
-            if !self.work(&mut p, Some(&mut notes)).await {
+            if !Box::pin(self.work(&mut p, Some(&mut notes))).await {
                 p.close().await;
                 continue;
             }
@@ -220,16 +221,16 @@ impl DeviceTask {
                 let until = self.due();
                 tokio::select! {
                     event = notes.next() => match event {
-                        Some(ev) => self.publish_event(ev).await,
+                        Some(ev) => Box::pin(self.publish_event(ev)).await,
                         None => {
-                            self.failed(CollectError::Dropped).await;
+                            Box::pin(self.failed(CollectError::Dropped)).await;
                             break;
                         }
                     },
                     _ = tokio::time::sleep_until(until) => {
                         self.take_queued();
                         let ctx = self.ctx.clone();
-                        let ok = ctx.talking(self.work(&mut p, None)).await;
+                        let ok = Box::pin(ctx.talking(self.work(&mut p, None))).await;
                         if !ok {
                             break;
                         }
