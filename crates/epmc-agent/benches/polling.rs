@@ -171,7 +171,19 @@ async fn round(n: usize, silent: bool, latency: Duration, concurrency: usize) ->
     for f in &mut fleets {
         assert_eq!(f.line(), "ready");
     }
+    let trace = std::env::var_os("EPMC_POLL_TRACE_MEM").is_some();
+    let mem = |what: &str| {
+        if trace {
+            eprintln!(
+                "  memory {what}: rss {:.1} MiB, peak {:.1} MiB",
+                rss_kib("VmRSS:") as f64 / 1024.0,
+                peak_rss_kib() as f64 / 1024.0
+            );
+        }
+    };
+    mem("before the configuration");
     let config = agent_config(work.path(), port, n, concurrency);
+    mem("configuration loaded");
     let mut options = ServiceOptions::new(work.path().join("agent").join("state"));
     options.spread_start = Duration::ZERO;
     options.full_on_first_contact = false;
@@ -181,6 +193,7 @@ async fn round(n: usize, silent: bool, latency: Duration, concurrency: usize) ->
         .sum();
     let started = Instant::now();
     let service = Service::start(config, options).await.expect("agent starts");
+    mem("service started");
     let deadline = Duration::from_secs(300);
     let failed = loop {
         let st = service.status();
@@ -199,6 +212,7 @@ async fn round(n: usize, silent: bool, latency: Duration, concurrency: usize) ->
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let round = started.elapsed();
+    mem("round over");
     let replies: u64 = fleets
         .iter_mut()
         .map(|f| f.ask("commands").parse::<u64>().expect("count"))
@@ -236,11 +250,16 @@ fn agent_config(dir: &Path, port: u16, n: usize, concurrency: usize) -> AgentCon
 
 /// Peak resident memory of this process (VmHWM), KiB.
 fn peak_rss_kib() -> u64 {
+    rss_kib("VmHWM:")
+}
+
+/// A memory figure of this process from /proc/self/status, KiB.
+fn rss_kib(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })

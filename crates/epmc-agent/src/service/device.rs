@@ -54,7 +54,7 @@ impl Job {
 pub(super) struct DeviceTask {
     ctx: std::sync::Arc<Ctx>,
     endpoint: Endpoint,
-    jobs_rx: mpsc::UnboundedReceiver<Work>,
+    jobs_rx: mpsc::UnboundedReceiver<Box<Work>>,
     jobs: VecDeque<Job>,
     device_id: Option<String>,
     failures: u32,
@@ -67,7 +67,7 @@ pub(super) struct DeviceTask {
 
 enum Wake {
     Due,
-    Job(Work),
+    Job(Box<Work>),
     Stop,
 }
 
@@ -75,7 +75,7 @@ impl DeviceTask {
     pub(super) fn new(
         ctx: std::sync::Arc<Ctx>,
         endpoint: Endpoint,
-        jobs_rx: mpsc::UnboundedReceiver<Work>,
+        jobs_rx: mpsc::UnboundedReceiver<Box<Work>>,
         start_in: Duration,
     ) -> DeviceTask {
         let now = Instant::now();
@@ -138,7 +138,7 @@ impl DeviceTask {
 
     fn take_queued(&mut self) {
         while let Ok(work) = self.jobs_rx.try_recv() {
-            self.jobs.push_back(Job::new(work));
+            self.jobs.push_back(Job::new(*work));
         }
     }
 
@@ -146,7 +146,7 @@ impl DeviceTask {
         loop {
             match self.wait(self.due()).await {
                 Wake::Stop => return,
-                Wake::Job(work) => self.jobs.push_back(Job::new(work)),
+                Wake::Job(work) => self.jobs.push_back(Job::new(*work)),
                 Wake::Due => {}
             }
             if !self.is_due() {
@@ -156,7 +156,8 @@ impl DeviceTask {
             let ctx = self.ctx.clone();
             // Boxed: the work runs in at most `concurrency` tasks at a time, while every
             // idle device task (thousands) would otherwise carry its whole state inline.
-            let session = Box::pin(ctx.talking(async {
+            let slot = ctx.slot().await;
+            let session = Box::pin(ctx.talking(slot, async {
                 let mut p = self.connect().await?;
                 self.work(&mut p, None).await;
                 Ok(p)
@@ -182,7 +183,8 @@ impl DeviceTask {
             }
             self.take_queued();
             let ctx = self.ctx.clone();
-            let connected = Box::pin(ctx.talking(self.connect())).await;
+            let slot = ctx.slot().await;
+            let connected = Box::pin(ctx.talking(slot, self.connect())).await;
             let mut p = match connected {
                 Ok(p) => p,
                 Err(e) => {
@@ -195,7 +197,7 @@ impl DeviceTask {
                         let until = self.due();
                         match self.wait(until).await {
                             Wake::Stop => return,
-                            Wake::Job(work) => self.jobs.push_back(Job::new(work)),
+                            Wake::Job(work) => self.jobs.push_back(Job::new(*work)),
                             Wake::Due => break,
                         }
                         if self.is_due() {
@@ -230,13 +232,14 @@ impl DeviceTask {
                     _ = tokio::time::sleep_until(until) => {
                         self.take_queued();
                         let ctx = self.ctx.clone();
-                        let ok = Box::pin(ctx.talking(self.work(&mut p, None))).await;
+                        let slot = ctx.slot().await;
+                        let ok = Box::pin(ctx.talking(slot, self.work(&mut p, None))).await;
                         if !ok {
                             break;
                         }
                     }
                     job = self.jobs_rx.recv() => match job {
-                        Some(work) => self.jobs.push_back(Job::new(work)),
+                        Some(work) => self.jobs.push_back(Job::new(*work)),
                         None => { p.close().await; return; }
                     },
                     () = stopped(&mut stop) => { p.close().await; return; }
@@ -259,8 +262,9 @@ impl DeviceTask {
         }
         let ctx = self.ctx.clone();
         let full = Instant::now() >= self.next_full;
+        let slot = ctx.slot().await;
         let read = ctx
-            .talking(async {
+            .talking(slot, async {
                 if full {
                     http::collect_http(&self.endpoint, port, &self.ctx.collect)
                         .await

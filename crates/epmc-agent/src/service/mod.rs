@@ -194,7 +194,7 @@ pub(crate) struct Registry {
 
 #[derive(Debug, Default)]
 struct RegistryInner {
-    tasks: HashMap<SocketAddr, mpsc::UnboundedSender<Work>>,
+    tasks: HashMap<SocketAddr, mpsc::UnboundedSender<Box<Work>>>,
     ids: HashMap<String, SocketAddr>,
 }
 
@@ -210,7 +210,7 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn add_task(&self, addr: SocketAddr, tx: mpsc::UnboundedSender<Work>) {
+    fn add_task(&self, addr: SocketAddr, tx: mpsc::UnboundedSender<Box<Work>>) {
         let mut r = self.lock();
         r.tasks.insert(addr, tx);
         r.ids
@@ -229,14 +229,14 @@ impl Registry {
         self.first_pending.send_modify(|n| *n = n.saturating_sub(1));
     }
 
-    fn find(&self, id: &str) -> Option<mpsc::UnboundedSender<Work>> {
+    fn find(&self, id: &str) -> Option<mpsc::UnboundedSender<Box<Work>>> {
         let r = self.lock();
         r.ids.get(id).and_then(|a| r.tasks.get(a)).cloned()
     }
 
     /// The task for a device id; until every target has been tried once (the serial numbers
     /// are learnt then), waits for that, at most `wait`.
-    async fn lookup(&self, id: &str, wait: Duration) -> Option<mpsc::UnboundedSender<Work>> {
+    async fn lookup(&self, id: &str, wait: Duration) -> Option<mpsc::UnboundedSender<Box<Work>>> {
         if let Some(tx) = self.find(id) {
             return Some(tx);
         }
@@ -275,10 +275,23 @@ struct Updates {
 }
 
 impl Ctx {
-    /// Runs `f` (talking to a projector) in one of the `concurrency` slots; after
+    /// Waits for one of the `concurrency` slots. Taken before the work's future is made, so a
+    /// fleet waiting for slots holds only small waiting tasks, not thousands of built reads.
+    async fn slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        // The semaphore is never closed.
+        match self.permits.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => unreachable!("the slot semaphore is never closed"),
+        }
+    }
+
+    /// Runs `f` (talking to a projector) in the `slot` taken for it; after
     /// [`ServiceOptions::slow_grace`] it gives the slot up and finishes outside.
-    async fn talking<F: std::future::Future>(&self, f: F) -> F::Output {
-        let permit = self.permits.clone().acquire_owned().await;
+    async fn talking<F: std::future::Future>(
+        &self,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        f: F,
+    ) -> F::Output {
         tokio::pin!(f);
         tokio::select! {
             out = &mut f => return out,
@@ -401,7 +414,7 @@ async fn dispatch(ctx: &Arc<Ctx>, order: Order) {
         tokio::spawn(async move {
             let source_id = source_device_of(&order);
             let (tx, rx) = tokio::sync::oneshot::channel();
-            if source.send(Work::ReadProfile(Some(tx))).is_err() {
+            if source.send(Box::new(Work::ReadProfile(Some(tx)))).is_err() {
                 return; // stopping: the order stays in the journal
             }
             let profile = match tokio::time::timeout(COPY_WAIT, rx).await {
@@ -426,8 +439,9 @@ async fn dispatch(ctx: &Arc<Ctx>, order: Order) {
                     return ctx.complete(&order, r).await;
                 }
             };
-            if let Err(mpsc::error::SendError(Work::Apply(order, _))) =
-                target.send(Work::Apply(order, profile))
+            if let Err(mpsc::error::SendError(work)) =
+                target.send(Box::new(Work::Apply(order, profile)))
+                && let Work::Apply(order, _) = *work
             {
                 tracing::info!(order = %order.order_id, "service stopping; order kept for the next start");
             }
@@ -435,7 +449,9 @@ async fn dispatch(ctx: &Arc<Ctx>, order: Order) {
         return;
     }
     ctx.accepted(&order).await;
-    if let Err(mpsc::error::SendError(Work::Order(order))) = target.send(Work::Order(order)) {
+    if let Err(mpsc::error::SendError(work)) = target.send(Box::new(Work::Order(order)))
+        && let Work::Order(order) = *work
+    {
         // The task has stopped (shutdown): the order stays in the journal.
         tracing::info!(order = %order.order_id, "service stopping; order kept for the next start");
     }
