@@ -55,10 +55,8 @@ pub const CONFIG_FILE: &str = "agent.toml";
 /// Largest answer read from the server (the CA, the enrollment answer, an error message).
 pub const MAX_ANSWER: usize = 64 * 1024;
 
-/// The token's first part.
-pub const TOKEN_PREFIX: &str = "epmc1";
-const TOKEN_ID_HEX: usize = 16;
-const TOKEN_SECRET_HEX: usize = 48;
+use epmc_proto::token::TokenParts;
+pub use epmc_proto::token::{TOKEN_PREFIX, TokenFormatError as TokenError};
 
 /// A SHA-256 fingerprint of a CA certificate (of its DER encoding).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -91,30 +89,6 @@ impl fmt::Debug for Fingerprint {
     }
 }
 
-/// Why a token string is not an enrollment token. Messages never repeat the token (it holds
-/// a secret).
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum TokenError {
-    /// It does not start with `epmc1.`.
-    #[error("not an enrollment token: it must start with \"{TOKEN_PREFIX}.\"")]
-    UnknownFormat,
-    /// Not four dot-separated parts.
-    #[error(
-        "an enrollment token has 4 parts, {TOKEN_PREFIX}.<token-id>.<secret>.<ca-sha256>; this one has {0}"
-    )]
-    WrongPartCount(usize),
-    /// The token id is not 16 lowercase hex characters.
-    #[error("the enrollment token's id must be {TOKEN_ID_HEX} lowercase hex characters")]
-    BadTokenId,
-    /// The secret is not 48 lowercase hex characters.
-    #[error("the enrollment token's secret must be {TOKEN_SECRET_HEX} lowercase hex characters")]
-    BadSecret,
-    /// The CA fingerprint is not 64 lowercase hex characters.
-    #[error("the enrollment token's CA fingerprint must be 64 lowercase hex characters (SHA-256)")]
-    BadFingerprint,
-}
-
 /// An enrollment token. `Debug` hides the secret.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token {
@@ -133,42 +107,17 @@ impl fmt::Debug for Token {
     }
 }
 
-fn is_lower_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
 impl FromStr for Token {
     type Err = TokenError;
 
     /// Parses `epmc1.<token-id>.<secret>.<ca-sha256>` (lowercase hex parts); surrounding
     /// whitespace, as pasted from a terminal, is ignored.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let parts: Vec<&str> = s.split('.').collect();
-        if parts.first() != Some(&TOKEN_PREFIX) {
-            return Err(TokenError::UnknownFormat);
-        }
-        let [_, id, secret, ca] = parts.as_slice() else {
-            return Err(TokenError::WrongPartCount(parts.len()));
-        };
-        if !is_lower_hex(id, TOKEN_ID_HEX) {
-            return Err(TokenError::BadTokenId);
-        }
-        if !is_lower_hex(secret, TOKEN_SECRET_HEX) {
-            return Err(TokenError::BadSecret);
-        }
-        if !is_lower_hex(ca, 64) {
-            return Err(TokenError::BadFingerprint);
-        }
-        let mut fp = [0u8; 32];
-        for (i, b) in fp.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&ca[2 * i..2 * i + 2], 16)
-                .map_err(|_| TokenError::BadFingerprint)?;
-        }
+        let parts = TokenParts::parse(s)?;
         Ok(Token {
-            text: s.to_owned(),
-            id: (*id).to_owned(),
-            ca: Fingerprint(fp),
+            text: s.trim().to_owned(),
+            id: parts.id_hex(),
+            ca: Fingerprint(parts.ca_sha256),
         })
     }
 }
@@ -937,33 +886,11 @@ mod tests {
             "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
         );
         assert!(!format!("{t:?}").contains("0123456789abcdef0123456789abcdef0123"));
-        let bad = |s: &str| s.parse::<Token>().unwrap_err();
-        assert_eq!(bad("epmc2.a.b.c"), TokenError::UnknownFormat);
-        assert_eq!(bad(""), TokenError::UnknownFormat);
-        assert_eq!(bad("epmc1.a.b"), TokenError::WrongPartCount(3));
+        // The format's own errors are tested in `epmc_proto::token`; here, that they pass through.
         assert_eq!(
-            bad(&TOKEN.replace(".0011", ".x.0011")),
-            TokenError::WrongPartCount(5)
+            "epmc1.a.b".parse::<Token>().unwrap_err(),
+            TokenError::WrongPartCount(3)
         );
-        assert_eq!(
-            bad(&TOKEN.replace("epmc1.0123456789abcdef.", "epmc1.0123456789ABCDEF.")),
-            TokenError::BadTokenId
-        );
-        assert_eq!(
-            bad(&TOKEN.replace(".0123456789abcdef0123", ".0123456789abcdef012")),
-            TokenError::BadSecret
-        );
-        assert_eq!(
-            bad(&TOKEN.replace("eeff", "eefg")),
-            TokenError::BadFingerprint
-        );
-        for e in [
-            bad("epmc1.a.b"),
-            bad(&TOKEN.replace("eeff", "eefg")),
-            bad(&TOKEN.replace(".0123456789abcdef0123", ".0123456789abcdef012")),
-        ] {
-            assert!(!e.to_string().contains("0123456789abcdef0123"), "{e}");
-        }
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub mod model;
 pub mod order;
 pub mod release;
 pub mod sample;
+pub mod token;
 pub mod topic;
 
 use schemars::JsonSchema;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use epmc_server::ca::{
     self, AgentIdentity, CaFingerprint, CertificateAuthority, CsrError, EnrollmentToken,
-    IssuedCertificate, RevokedCert, TokenError,
+    IssuedCertificate, RevokedCert, TokenError, TokenFormatError,
 };
 use epmc_server::datadir::{self, InitOutcome, Problem, ServerPki};
 use rcgen::{
@@ -628,23 +628,31 @@ fn forged_tokens_are_refused() {
         );
     };
     refused(&text[..text.len() - 1], |e| {
-        matches!(e, TokenError::BadFingerprint)
+        matches!(e, TokenError::Format(TokenFormatError::BadFingerprint))
     });
-    refused(head, |e| matches!(e, TokenError::WrongPartCount(3)));
+    refused(head, |e| {
+        matches!(e, TokenError::Format(TokenFormatError::WrongPartCount(3)))
+    });
     refused(&text.replacen("epmc1", "epmc2", 1), |e| {
-        matches!(e, TokenError::UnknownFormat)
+        matches!(e, TokenError::Format(TokenFormatError::UnknownFormat))
     });
     refused(&format!("{text}.extra"), |e| {
-        matches!(e, TokenError::WrongPartCount(5))
+        matches!(e, TokenError::Format(TokenFormatError::WrongPartCount(5)))
     });
     refused(&text.to_uppercase().replacen("EPMC1", "epmc1", 1), |e| {
-        matches!(e, TokenError::BadTokenId)
+        matches!(e, TokenError::Format(TokenFormatError::BadTokenId))
     });
     let p: Vec<&str> = text.split('.').collect();
     let short_secret = format!("{}.{}.{}.{}", p[0], p[1], &p[2][..p[2].len() - 2], p[3]);
-    refused(&short_secret, |e| matches!(e, TokenError::BadSecret));
-    refused("", |e| matches!(e, TokenError::UnknownFormat));
-    refused("epmc1...", |e| matches!(e, TokenError::BadTokenId));
+    refused(&short_secret, |e| {
+        matches!(e, TokenError::Format(TokenFormatError::BadSecret))
+    });
+    refused("", |e| {
+        matches!(e, TokenError::Format(TokenFormatError::UnknownFormat))
+    });
+    refused("epmc1...", |e| {
+        matches!(e, TokenError::Format(TokenFormatError::BadTokenId))
+    });
     assert!(CaFingerprint::from_hex(fp).is_some());
 }
 

@@ -31,4 +31,6 @@ pub use tls::{
     ALPN_MQTT, AgentIdentity, IdentityError, TlsConfigError, crypto_provider,
     install_crypto_provider, mqtt_server_config,
 };
-pub use token::{EnrollmentToken, SecretHash, TOKEN_PREFIX, TokenError, constant_time_eq};
+pub use token::{
+    EnrollmentToken, SecretHash, TOKEN_PREFIX, TokenError, TokenFormatError, constant_time_eq,
+};

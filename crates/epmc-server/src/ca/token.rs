@@ -12,34 +12,17 @@ use sha2::{Digest, Sha256};
 use super::CaFingerprint;
 use super::encoding;
 
-/// The token's first part: format name and version.
-pub const TOKEN_PREFIX: &str = "epmc1";
-const ID_LEN: usize = 8;
-/// 192 random bits.
-const SECRET_LEN: usize = 24;
+use epmc_proto::token::{ID_LEN, SECRET_LEN, TokenParts};
+pub use epmc_proto::token::{TOKEN_PREFIX, TokenFormatError};
 
 /// Why a token string was refused, or does not fit the server it names.
 /// Messages never repeat the token (it holds a secret).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TokenError {
-    /// The token does not start with `epmc1.`.
-    #[error("not an enrollment token: it must start with \"{TOKEN_PREFIX}.\"")]
-    UnknownFormat,
-    /// Not four dot-separated parts.
-    #[error(
-        "an enrollment token has 4 parts, {TOKEN_PREFIX}.<token-id>.<secret>.<ca-sha256>; this one has {0}"
-    )]
-    WrongPartCount(usize),
-    /// The token id is not 16 lowercase hex characters.
-    #[error("the enrollment token's id must be {} lowercase hex characters", ID_LEN * 2)]
-    BadTokenId,
-    /// The secret is not 48 lowercase hex characters.
-    #[error("the enrollment token's secret must be {} lowercase hex characters", SECRET_LEN * 2)]
-    BadSecret,
-    /// The CA fingerprint is not 64 lowercase hex characters.
-    #[error("the enrollment token's CA fingerprint must be 64 lowercase hex characters (SHA-256)")]
-    BadFingerprint,
+    /// The text is not an enrollment token (which part is wrong, and how).
+    #[error(transparent)]
+    Format(#[from] TokenFormatError),
     /// The server presented a CA other than the one the token names.
     #[error(
         "the server's CA certificate (sha256 {actual}) is not the one the enrollment token names (sha256 {expected}); refusing to enroll"
@@ -119,32 +102,22 @@ impl EnrollmentToken {
     /// Parses `epmc1.<token-id>.<secret>.<ca-sha256>` (lowercase hex parts). Surrounding
     /// whitespace, as pasted from a terminal, is ignored.
     pub fn parse(s: &str) -> Result<Self, TokenError> {
-        let s = s.trim();
-        let parts: Vec<&str> = s.split('.').collect();
-        if parts.first() != Some(&TOKEN_PREFIX) {
-            return Err(TokenError::UnknownFormat);
-        }
-        let [_, id, secret, ca] = parts.as_slice() else {
-            return Err(TokenError::WrongPartCount(parts.len()));
-        };
-        let id = encoding::decode(id)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(TokenError::BadTokenId)?;
-        let secret = encoding::decode(secret)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(TokenError::BadSecret)?;
-        let ca = CaFingerprint::from_hex(ca).ok_or(TokenError::BadFingerprint)?;
-        Ok(Self { id, secret, ca })
+        let parts = TokenParts::parse(s)?;
+        Ok(Self {
+            id: parts.id,
+            secret: parts.secret,
+            ca: CaFingerprint::from_bytes(parts.ca_sha256),
+        })
     }
 
     /// The token as the admin hands it to the agent. It contains the secret.
     pub fn to_token_string(&self) -> String {
-        format!(
-            "{TOKEN_PREFIX}.{}.{}.{}",
-            self.id(),
-            encoding::encode(&self.secret),
-            self.ca.to_hex()
-        )
+        TokenParts {
+            id: self.id,
+            secret: self.secret,
+            ca_sha256: *self.ca.as_bytes(),
+        }
+        .to_token_string()
     }
 
     /// The public token id (16 lowercase hex characters), the store's key for this token.
