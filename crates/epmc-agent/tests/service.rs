@@ -104,15 +104,21 @@ impl Env {
         mode: &str,
         targets: &[(SocketAddr, &str, &str)],
     ) -> AgentConfig {
-        let mut text = format!(
-            "mode = \"{mode}\"\n[server]\nurl = \"mqtts://localhost:{}\"\nca_cert = \"ca.crt\"\nclient_cert = \"agent.crt\"\nclient_key = \"agent.key\"\n",
-            self.mqtt.port()
-        );
+        let mut text = String::new();
         for (addr, name, session) in targets {
             text += &format!(
                 "[[target]]\naddress = \"{addr}\"\ndisplay_name = \"{name}\"\nsession = \"{session}\"\n"
             );
         }
+        self.config_with(agent_dir, mode, &text)
+    }
+
+    /// A configuration with `targets`, the `[[target]]` tables as TOML text.
+    fn config_with(&self, agent_dir: &Path, mode: &str, targets: &str) -> AgentConfig {
+        let text = format!(
+            "mode = \"{mode}\"\n[server]\nurl = \"mqtts://localhost:{}\"\nca_cert = \"ca.crt\"\nclient_cert = \"agent.crt\"\nclient_key = \"agent.key\"\n{targets}",
+            self.mqtt.port()
+        );
         let path = agent_dir.join("agent.toml");
         std::fs::write(&path, text).unwrap();
         let mut config = AgentConfig::load(&path).unwrap();
@@ -584,4 +590,204 @@ async fn check_agent_update_orders_reach_the_updater() {
         "{result}"
     );
     service.stop().await;
+}
+
+/// What one projector of the faulty fleet does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Healthy,
+    /// Answers every command 150 ms late.
+    Slow,
+    /// Has a password, and the agent is configured with it.
+    PasswordGiven,
+    /// Has a password the agent does not know.
+    PasswordMissing,
+    /// Has a password; the agent is configured with another.
+    PasswordWrong,
+    /// Refuses every session with 0x53.
+    Busy,
+    /// Reads commands and never answers.
+    Silent,
+    /// Writes junk before each reply.
+    Garbage,
+    /// Answers two commands, then closes every connection.
+    Drops,
+}
+
+impl Role {
+    fn of(i: usize) -> Role {
+        match i % 25 {
+            3 => Role::Busy,
+            7 => Role::PasswordGiven,
+            8 => Role::PasswordMissing,
+            9 => Role::PasswordWrong,
+            12 => Role::Silent,
+            16 => Role::Garbage,
+            20 => Role::Drops,
+            22 => Role::Slow,
+            _ => Role::Healthy,
+        }
+    }
+
+    fn is_faulty(self) -> bool {
+        !matches!(self, Role::Healthy | Role::Slow | Role::PasswordGiven)
+    }
+}
+
+/// Hundreds of emulated projectors, each on an address of its own (127.0.3.1 onwards), some
+/// of them faulty, through the whole path to the server's database: every healthy one (slow
+/// and password-protected ones included) is stored under its serial with what it reported;
+/// each faulty one appears on the agent screen as what it is and never in the database with
+/// a status; and the healthy ones keep being read while the faulty ones fail (nothing hangs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_projectors_some_faulty_are_each_reported_as_what_they_are() {
+    const N: usize = 200;
+    let env = Env::start().await;
+    let first: SocketAddr = "127.0.3.1:0".parse().unwrap();
+    let password = escvp::net::Password::new("pw").unwrap();
+    let plan: Vec<_> = escvp::emulator::fleet_plan(first, N, true, &template())
+        .into_iter()
+        .enumerate()
+        .map(|(i, (addr, mut c))| {
+            c.serial = format!("FLT{i:07}");
+            c.start_on = true;
+            c.lamp_hours = vec![100 + i as u32];
+            match Role::of(i) {
+                Role::Healthy => {}
+                Role::Slow => c.faults.reply_delay = Duration::from_millis(150),
+                Role::PasswordGiven | Role::PasswordMissing | Role::PasswordWrong => {
+                    c.password = Some(password.clone());
+                }
+                Role::Busy => c.faults.busy = true,
+                Role::Silent => c.faults.silent = true,
+                Role::Garbage => c.faults.garbage = b"\x00\xffjunk".to_vec(),
+                Role::Drops => c.faults.drop_after = Some(2),
+            }
+            (addr, c)
+        })
+        .collect();
+    let fleet = Fleet::spawn(plan).await.unwrap();
+    let p = fleet.projectors();
+    let agent_dir = env.issue("fleet-agent").await;
+    let mut targets = String::new();
+    for (i, projector) in p.iter().enumerate() {
+        targets += &format!(
+            "[[target]]\naddress = \"{}\"\ndisplay_name = \"Room {i}\"\n",
+            projector.tcp_addr()
+        );
+        match Role::of(i) {
+            Role::PasswordGiven => targets += "password = \"pw\"\n",
+            Role::PasswordWrong => targets += "password = \"nope\"\n",
+            _ => {}
+        }
+    }
+    let mut config = env.config_with(&agent_dir, "bidirectional", &targets);
+    config.concurrency = 32;
+    let mut o = options(&agent_dir);
+    o.spread_start = Duration::from_millis(500);
+    let service = Service::start(config, o).await.unwrap();
+
+    // Every healthy projector, in the database under its serial, with its own readings.
+    let healthy: Vec<usize> = (0..N).filter(|i| !Role::of(*i).is_faulty()).collect();
+    let stored = {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let devices = env.devices().await;
+            let with_status = devices
+                .iter()
+                .filter(|d| d.serial.is_some() && d.status.is_some())
+                .count();
+            if with_status >= healthy.len() {
+                break devices;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {with_status} of {} healthy projectors stored within 120 s",
+                healthy.len()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    for &i in &healthy {
+        let serial = p[i].serial();
+        let d = stored
+            .iter()
+            .find(|d| d.serial.as_deref() == Some(serial))
+            .unwrap_or_else(|| panic!("#{i} ({:?}) {serial} not stored", Role::of(i)));
+        let status = &d.status.as_ref().unwrap().1;
+        assert_eq!(
+            status.power,
+            Some(epmc_proto::model::PowerState::On),
+            "#{i}"
+        );
+        assert_eq!(
+            d.name.as_deref(),
+            Some(format!("Room {i}").as_str()),
+            "#{i}"
+        );
+    }
+    // No faulty projector is in the database as if it had been read.
+    for d in stored.iter().filter(|d| d.status.is_some()) {
+        if let Some(serial) = &d.serial {
+            let i = p.iter().position(|x| x.serial() == serial).unwrap();
+            assert!(
+                !Role::of(i).is_faulty(),
+                "#{i} ({:?}) stored as read: {d:?}",
+                Role::of(i)
+            );
+        }
+    }
+
+    // The agent screen: each faulty one as what it is; the healthy ones read again and
+    // again while the faulty ones fail (rounds go on).
+    let state_dir = agent_dir.join("state");
+    let screen = eventually("agent screen shows every target settled", async || {
+        let s = status::read(&state_dir).ok()?;
+        let settled = s.targets.len() == N
+            && s.targets.iter().all(|t| {
+                let i = p.iter().position(|x| x.tcp_addr() == t.addr).unwrap();
+                if Role::of(i).is_faulty() {
+                    t.failed_attempts >= 1
+                } else {
+                    t.reads >= 3
+                }
+            });
+        settled.then_some(s)
+    })
+    .await;
+    for t in &screen.targets {
+        let i = p.iter().position(|x| x.tcp_addr() == t.addr).unwrap();
+        let role = Role::of(i);
+        let detail = match &t.reach {
+            status::Reach::Failed(d) => d.as_str(),
+            _ => "",
+        };
+        let expected = match role {
+            Role::Healthy | Role::Slow | Role::PasswordGiven => {
+                assert_eq!(t.reach, status::Reach::Ok, "#{i} ({role:?})");
+                assert_eq!(t.device_id.as_deref(), Some(p[i].serial()), "#{i}");
+                continue;
+            }
+            Role::Busy => {
+                assert_eq!(t.reach, status::Reach::Busy, "#{i}");
+                continue;
+            }
+            Role::PasswordMissing => "password required",
+            Role::PasswordWrong => "wrong password",
+            Role::Silent => "timed out",
+            Role::Garbage => "not ESC/VP.net",
+            Role::Drops => "closed the connection",
+        };
+        assert!(
+            detail.contains(expected),
+            "#{i} ({role:?}): {:?}, expected {expected:?}",
+            t.reach
+        );
+        assert!(
+            t.last_contact.is_none() || role == Role::Drops,
+            "#{i}: {t:?}"
+        );
+    }
+    service.stop().await;
+    fleet.shutdown().await;
 }
