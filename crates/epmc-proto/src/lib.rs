@@ -39,6 +39,7 @@
 #![warn(missing_docs)]
 
 pub mod bounded;
+pub mod hex;
 pub mod model;
 pub mod order;
 pub mod release;
