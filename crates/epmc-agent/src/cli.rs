@@ -234,6 +234,10 @@ pub struct EnrollArgs {
     /// Replace an existing enrollment in DIR.
     #[arg(long)]
     pub force: bool,
+    /// The release public key, ed25519:<64 hex> (`epmc-server release keygen` prints it):
+    /// enables signed self-update from this server in agent.toml ([update]).
+    #[arg(long, value_name = "KEY", value_parser = parse_release_key)]
+    pub release_key: Option<epmc_proto::release::ReleasePublicKey>,
     /// Seconds each request to the server may take.
     #[arg(long, value_name = "S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub timeout_s: u64,
@@ -241,6 +245,11 @@ pub struct EnrollArgs {
 
 fn parse_server(s: &str) -> Result<ServerAddress, String> {
     s.parse()
+}
+
+fn parse_release_key(s: &str) -> Result<epmc_proto::release::ReleasePublicKey, String> {
+    s.parse()
+        .map_err(|e: epmc_proto::release::ReleaseError| e.to_string())
 }
 
 fn parse_proxy(s: &str) -> Result<ProxyUrl, String> {
@@ -868,6 +877,7 @@ async fn run_enroll(
     options.force = args.force;
     options.timeout = Duration::from_secs(args.timeout_s);
     options.proxy = args.proxy.map(|url| EnrollProxy { url, credentials });
+    options.release_key = args.release_key;
     match enroll(&options).await {
         Ok(done) => {
             let dir = args.dir.dir.display();
@@ -882,6 +892,13 @@ async fn run_enroll(
                 done.config.display(),
                 done.mqtt
             )?;
+            if options.release_key.is_none() {
+                writeln!(
+                    out,
+                    "self-update is off: enroll with --release-key, or add an [update] section to {}",
+                    done.config.display()
+                )?;
+            }
             writeln!(
                 out,
                 "next: add the projectors to {} ([[target]] sections), check it with `epmc-agent check --config {}`, then start it with `epmc-agent run --dir {dir}`",

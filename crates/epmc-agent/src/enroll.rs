@@ -197,6 +197,9 @@ pub struct EnrollOptions {
     pub force: bool,
     /// Each HTTP request (connection included) must complete within this.
     pub timeout: Duration,
+    /// The release public key (`epmc-server release keygen` prints it): when given, the
+    /// configuration enables signed self-update from this server (`[update]`).
+    pub release_key: Option<epmc_proto::release::ReleasePublicKey>,
 }
 
 impl EnrollOptions {
@@ -210,6 +213,7 @@ impl EnrollOptions {
             proxy: None,
             force: false,
             timeout: Duration::from_secs(30),
+            release_key: None,
         }
     }
 }
@@ -420,7 +424,11 @@ pub async fn enroll(options: &EnrollOptions) -> Result<Enrolled, EnrollError> {
         "mqtts://{}",
         bracket(&options.server.host, answer.mqtt_port)
     );
-    let config = config_text(&mqtt, &agent_id, actual, options.proxy.as_ref());
+    let update = options
+        .release_key
+        .as_ref()
+        .map(|key| (&options.server, key));
+    let config = config_text(&mqtt, &agent_id, actual, options.proxy.as_ref(), update);
     if let Err(e) = AgentConfig::parse(&config) {
         return Err(EnrollError::Argument(format!(
             "the configuration to write is not valid ({e}); nothing was written"
@@ -725,6 +733,7 @@ fn config_text(
     agent_id: &AgentId,
     ca: Fingerprint,
     proxy: Option<&EnrollProxy>,
+    update: Option<(&ServerAddress, &epmc_proto::release::ReleasePublicKey)>,
 ) -> String {
     let mut t = format!(
         "# epmc-agent configuration, written by `epmc-agent enroll`.\n\
@@ -752,6 +761,18 @@ fn config_text(
             t.push_str(&format!("username = {}\n", toml_string(c.username())));
             t.push_str(&format!("password = {}\n", toml_string(c.password())));
         }
+    }
+    if let Some((server, key)) = update {
+        t.push_str(
+            "\n# Signed self-update from the server the agent enrolled with: only releases signed\n\
+             # with this key's private half (kept offline) are installed, never a downgrade.\n\
+             [update]\n",
+        );
+        t.push_str(&format!(
+            "url = {}\npublic_key = {}\n",
+            toml_string(&format!("https://{}", bracket(&server.host, server.port))),
+            toml_string(&key.to_string())
+        ));
     }
     t.push_str(
         "\n# No projectors yet. Add one [[target]] section per projector or range, then check\n\
@@ -952,8 +973,10 @@ mod tests {
             &id,
             Fingerprint([0xab; 32]),
             Some(&proxy),
+            None,
         );
         let c = AgentConfig::parse(&text).unwrap();
+        assert!(c.update.is_none(), "no release key, no [update]");
         assert_eq!(
             (c.server.url.host.as_str(), c.server.url.port),
             ("::1", 8883)
@@ -967,5 +990,23 @@ mod tests {
         assert_eq!((p.host.as_str(), p.port), ("::1", 3128));
         let creds = p.credentials.expect("credentials");
         assert_eq!((creds.username(), creds.password()), ("agent", "p\"w\\d"));
+    }
+
+    #[test]
+    fn a_release_key_enables_self_update_from_the_enrollment_server() {
+        let id = AgentId::parse("6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f").unwrap();
+        let server: ServerAddress = "https://[::1]:8443".parse().unwrap();
+        let key = epmc_proto::release::ReleasePublicKey::new([7; 32]);
+        let text = config_text(
+            "mqtts://[::1]:8883",
+            &id,
+            Fingerprint([0xab; 32]),
+            None,
+            Some((&server, &key)),
+        );
+        let c = AgentConfig::parse(&text).unwrap();
+        let u = c.update.expect("[update] written");
+        assert_eq!((u.url.host.as_str(), u.url.port), ("::1", 8443));
+        assert_eq!(u.public_key, key);
     }
 }

@@ -515,8 +515,9 @@ async fn the_command_line_enrolls_and_explains_failures() {
     assert!(o.starts_with("enrolled as agent "), "{o}");
     assert!(o.contains(&f.fingerprint().to_string()), "{o}");
     assert!(dir.join("agent.toml").is_file());
+    assert!(o.contains("self-update is off"), "{o}");
 
-    // Enrolling again with --force over a directory whose state belongs to the previous
+    // Enrolling again with --force (and a release key, which turns self-update on) over a directory whose state belongs to the previous
     // agent says that `run` will refuse that state.
     std::fs::create_dir_all(dir.join("state")).unwrap();
     std::fs::write(
@@ -536,6 +537,8 @@ async fn the_command_line_enrolls_and_explains_failures() {
             "--dir",
             dir.to_str().unwrap(),
             "--force",
+            "--release-key",
+            &format!("ed25519:{}", "5a".repeat(32)),
         ]),
         &mut o,
         &mut e,
@@ -546,6 +549,14 @@ async fn the_command_line_enrolls_and_explains_failures() {
     assert!(
         o.contains("holds the state of the previous agent 6f1c2d3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f"),
         "{o}"
+    );
+    assert!(!o.contains("self-update is off"), "{o}");
+    let written = epmc_agent::config::AgentConfig::load(&dir.join("agent.toml")).unwrap();
+    let update = written.update.expect("[update] written");
+    assert_eq!(update.url.to_string(), f.server_url());
+    assert_eq!(
+        update.public_key.to_string(),
+        format!("ed25519:{}", "5a".repeat(32))
     );
 
     // The check command accepts what was written.
