@@ -1527,3 +1527,186 @@ async fn concurrent_snapshot_batches_creating_the_same_device_both_store(db: Db)
     assert!(devices.iter().all(|d| d.status.is_some()));
     assert_eq!(s.admin().rejected_count().await.expect("count"), 0);
 }
+
+// ---- database errors: the message's data at fault, or the server's schema --------------------
+
+both!(
+    broken_schema_fails_the_batch_and_rejects_nothing,
+    constraint_violation_rejects_the_message_alone,
+);
+
+/// Runs SQL on the test database through a connection of its own (not the store's pool).
+async fn raw_sql(db: &Db, sql: &str) {
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&db.url)
+        .await
+        .expect("raw connect");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    conn.close().await.expect("close");
+}
+
+fn exception_log(component: &str) -> Message {
+    Message::ExceptionLog(AgentExceptionLog {
+        entries: BoundedVec::new(vec![ExceptionEntry {
+            at: t(1_800_000_000),
+            severity: Severity::Warning,
+            component: component.try_into().expect("name"),
+            message: "projector 10.0.0.5 timed out".try_into().expect("text"),
+        }])
+        .expect("entries"),
+    })
+}
+
+/// A missing column or table is the server's fault, not the message's: the whole batch
+/// fails (nothing committed, nothing acknowledged, nothing kept as rejected) and the same
+/// batch is stored once the schema is repaired.
+async fn broken_schema_fails_the_batch_and_rejects_nothing(db: Db) {
+    let s = &db.store;
+    let (tenant, agent) = tenant_with_agent(s, "acme").await;
+    let batch = vec![
+        item(
+            agent,
+            Channel::Telemetry,
+            json(snapshot("X1", 1_800_000_000, PowerState::On)),
+        ),
+        item(agent, Channel::Events, json(event("X1", 1_800_000_001))),
+        item(agent, Channel::Events, json(exception_log("collector"))),
+    ];
+
+    // A renamed column (a migration gone wrong, or a hand edit).
+    raw_sql(&db, "ALTER TABLE events RENAME COLUMN body TO body_gone").await;
+    match s.ingest().ingest_batch(&batch).await {
+        Err(StoreError::Database(_)) => {}
+        other => panic!("expected the batch to fail, got {other:?}"),
+    }
+    let admin = s.admin();
+    assert_eq!(admin.rejected_count().await.expect("count"), 0);
+    assert!(admin.devices().await.expect("devices").is_empty());
+
+    // A renamed table.
+    raw_sql(&db, "ALTER TABLE events RENAME COLUMN body_gone TO body").await;
+    raw_sql(
+        &db,
+        "ALTER TABLE exception_logs RENAME TO exception_logs_gone",
+    )
+    .await;
+    match s.ingest().ingest_batch(&batch).await {
+        Err(StoreError::Database(_)) => {}
+        other => panic!("expected the batch to fail, got {other:?}"),
+    }
+    assert_eq!(admin.rejected_count().await.expect("count"), 0);
+    assert!(admin.devices().await.expect("devices").is_empty());
+
+    // Repaired: the batch the agent sends again is stored, none of it a duplicate.
+    raw_sql(
+        &db,
+        "ALTER TABLE exception_logs_gone RENAME TO exception_logs",
+    )
+    .await;
+    let out = s.ingest().ingest_batch(&batch).await.expect("batch");
+    assert_eq!(out, vec![IngestOutcome::Stored; 3]);
+    assert_eq!(admin.rejected_count().await.expect("count"), 0);
+    let devices = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(devices.len(), 1);
+    assert_eq!(
+        s.tenant(tenant)
+            .events(devices[0].id, 10)
+            .await
+            .expect("events")
+            .len(),
+        1
+    );
+    assert_eq!(
+        admin
+            .exception_logs(agent, 10)
+            .await
+            .expect("exception logs")
+            .len(),
+        1
+    );
+}
+
+/// A constraint (or, on PostgreSQL, a data exception) refuses one message's data: that message
+/// is rejected and kept, the rest of the batch is stored.
+async fn constraint_violation_rejects_the_message_alone(db: Db) {
+    let s = &db.store;
+    let (tenant, agent) = tenant_with_agent(s, "acme").await;
+    match s.backend() {
+        // RAISE(ABORT) in a trigger is SQLITE_CONSTRAINT_TRIGGER.
+        Backend::Sqlite => {
+            raw_sql(
+                &db,
+                "CREATE TRIGGER no_alarms BEFORE INSERT ON events WHEN NEW.kind = 'alarm' \
+                 BEGIN SELECT RAISE(ABORT, 'alarms refused'); END",
+            )
+            .await
+        }
+        // 23514 check_violation; 22001 string_data_right_truncation.
+        Backend::Postgres => {
+            raw_sql(
+                &db,
+                "ALTER TABLE events ADD CONSTRAINT no_alarms CHECK (kind <> 'alarm'); \
+                 ALTER TABLE exception_logs ALTER COLUMN component TYPE VARCHAR(4)",
+            )
+            .await
+        }
+    }
+    let alarm = json(Message::Event(DeviceEvent {
+        device_id: "X1".try_into().expect("device id"),
+        at: t(1_800_000_002),
+        event: DeviceEventKind::Alarm {
+            alarm: epmc_proto::model::Alarm::LampLid,
+        },
+    }));
+    let mut batch = vec![
+        item(agent, Channel::Events, json(event("X1", 1_800_000_001))),
+        item(agent, Channel::Events, alarm.clone()),
+        item(
+            agent,
+            Channel::Telemetry,
+            json(snapshot("X2", 1_800_000_000, PowerState::On)),
+        ),
+    ];
+    if s.backend() == Backend::Postgres {
+        batch.push(item(
+            agent,
+            Channel::Events,
+            json(exception_log("collector")),
+        ));
+    }
+    let out = s.ingest().ingest_batch(&batch).await.expect("batch");
+    assert_eq!(out[0], IngestOutcome::Stored);
+    assert!(
+        matches!(
+            &out[1],
+            IngestOutcome::Rejected(RejectReason::NotApplicable(_))
+        ),
+        "{:?}",
+        out[1]
+    );
+    assert_eq!(out[2], IngestOutcome::Stored);
+    let admin = s.admin();
+    if s.backend() == Backend::Postgres {
+        assert!(matches!(
+            &out[3],
+            IngestOutcome::Rejected(RejectReason::NotApplicable(_))
+        ));
+        assert_eq!(admin.rejected_count().await.expect("count"), 2);
+    } else {
+        assert_eq!(admin.rejected_count().await.expect("count"), 1);
+    }
+    let rejected = admin.rejected_messages(10).await.expect("rejected");
+    assert!(rejected.iter().any(|r| r.raw == alarm));
+    let devices = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(devices.len(), 2);
+    let x1 = devices.iter().find(|d| d.key == "X1").expect("X1 stored");
+    let events = s.tenant(tenant).events(x1.id, 10).await.expect("events");
+    assert_eq!(
+        events.len(),
+        1,
+        "the alarm's savepoint was rolled back alone"
+    );
+}

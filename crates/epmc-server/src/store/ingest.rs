@@ -243,11 +243,13 @@ impl IngestHandle {
     }
 }
 
-/// Applies one message inside a savepoint, so a message the database refuses is rolled back
-/// alone and rejected. A unique violation means a concurrent writer (another replica) created
-/// the same row first: the savepoint is retried (bounded), and then sees that row. A transient
-/// failure (lock, serialization, connection) fails the whole batch, which is then not
-/// acknowledged and arrives again.
+/// Applies one message inside a savepoint, so a message whose data the database refuses is
+/// rolled back alone and rejected. A unique violation means a concurrent writer (another
+/// replica) created the same row first: the savepoint is retried (bounded), and then sees that
+/// row. Only an error that blames the message's data ([`is_data_error`]: a data exception or
+/// a constraint) rejects it; any other database error (lock, connection, a missing table or
+/// column, a permission, an unknown code) says the server or its schema is broken: it fails
+/// the whole batch, which is then not acknowledged and arrives again once that is fixed.
 async fn apply_isolated(
     tx: &mut AnyConnection,
     backend: Backend,
@@ -279,7 +281,7 @@ async fn apply_isolated(
                 );
             }
             Err(StoreError::Database(sqlx::Error::Database(e)))
-                if !is_transient(backend, e.as_ref()) =>
+                if is_data_error(backend, e.as_ref()) =>
             {
                 sp.rollback().await?;
                 return Ok(IngestOutcome::Rejected(RejectReason::NotApplicable(
@@ -432,7 +434,7 @@ fn falls_back(backend: Backend, e: &StoreError) -> bool {
     match e {
         StoreError::Invalid(_) => true,
         StoreError::Database(sqlx::Error::Database(d)) => {
-            d.is_unique_violation() || !is_transient(backend, d.as_ref())
+            d.is_unique_violation() || is_data_error(backend, d.as_ref())
         }
         _ => false,
     }
@@ -670,21 +672,26 @@ async fn apply_snapshots(
     Ok(outcomes)
 }
 
-/// A database error that says nothing about the message: retrying later may succeed.
-fn is_transient(backend: Backend, e: &dyn sqlx::error::DatabaseError) -> bool {
+/// A database error that blames the data of the message being applied: the message is
+/// rejected (kept, counted, acknowledged) and the rest of the batch goes on. This is a positive
+/// list: every other error, including a code this build does not know, fails the batch, since
+/// acknowledging a message the server could not store for its own reasons would lose it.
+fn is_data_error(backend: Backend, e: &dyn sqlx::error::DatabaseError) -> bool {
     let Some(code) = e.code() else {
-        return true;
+        return false;
     };
     match backend {
-        // SQLite (extended) result codes: BUSY, LOCKED, IOERR, FULL, CANTOPEN.
+        // SQLite (extended) result codes, by their primary code: TOOBIG (18), CONSTRAINT (19,
+        // with its extended codes: NOT NULL, CHECK, UNIQUE, FOREIGN KEY, DATATYPE…), MISMATCH
+        // (20), RANGE (25). Not ERROR (1: no such table or column), READONLY, CORRUPT, NOTADB,
+        // SCHEMA, MISUSE, BUSY, LOCKED, IOERR, FULL…
         Backend::Sqlite => code
             .parse::<u32>()
-            .map_or(true, |n| matches!(n & 0xff, 5 | 6 | 10 | 13 | 14)),
-        // PostgreSQL SQLSTATE classes: connection, transaction rollback (serialization,
-        // deadlock), insufficient resources, operator intervention, system error.
-        Backend::Postgres => ["08", "40", "53", "57", "58"]
-            .iter()
-            .any(|class| code.starts_with(class)),
+            .is_ok_and(|n| matches!(n & 0xff, 18 | 19 | 20 | 25)),
+        // PostgreSQL SQLSTATE classes 22 (data exception: a value out of range, too long, not
+        // encodable) and 23 (integrity constraint violation). Not 42 (syntax error, undefined
+        // table or column, insufficient privilege), 0A, XX, 08, 40, 53, 57, 58…
+        Backend::Postgres => code.len() == 5 && (code.starts_with("22") || code.starts_with("23")),
     }
 }
 
