@@ -1710,3 +1710,171 @@ async fn constraint_violation_rejects_the_message_alone(db: Db) {
         "the alarm's savepoint was rolled back alone"
     );
 }
+
+// ---- order states only move forward, whoever writes first ------------------------------------
+
+both!(order_result_overtaking_the_delivered_mark_is_kept);
+
+async fn new_order(s: &Store, agent: AgentId) -> uuid::Uuid {
+    s.orders()
+        .create(
+            OrderTarget::Agent(agent),
+            &OrderAction::CheckAgentUpdate,
+            "admin",
+            t(now().unix() + 600),
+        )
+        .await
+        .expect("order")
+}
+
+async fn answer(s: &Store, agent: AgentId, order: uuid::Uuid, outcome: OrderOutcome) {
+    let out = s
+        .ingest()
+        .ingest_batch(&[item(agent, Channel::Results, result(order, outcome))])
+        .await
+        .expect("batch");
+    assert_eq!(out, vec![IngestOutcome::Stored]);
+}
+
+/// The agent answers before the dispatcher marks the order delivered (the broker's PUBACK,
+/// or the embedded endpoint's, comes after the agent's result): the result is applied to the
+/// queued order and the late mark moves nothing back. On PostgreSQL the two writes also meet
+/// on the row at the same moment, from two connections, as two replicas would.
+async fn order_result_overtaking_the_delivered_mark_is_kept(db: Db) {
+    let s = &db.store;
+    let (_, agent) = tenant_with_agent(s, "acme").await;
+    let orders = s.orders();
+
+    // accepted, then the late mark, then done.
+    let a = new_order(s, agent).await;
+    answer(s, agent, a, OrderOutcome::Accepted).await;
+    assert!(!orders.mark_delivered(a).await.expect("late mark"));
+    assert!(!orders.requeue(a).await.expect("requeue"));
+    assert_eq!(
+        orders.get(a).await.expect("get").state,
+        OrderState::Accepted
+    );
+    answer(s, agent, a, OrderOutcome::Done).await;
+    assert!(!orders.mark_delivered(a).await.expect("late mark"));
+    assert_eq!(orders.get(a).await.expect("get").state, OrderState::Done);
+
+    // done straight from queued, then the late mark.
+    let b = new_order(s, agent).await;
+    answer(s, agent, b, OrderOutcome::Done).await;
+    assert!(!orders.mark_delivered(b).await.expect("late mark"));
+    let record = orders.get(b).await.expect("get");
+    assert_eq!(record.state, OrderState::Done);
+    assert_eq!(
+        record.result.as_ref().and_then(|r| r["outcome"].as_str()),
+        Some("done")
+    );
+    // Nothing goes back to the queue.
+    assert!(
+        orders
+            .queued_for_agent(agent, now())
+            .await
+            .expect("queued")
+            .is_empty()
+    );
+
+    if s.backend() != Backend::Postgres {
+        return;
+    }
+    // Both writers read the order as queued, then wait on its row (held by a third
+    // connection); the mark is first in line, the result second. Whatever order the row
+    // is granted in, the order must end accepted.
+    let c = new_order(s, agent).await;
+    sqlx::any::install_default_drivers();
+    let mut holder = sqlx::AnyConnection::connect(&db.url)
+        .await
+        .expect("raw connect");
+    sqlx::raw_sql("BEGIN")
+        .execute(&mut holder)
+        .await
+        .expect("begin");
+    sqlx::query("SELECT state FROM orders WHERE id = $1 FOR UPDATE")
+        .bind(c.to_string())
+        .fetch_one(&mut holder)
+        .await
+        .expect("lock the row");
+    let holder_pid: i32 = sqlx::Row::try_get(
+        &sqlx::query("SELECT pg_backend_pid()")
+            .fetch_one(&mut holder)
+            .await
+            .expect("pid"),
+        0,
+    )
+    .expect("pid");
+    let mut watcher = sqlx::AnyConnection::connect(&db.url)
+        .await
+        .expect("raw connect");
+    // The backends waiting on `pids` (directly, or behind another waiter), once there are `n`.
+    async fn wait_for_waiters(
+        watcher: &mut sqlx::AnyConnection,
+        pids: &[i32],
+        n: usize,
+    ) -> Vec<i32> {
+        let list = pids
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT pid FROM pg_stat_activity WHERE pg_blocking_pids(pid) && ARRAY[{list}]::int[]"
+        );
+        for _ in 0..1000 {
+            let waiting: Vec<i32> = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .fetch_all(&mut *watcher)
+                .await
+                .expect("blocked")
+                .iter()
+                .map(|r| sqlx::Row::try_get(r, 0).expect("pid"))
+                .collect();
+            if waiting.len() >= n {
+                return waiting;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{n} writers never waited on the order's row");
+    }
+    let mark = tokio::spawn({
+        let orders = s.orders();
+        async move { orders.mark_delivered(c).await }
+    });
+    let first = wait_for_waiters(&mut watcher, &[holder_pid], 1).await;
+    let answered = tokio::spawn({
+        let s = s.clone();
+        async move {
+            s.ingest()
+                .ingest_batch(&[item(
+                    agent,
+                    Channel::Results,
+                    result(c, OrderOutcome::Accepted),
+                )])
+                .await
+        }
+    });
+    let mut both = first.clone();
+    both.push(holder_pid);
+    wait_for_waiters(&mut watcher, &both, 2).await;
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut holder)
+        .await
+        .expect("commit");
+    let marked = mark.await.expect("join").expect("mark");
+    let out = answered.await.expect("join").expect("batch");
+    assert_eq!(out, vec![IngestOutcome::Stored]);
+    assert!(marked, "the mark was first in line");
+    let record = orders.get(c).await.expect("get");
+    assert_eq!(
+        record.state,
+        OrderState::Accepted,
+        "the result was not lost"
+    );
+    assert_eq!(
+        record.result.as_ref().and_then(|r| r["outcome"].as_str()),
+        Some("accepted")
+    );
+    holder.close().await.expect("close");
+    watcher.close().await.expect("close");
+}

@@ -1050,6 +1050,17 @@ async fn order_result(
     r: &OrderResult,
     now: i64,
 ) -> Result<IngestOutcome, StoreError> {
+    let target = match r.outcome {
+        OrderOutcome::Accepted => OrderState::Accepted,
+        OrderOutcome::Done => OrderState::Done,
+        OrderOutcome::Failed { .. } => OrderState::Failed,
+    };
+    // One conditional update (never read then write): a result that overtook the
+    // dispatcher's `delivered` mark is applied, a late mark then changes nothing.
+    let result = Some(json(r)?);
+    if super::orders::advance(conn, r.order_id, Some(agent), target, result, now).await? {
+        return Ok(IngestOutcome::Stored);
+    }
     let row = sqlx::query("SELECT state FROM orders WHERE id = $1 AND agent_id = $2")
         .bind(r.order_id.to_string())
         .bind(agent.to_string())
@@ -1059,15 +1070,6 @@ async fn order_result(
         return Ok(IngestOutcome::Rejected(RejectReason::UnknownOrder));
     };
     let current = OrderState::parse(&row.try_get::<String, _>(0)?)?;
-    let target = match r.outcome {
-        OrderOutcome::Accepted => OrderState::Accepted,
-        OrderOutcome::Done => OrderState::Done,
-        OrderOutcome::Failed { .. } => OrderState::Failed,
-    };
-    if current.may_become(target) {
-        super::orders::set_state(conn, r.order_id, current, target, Some(json(r)?), now).await?;
-    } else {
-        tracing::debug!(order = %r.order_id, from = current.as_str(), to = target.as_str(), "stale order result ignored");
-    }
+    tracing::debug!(order = %r.order_id, from = current.as_str(), to = target.as_str(), "stale order result ignored");
     Ok(IngestOutcome::Stored)
 }
