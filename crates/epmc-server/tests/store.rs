@@ -1878,3 +1878,155 @@ async fn order_result_overtaking_the_delivered_mark_is_kept(db: Db) {
     holder.close().await.expect("close");
     watcher.close().await.expect("close");
 }
+
+// ---- accounts ----------------------------------------------------------------------------------
+
+both!(accounts_store_only_hashes_and_verify_their_passwords);
+
+async fn accounts_store_only_hashes_and_verify_their_passwords(db: Db) {
+    use epmc_server::store::{AccountRole, FIRST_ADMIN};
+    let s = &db.store;
+    let accounts = s.accounts();
+    assert!(accounts.list().await.expect("list").is_empty());
+
+    // The first admin: once.
+    let first = accounts
+        .create_first_admin()
+        .await
+        .expect("first admin")
+        .expect("created");
+    assert!(
+        accounts
+            .create_first_admin()
+            .await
+            .expect("again")
+            .is_none(),
+        "a second call changes nothing"
+    );
+    let admin = accounts
+        .verify(FIRST_ADMIN, first.expose())
+        .await
+        .expect("verify")
+        .expect("the password verifies");
+    assert_eq!(admin.role, AccountRole::Admin);
+    assert!(
+        accounts
+            .verify(FIRST_ADMIN, "not-the-password")
+            .await
+            .expect("verify")
+            .is_none()
+    );
+    assert!(
+        accounts
+            .verify(FIRST_ADMIN, &first.expose()[1..])
+            .await
+            .expect("verify")
+            .is_none()
+    );
+    assert!(
+        accounts
+            .verify("nobody", first.expose())
+            .await
+            .expect("verify")
+            .is_none()
+    );
+
+    // A tenant user; its tenant must exist, its name must be free and well formed.
+    let (tenant, _) = tenant_with_agent(s, "acme").await;
+    let alice = accounts
+        .create("alice", AccountRole::Tenant(tenant))
+        .await
+        .expect("alice");
+    assert_ne!(alice, first);
+    assert!(matches!(
+        accounts.create("alice", AccountRole::Admin).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        accounts
+            .create(
+                "bob",
+                AccountRole::Tenant(TenantId::new(uuid::Uuid::new_v4()))
+            )
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    for bad in ["", "a b", "x'--", &"n".repeat(65)] {
+        assert!(
+            matches!(
+                accounts.create(bad, AccountRole::Admin).await,
+                Err(StoreError::Invalid(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    let alice_account = accounts
+        .verify("alice", alice.expose())
+        .await
+        .expect("verify")
+        .expect("alice's password verifies");
+    assert_eq!(alice_account.role, AccountRole::Tenant(tenant));
+    assert!(
+        accounts
+            .verify("alice", first.expose())
+            .await
+            .expect("verify")
+            .is_none(),
+        "another account's password"
+    );
+    let names: Vec<String> = accounts
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    assert_eq!(names, ["admin", "alice"]);
+
+    // A new password replaces the old one.
+    let renewed = accounts.set_password("alice").await.expect("passwd");
+    assert!(
+        accounts
+            .verify("alice", alice.expose())
+            .await
+            .expect("verify")
+            .is_none()
+    );
+    assert!(
+        accounts
+            .verify("alice", renewed.expose())
+            .await
+            .expect("verify")
+            .is_some()
+    );
+    assert!(matches!(
+        accounts.set_password("nobody").await,
+        Err(StoreError::NotFound)
+    ));
+
+    // Stored as argon2id hashes only: no password in clear in the table.
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&db.url)
+        .await
+        .expect("raw connect");
+    let hashes: Vec<String> = sqlx::query("SELECT password_hash FROM accounts ORDER BY name")
+        .fetch_all(&mut conn)
+        .await
+        .expect("hashes")
+        .iter()
+        .map(|r| sqlx::Row::try_get(r, 0).expect("hash"))
+        .collect();
+    conn.close().await.expect("close");
+    assert_eq!(hashes.len(), 2);
+    for h in &hashes {
+        assert!(h.starts_with("$argon2id$v=19$"), "{h}");
+        for p in [&first, &alice, &renewed] {
+            assert!(!h.contains(p.expose()));
+        }
+    }
+    assert_ne!(
+        hashes[0].split('$').nth(4),
+        hashes[1].split('$').nth(4),
+        "each hash has its own salt"
+    );
+}
