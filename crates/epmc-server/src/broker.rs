@@ -16,7 +16,10 @@
 //!   while it is offline.
 //! - The replica connects with a client certificate its own CA issues at each connection
 //!   (CN [`BrokerConfig::client_id`], which the broker's ACL names) and trusts only that CA
-//!   for the broker's certificate.
+//!   for the broker's certificate. Each such certificate is recorded in the store before it
+//!   is used (`AdminHandle::record_service_certificate`), so revocation (the CRL) and listing
+//!   cover it as they cover agents' certificates; when it cannot be recorded the replica
+//!   does not connect.
 //!
 //! The broker enforces identity and topic rules itself (client certificates, CN as client
 //! id, per-agent ACL, the CRL the server writes, see [`write_crl`]); it does not tell the
@@ -28,6 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use epmc_proto::bounded::Timestamp;
 use epmc_proto::topic::{self, AgentId, Channel};
 use epmc_transport::ReceivedOrder;
 use epmc_transport::client::{MqttClient, MqttOptions, PendingAck, ServerTrust, TlsIdentity};
@@ -35,8 +39,9 @@ use epmc_transport::mqtt::QoS;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
-use crate::ca::CertificateAuthority;
+use crate::ca::{CertSerial, CertificateAuthority};
 use crate::ingest::{Inbound, IngestSink};
+use crate::store::Store;
 
 /// The agent → server channels a replica subscribes to.
 pub const CONSUMED: [Channel; 5] = [
@@ -229,6 +234,7 @@ pub(crate) fn start(
     config: BrokerConfig,
     ca: Arc<CertificateAuthority>,
     sink: Arc<dyn IngestSink>,
+    store: Store,
     stop: watch::Receiver<bool>,
 ) -> (BrokerLink, tokio::task::JoinHandle<()>) {
     let (client_tx, client_rx) = watch::channel(None);
@@ -237,7 +243,7 @@ pub(crate) fn start(
         client: client_rx,
         counters: counters.clone(),
     };
-    let task = tokio::spawn(run(config, ca, sink, client_tx, counters, stop));
+    let task = tokio::spawn(run(config, ca, sink, store, client_tx, counters, stop));
     (link, task)
 }
 
@@ -245,6 +251,7 @@ async fn run(
     config: BrokerConfig,
     ca: Arc<CertificateAuthority>,
     sink: Arc<dyn IngestSink>,
+    store: Store,
     client_tx: watch::Sender<Option<MqttClient>>,
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
@@ -254,7 +261,7 @@ async fn run(
         if *stop.borrow() {
             return;
         }
-        match connect(&config, &ca).await {
+        match connect(&config, &ca, &store).await {
             Ok((client, rx)) => {
                 backoff = Duration::from_millis(100);
                 counters.connections.fetch_add(1, Ordering::Relaxed);
@@ -286,6 +293,7 @@ async fn run(
 async fn connect(
     config: &BrokerConfig,
     ca: &CertificateAuthority,
+    store: &Store,
 ) -> Result<(MqttClient, mpsc::Receiver<ReceivedOrder>), String> {
     let issued = ca
         .issue_service_client(
@@ -294,6 +302,13 @@ async fn connect(
             OffsetDateTime::now_utc(),
         )
         .map_err(|e| e.to_string())?;
+    let (serial, not_after) = serial_and_expiry(&issued.cert_pem)?;
+    store
+        .admin()
+        .record_service_certificate(&config.client_id, &serial.to_hex(), not_after)
+        .await
+        .map_err(|e| format!("recording this replica's certificate: {e}"))?;
+    tracing::debug!(serial = %serial, client_id = %config.client_id, "replica certificate issued and recorded");
     let tls = TlsIdentity::new(
         ServerTrust::Pinned(ca.cert_pem().as_bytes()),
         issued.cert_pem.as_bytes(),
@@ -322,6 +337,20 @@ async fn connect(
         return Err(format!("the broker refused the subscription {f:?}"));
     }
     Ok((client, rx))
+}
+
+/// The serial and expiry of a certificate (PEM) this replica issued itself.
+fn serial_and_expiry(cert_pem: &str) -> Result<(CertSerial, Timestamp), String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| format!("the replica's certificate: {e}"))?;
+    let (_, cert) =
+        X509Certificate::from_der(&der).map_err(|e| format!("the replica's certificate: {e}"))?;
+    let not_after = Timestamp::from_unix(cert.validity().not_after.timestamp())
+        .map_err(|e| format!("the replica's certificate expiry: {e}"))?;
+    Ok((CertSerial::from_der_bytes(cert.raw_serial()), not_after))
 }
 
 enum Ended {
@@ -494,6 +523,27 @@ mod tests {
             c.shared_filter(Channel::Telemetry),
             "$share/epmc/epmc/v1/agents/+/telemetry"
         );
+    }
+
+    #[test]
+    fn a_replica_certificate_is_recorded_by_its_own_serial_and_expiry() {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let now = OffsetDateTime::now_utc();
+        let ca = CertificateAuthority::generate("test CA", now).unwrap();
+        let issued = ca
+            .issue_service_client("epmc-server-1", time::Duration::days(7), now)
+            .unwrap();
+        let (serial, not_after) = super::serial_and_expiry(&issued.cert_pem).unwrap();
+        let der =
+            rustls::pki_types::CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        let (_, cert) = X509Certificate::from_der(der.as_ref()).unwrap();
+        assert_eq!(serial.as_bytes(), cert.raw_serial());
+        assert_eq!(serial.to_hex().len(), 32);
+        assert_eq!(
+            not_after.unix(),
+            (now + time::Duration::days(7)).unix_timestamp()
+        );
+        assert!(super::serial_and_expiry("not a certificate").is_err());
     }
 
     #[test]

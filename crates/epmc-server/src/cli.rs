@@ -9,7 +9,9 @@ use crate::broker::BrokerConfig;
 use crate::ca::{CertSerial, EnrollmentToken, RevokedCert};
 use crate::datadir::{self, InitOutcome};
 use crate::server::{ServeConfig, Server};
-use crate::store::{AccountRole, OrderState, OrderTarget, Store, StoreOptions, TenantId};
+use crate::store::{
+    AccountRole, OrderState, OrderTarget, Store, StoreError, StoreOptions, TenantId,
+};
 use clap::{Parser, Subcommand};
 use epmc_proto::bounded::Timestamp;
 use epmc_proto::order::OrderAction;
@@ -100,6 +102,11 @@ pub enum Command {
         #[command(subcommand)]
         command: AgentCommand,
     },
+    /// The client certificates server replicas issued themselves for the broker (scale mode).
+    Replica {
+        #[command(subcommand)]
+        command: ReplicaCommand,
+    },
     /// Accounts of people (the portal logs in with them): admins and tenants' users.
     Account {
         #[command(subcommand)]
@@ -174,6 +181,24 @@ pub enum AgentCommand {
     Revoke {
         /// The agent id.
         id: String,
+        /// Why (recorded).
+        #[arg(long, default_value = "revoked by the operator")]
+        reason: String,
+    },
+}
+
+/// Subcommands of `replica`.
+#[derive(Subcommand)]
+pub enum ReplicaCommand {
+    /// Lists the certificates replicas issued themselves: serial, name, issued, expires,
+    /// revoked.
+    List,
+    /// Revokes every certificate issued so far to a replica (e.g. a leaked key); `crl` and a
+    /// running replica's CRL file then list them. A running replica issues itself a new one
+    /// at its next connection.
+    Revoke {
+        /// The replica's name (its --broker-client-id).
+        name: String,
         /// Why (recorded).
         #[arg(long, default_value = "revoked by the operator")]
         reason: String,
@@ -545,6 +570,43 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             }
             store.close().await;
             Ok(())
+        }
+        Command::Replica { command } => {
+            let store = open_store(&cli).await?;
+            let admin = store.admin();
+            let result = match command {
+                ReplicaCommand::List => admin
+                    .service_certificates()
+                    .await
+                    .map_err(|e| e.to_string())
+                    .map(|list| {
+                    for c in list {
+                        println!(
+                            "{}\t{}\t{}\t{}\t{}",
+                            c.serial,
+                            c.name,
+                            fmt_ts(c.issued_at),
+                            fmt_ts(c.not_after),
+                            c.revoked_at.map(fmt_ts).unwrap_or("-".into())
+                        );
+                    }
+                }),
+                ReplicaCommand::Revoke { name, reason } => admin
+                    .revoke_service(name, reason)
+                    .await
+                    .map_err(|e| match e {
+                        StoreError::NotFound => format!("no certificate was ever issued to {name:?} (see `replica list`)"),
+                        e => e.to_string(),
+                    })
+                    .map(|serials| {
+                        println!(
+                            "revoked {} certificate(s) of replica {name}; write the broker's CRL (`crl`) or let a running replica rewrite it",
+                            serials.len()
+                        );
+                    }),
+            };
+            store.close().await;
+            result.map_err(|e| format!("replica: {e}"))
         }
         Command::Account { command } => {
             let store = open_store(&cli).await?;

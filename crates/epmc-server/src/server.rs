@@ -362,8 +362,13 @@ impl Server {
                 if let Some(path) = &broker_config.crl_file {
                     pki.write_crl(&revoked, path)?;
                 }
-                let (link, task) =
-                    broker::start(broker_config.clone(), pki.ca.clone(), sink, stop_rx.clone());
+                let (link, task) = broker::start(
+                    broker_config.clone(),
+                    pki.ca.clone(),
+                    sink,
+                    store.clone(),
+                    stop_rx.clone(),
+                );
                 tasks.push(task);
                 (
                     Outlet::Broker(link.clone()),

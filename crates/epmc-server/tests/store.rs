@@ -2030,3 +2030,96 @@ async fn accounts_store_only_hashes_and_verify_their_passwords(db: Db) {
         "each hash has its own salt"
     );
 }
+
+// ---- certificates server replicas issue themselves ---------------------------------------------
+
+both!(replica_certificates_are_listed_and_revoked_like_agents);
+
+async fn replica_certificates_are_listed_and_revoked_like_agents(db: Db) {
+    let s = &db.store;
+    let admin = s.admin();
+    let (_, agent) = tenant_with_agent(s, "acme").await;
+    let later = t(now().unix() + 7 * 86_400);
+    admin
+        .record_certificate(agent, "41aa", later)
+        .await
+        .expect("agent certificate");
+    admin
+        .record_service_certificate("epmc-server-1", "42bb", later)
+        .await
+        .expect("replica certificate");
+    admin
+        .record_service_certificate("epmc-server-1", "43cc", later)
+        .await
+        .expect("its next connection's");
+    admin
+        .record_service_certificate("epmc-server-2", "44dd", later)
+        .await
+        .expect("another replica's");
+    assert!(matches!(
+        admin
+            .record_service_certificate("epmc-server-2", "44dd", later)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let listed = admin.service_certificates().await.expect("list");
+    let mut serials: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|c| (c.serial.as_str(), c.name.as_str()))
+        .collect();
+    serials.sort_unstable();
+    assert_eq!(
+        serials,
+        [
+            ("42bb", "epmc-server-1"),
+            ("43cc", "epmc-server-1"),
+            ("44dd", "epmc-server-2")
+        ]
+    );
+    assert!(
+        listed
+            .iter()
+            .all(|c| c.revoked_at.is_none() && c.not_after == later)
+    );
+    assert!(admin.revoked_serials().await.expect("revoked").is_empty());
+
+    let revoked = admin
+        .revoke_service("epmc-server-1", "key leaked")
+        .await
+        .expect("revoke");
+    assert_eq!(revoked.len(), 2);
+    assert!(matches!(
+        admin.revoke_service("epmc-server-9", "x").await,
+        Err(StoreError::NotFound)
+    ));
+    admin
+        .revoke_agent(agent, "gone")
+        .await
+        .expect("revoke agent");
+    // One list for the CRL: the agents' and the replicas' revoked serials.
+    assert_eq!(
+        admin.revoked_serials().await.expect("revoked"),
+        ["41aa", "42bb", "43cc"]
+    );
+    let ingest = s.ingest();
+    assert!(
+        ingest
+            .is_certificate_revoked("42bb")
+            .await
+            .expect("revoked?")
+    );
+    assert!(
+        ingest
+            .is_certificate_revoked("41aa")
+            .await
+            .expect("revoked?")
+    );
+    assert!(
+        !ingest
+            .is_certificate_revoked("44dd")
+            .await
+            .expect("revoked?")
+    );
+    let listed = admin.service_certificates().await.expect("list");
+    assert_eq!(listed.iter().filter(|c| c.revoked_at.is_some()).count(), 2);
+}

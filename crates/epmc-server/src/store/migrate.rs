@@ -28,10 +28,16 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0002_accounts.sql"),
         postgres: include_str!("../../migrations/postgres/0002_accounts.sql"),
     },
+    Migration {
+        version: 3,
+        description: "service certificates",
+        sqlite: include_str!("../../migrations/sqlite/0003_service_certificates.sql"),
+        postgres: include_str!("../../migrations/postgres/0003_service_certificates.sql"),
+    },
 ];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS epmc_schema_version (
     version BIGINT PRIMARY KEY,
