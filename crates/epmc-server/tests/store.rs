@@ -1644,12 +1644,14 @@ async fn constraint_violation_rejects_the_message_alone(db: Db) {
             )
             .await
         }
-        // 23514 check_violation; 22001 string_data_right_truncation.
+        // 23514 check_violation; 22001 string_data_right_truncation; 54000
+        // program_limit_exceeded (an index row larger than a btree page allows).
         Backend::Postgres => {
             raw_sql(
                 &db,
                 "ALTER TABLE events ADD CONSTRAINT no_alarms CHECK (kind <> 'alarm'); \
-                 ALTER TABLE exception_logs ALTER COLUMN component TYPE VARCHAR(4)",
+                 ALTER TABLE exception_logs ALTER COLUMN component TYPE VARCHAR(4); \
+                 CREATE INDEX exception_logs_message ON exception_logs (message)",
             )
             .await
         }
@@ -1676,6 +1678,24 @@ async fn constraint_violation_rejects_the_message_alone(db: Db) {
             Channel::Events,
             json(exception_log("collector")),
         ));
+        // 1,000 four-byte characters that do not compress: about 4,000 bytes in the index.
+        let huge: String = (0..1000u32)
+            .map(|i| char::from_u32(0x1_F300 + (i * 7919) % 700).expect("char"))
+            .collect();
+        batch.push(item(
+            agent,
+            Channel::Events,
+            json(Message::ExceptionLog(AgentExceptionLog {
+                entries: BoundedVec::new(vec![ExceptionEntry {
+                    at: t(1_800_000_000),
+                    severity: Severity::Error,
+                    component: "io".try_into().expect("name"),
+                    message: huge.as_str().try_into().expect("text"),
+                }])
+                .expect("entries"),
+            })),
+        ));
+        batch.push(item(agent, Channel::Events, json(exception_log("ok"))));
     }
     let out = s.ingest().ingest_batch(&batch).await.expect("batch");
     assert_eq!(out[0], IngestOutcome::Stored);
@@ -1690,11 +1710,25 @@ async fn constraint_violation_rejects_the_message_alone(db: Db) {
     assert_eq!(out[2], IngestOutcome::Stored);
     let admin = s.admin();
     if s.backend() == Backend::Postgres {
-        assert!(matches!(
-            &out[3],
-            IngestOutcome::Rejected(RejectReason::NotApplicable(_))
-        ));
-        assert_eq!(admin.rejected_count().await.expect("count"), 2);
+        for rejected in &out[3..5] {
+            assert!(
+                matches!(
+                    rejected,
+                    IngestOutcome::Rejected(RejectReason::NotApplicable(_))
+                ),
+                "{rejected:?}"
+            );
+        }
+        assert_eq!(out[5], IngestOutcome::Stored);
+        assert_eq!(admin.rejected_count().await.expect("count"), 3);
+        assert_eq!(
+            admin
+                .exception_logs(agent, 10)
+                .await
+                .expect("exception logs")
+                .len(),
+            1
+        );
     } else {
         assert_eq!(admin.rejected_count().await.expect("count"), 1);
     }

@@ -689,9 +689,13 @@ fn is_data_error(backend: Backend, e: &dyn sqlx::error::DatabaseError) -> bool {
             .parse::<u32>()
             .is_ok_and(|n| matches!(n & 0xff, 18 | 19 | 20 | 25)),
         // PostgreSQL SQLSTATE classes 22 (data exception: a value out of range, too long, not
-        // encodable) and 23 (integrity constraint violation). Not 42 (syntax error, undefined
-        // table or column, insufficient privilege), 0A, XX, 08, 40, 53, 57, 58…
-        Backend::Postgres => code.len() == 5 && (code.starts_with("22") || code.starts_with("23")),
+        // encodable) and 23 (integrity constraint violation), and 54000 (a value too large for
+        // a limit, e.g. an index row: SQLite's TOOBIG; not the rest of class 54, which blames
+        // the statement). Not 42 (syntax error, undefined table or column, insufficient
+        // privilege), 0A, XX, 08, 40, 53, 57, 58…
+        Backend::Postgres => {
+            code.len() == 5 && (code.starts_with("22") || code.starts_with("23") || code == "54000")
+        }
     }
 }
 
