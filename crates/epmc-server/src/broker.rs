@@ -14,9 +14,13 @@
 //! - Orders are published on the agent's order topic at QoS 1
 //!   ([`BrokerLink::send_order`]); the broker keeps them in the agent's persistent session
 //!   while it is offline.
-//! - The replica connects with a client certificate its own CA issues at each connection
+//! - The replica connects with a client certificate its own CA issues it
 //!   (CN [`BrokerConfig::client_id`], which the broker's ACL names) and trusts only that CA
-//!   for the broker's certificate.
+//!   for the broker's certificate. Each such certificate is recorded in the store before it
+//!   is used (`AdminHandle::record_service_certificate`), so revocation (the CRL) and listing
+//!   cover it as they cover agents' certificates; when it cannot be recorded the replica
+//!   does not connect. It is reused for the next connections until a day before it expires
+//!   or until it is revoked (`replica revoke`), then replaced by a new one (new key).
 //!
 //! The broker enforces identity and topic rules itself (client certificates, CN as client
 //! id, per-agent ACL, the CRL the server writes, see [`write_crl`]); it does not tell the
@@ -28,6 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use epmc_proto::bounded::Timestamp;
 use epmc_proto::topic::{self, AgentId, Channel};
 use epmc_transport::ReceivedOrder;
 use epmc_transport::client::{MqttClient, MqttOptions, PendingAck, ServerTrust, TlsIdentity};
@@ -35,8 +40,9 @@ use epmc_transport::mqtt::QoS;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
-use crate::ca::CertificateAuthority;
+use crate::ca::{CertSerial, CertificateAuthority};
 use crate::ingest::{Inbound, IngestSink};
+use crate::store::Store;
 
 /// The agent → server channels a replica subscribes to.
 pub const CONSUMED: [Channel; 5] = [
@@ -229,6 +235,7 @@ pub(crate) fn start(
     config: BrokerConfig,
     ca: Arc<CertificateAuthority>,
     sink: Arc<dyn IngestSink>,
+    store: Store,
     stop: watch::Receiver<bool>,
 ) -> (BrokerLink, tokio::task::JoinHandle<()>) {
     let (client_tx, client_rx) = watch::channel(None);
@@ -237,7 +244,7 @@ pub(crate) fn start(
         client: client_rx,
         counters: counters.clone(),
     };
-    let task = tokio::spawn(run(config, ca, sink, client_tx, counters, stop));
+    let task = tokio::spawn(run(config, ca, sink, store, client_tx, counters, stop));
     (link, task)
 }
 
@@ -245,16 +252,18 @@ async fn run(
     config: BrokerConfig,
     ca: Arc<CertificateAuthority>,
     sink: Arc<dyn IngestSink>,
+    store: Store,
     client_tx: watch::Sender<Option<MqttClient>>,
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut issued: Option<Issued> = None;
     loop {
         if *stop.borrow() {
             return;
         }
-        match connect(&config, &ca).await {
+        match connect(&config, &ca, &store, &mut issued).await {
             Ok((client, rx)) => {
                 backoff = Duration::from_millis(100);
                 counters.connections.fetch_add(1, Ordering::Relaxed);
@@ -283,21 +292,73 @@ async fn run(
     }
 }
 
+/// The client certificate this replica presents to the broker, with its serial and expiry.
+struct Issued {
+    cert: crate::ca::ServerCertificate,
+    serial: CertSerial,
+    not_after: Timestamp,
+}
+
+/// A certificate is replaced when it has less than this left.
+const CLIENT_CERT_RENEW_BEFORE: time::Duration = time::Duration::days(1);
+
+/// The certificate to connect with: `current` while it has more than a day left and is not
+/// revoked, otherwise a new one (new key), recorded in the store before it is used. Reusing
+/// it keeps a replica that cannot reach its broker from recording one certificate per attempt.
+async fn identity<'a>(
+    config: &BrokerConfig,
+    ca: &CertificateAuthority,
+    store: &Store,
+    current: &'a mut Option<Issued>,
+) -> Result<&'a Issued, String> {
+    let now = OffsetDateTime::now_utc();
+    let keep = match current.as_ref() {
+        Some(c)
+            if c.not_after.unix() - now.unix_timestamp()
+                > CLIENT_CERT_RENEW_BEFORE.whole_seconds() =>
+        {
+            !store
+                .ingest()
+                .is_certificate_revoked(&c.serial.to_hex())
+                .await
+                .map_err(|e| format!("checking this replica's certificate: {e}"))?
+        }
+        _ => false,
+    };
+    if !keep {
+        *current = None;
+        let cert = ca
+            .issue_service_client(&config.client_id, CLIENT_CERT_VALIDITY, now)
+            .map_err(|e| e.to_string())?;
+        let (serial, not_after) = serial_and_expiry(&cert.cert_pem)?;
+        store
+            .admin()
+            .record_service_certificate(&config.client_id, &serial.to_hex(), not_after)
+            .await
+            .map_err(|e| format!("recording this replica's certificate: {e}"))?;
+        tracing::debug!(serial = %serial, client_id = %config.client_id, "replica certificate issued and recorded");
+        *current = Some(Issued {
+            cert,
+            serial,
+            not_after,
+        });
+    }
+    current
+        .as_ref()
+        .ok_or_else(|| "no replica certificate".to_owned())
+}
+
 async fn connect(
     config: &BrokerConfig,
     ca: &CertificateAuthority,
+    store: &Store,
+    current: &mut Option<Issued>,
 ) -> Result<(MqttClient, mpsc::Receiver<ReceivedOrder>), String> {
-    let issued = ca
-        .issue_service_client(
-            &config.client_id,
-            CLIENT_CERT_VALIDITY,
-            OffsetDateTime::now_utc(),
-        )
-        .map_err(|e| e.to_string())?;
+    let issued = identity(config, ca, store, current).await?;
     let tls = TlsIdentity::new(
         ServerTrust::Pinned(ca.cert_pem().as_bytes()),
-        issued.cert_pem.as_bytes(),
-        issued.key_pem.as_bytes(),
+        issued.cert.cert_pem.as_bytes(),
+        issued.cert.key_pem.as_bytes(),
     )
     .map_err(|e| e.to_string())?;
     let addr = tokio::net::lookup_host((config.host.as_str(), config.port))
@@ -322,6 +383,20 @@ async fn connect(
         return Err(format!("the broker refused the subscription {f:?}"));
     }
     Ok((client, rx))
+}
+
+/// The serial and expiry of a certificate (PEM) this replica issued itself.
+fn serial_and_expiry(cert_pem: &str) -> Result<(CertSerial, Timestamp), String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| format!("the replica's certificate: {e}"))?;
+    let (_, cert) =
+        X509Certificate::from_der(&der).map_err(|e| format!("the replica's certificate: {e}"))?;
+    let not_after = Timestamp::from_unix(cert.validity().not_after.timestamp())
+        .map_err(|e| format!("the replica's certificate expiry: {e}"))?;
+    Ok((CertSerial::from_der_bytes(cert.raw_serial()), not_after))
 }
 
 enum Ended {
@@ -494,6 +569,89 @@ mod tests {
             c.shared_filter(Channel::Telemetry),
             "$share/epmc/epmc/v1/agents/+/telemetry"
         );
+    }
+
+    #[tokio::test]
+    async fn a_replica_reuses_its_certificate_until_revoked_or_near_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_data_dir(dir.path(), crate::store::StoreOptions::default())
+            .await
+            .unwrap();
+        let ca = CertificateAuthority::generate("test CA", OffsetDateTime::now_utc()).unwrap();
+        let mut config = BrokerConfig::from_url("mqtts://127.0.0.1:1").unwrap();
+        config.client_id = "epmc-server-1".into();
+        let admin = store.admin();
+        let mut current = None;
+
+        let first = identity(&config, &ca, &store, &mut current)
+            .await
+            .unwrap()
+            .serial
+            .clone();
+        let again = identity(&config, &ca, &store, &mut current)
+            .await
+            .unwrap()
+            .serial
+            .clone();
+        assert_eq!(first, again, "reused while valid and not revoked");
+        let recorded = admin.service_certificates().await.unwrap();
+        assert_eq!(recorded.len(), 1);
+        assert_eq!(recorded[0].serial, first.to_hex());
+        assert_eq!(recorded[0].name, "epmc-server-1");
+
+        // Revoked (a leaked key): the next connection uses a new, recorded certificate.
+        admin
+            .revoke_service("epmc-server-1", "leaked")
+            .await
+            .unwrap();
+        let second = identity(&config, &ca, &store, &mut current)
+            .await
+            .unwrap()
+            .serial
+            .clone();
+        assert_ne!(second, first);
+        let recorded = admin.service_certificates().await.unwrap();
+        assert_eq!(recorded.len(), 2);
+        assert!(
+            recorded
+                .iter()
+                .any(|c| c.serial == second.to_hex() && c.revoked_at.is_none())
+        );
+
+        // Less than a day left: replaced.
+        if let Some(c) = current.as_mut() {
+            c.not_after =
+                Timestamp::from_unix(OffsetDateTime::now_utc().unix_timestamp() + 3600).unwrap();
+        }
+        let third = identity(&config, &ca, &store, &mut current)
+            .await
+            .unwrap()
+            .serial
+            .clone();
+        assert_ne!(third, second);
+        assert_eq!(admin.service_certificates().await.unwrap().len(), 3);
+        store.close().await;
+    }
+
+    #[test]
+    fn a_replica_certificate_is_recorded_by_its_own_serial_and_expiry() {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let now = OffsetDateTime::now_utc();
+        let ca = CertificateAuthority::generate("test CA", now).unwrap();
+        let issued = ca
+            .issue_service_client("epmc-server-1", time::Duration::days(7), now)
+            .unwrap();
+        let (serial, not_after) = super::serial_and_expiry(&issued.cert_pem).unwrap();
+        let der =
+            rustls::pki_types::CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        let (_, cert) = X509Certificate::from_der(der.as_ref()).unwrap();
+        assert_eq!(serial.as_bytes(), cert.raw_serial());
+        assert_eq!(serial.to_hex().len(), 32);
+        assert_eq!(
+            not_after.unix(),
+            (now + time::Duration::days(7)).unix_timestamp()
+        );
+        assert!(super::serial_and_expiry("not a certificate").is_err());
     }
 
     #[test]

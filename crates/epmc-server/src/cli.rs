@@ -9,7 +9,9 @@ use crate::broker::BrokerConfig;
 use crate::ca::{CertSerial, EnrollmentToken, RevokedCert};
 use crate::datadir::{self, InitOutcome};
 use crate::server::{ServeConfig, Server};
-use crate::store::{OrderState, OrderTarget, Store, StoreOptions, TenantId};
+use crate::store::{
+    AccountRole, OrderState, OrderTarget, Store, StoreError, StoreOptions, TenantId,
+};
 use clap::{Parser, Subcommand};
 use epmc_proto::bounded::Timestamp;
 use epmc_proto::order::OrderAction;
@@ -43,7 +45,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Subcommand)]
 pub enum Command {
-    /// Creates the data directory: CA, server certificate, database (changes nothing if it exists).
+    /// Creates the data directory: CA, server certificate, database and the first admin
+    /// account, whose generated password is printed once (changes nothing if it exists).
     Init {
         /// Names and addresses the server certificate is valid for (localhost and 127.0.0.1
         /// are always included).
@@ -98,6 +101,16 @@ pub enum Command {
     Agent {
         #[command(subcommand)]
         command: AgentCommand,
+    },
+    /// The client certificates server replicas issued themselves for the broker (scale mode).
+    Replica {
+        #[command(subcommand)]
+        command: ReplicaCommand,
+    },
+    /// Accounts of people (the portal logs in with them): admins and tenants' users.
+    Account {
+        #[command(subcommand)]
+        command: AccountCommand,
     },
     /// Lists devices with their latest status and last contact.
     Devices {
@@ -172,6 +185,57 @@ pub enum AgentCommand {
         #[arg(long, default_value = "revoked by the operator")]
         reason: String,
     },
+}
+
+/// Subcommands of `replica`.
+#[derive(Subcommand)]
+pub enum ReplicaCommand {
+    /// Lists the certificates replicas issued themselves: serial, name, issued, expires,
+    /// revoked.
+    List,
+    /// Revokes every certificate issued so far to a replica (e.g. a leaked key); `crl` and a
+    /// running replica's CRL file then list them. A running replica issues itself a new one
+    /// at its next connection.
+    Revoke {
+        /// The replica's name (its --broker-client-id).
+        name: String,
+        /// Why (recorded).
+        #[arg(long, default_value = "revoked by the operator")]
+        reason: String,
+    },
+}
+
+/// Subcommands of `account`.
+#[derive(Subcommand)]
+pub enum AccountCommand {
+    /// Lists accounts: name, role, tenant.
+    List,
+    /// Adds an account and prints its generated password (once: it is stored only hashed).
+    Add {
+        /// Its unique name (letters, digits, '.', '_', '-', '@').
+        name: String,
+        /// admin (everything) or tenant (one tenant's devices and orders).
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// The tenant's name (with --role tenant).
+        #[arg(long, required_if_eq("role", "tenant"))]
+        tenant: Option<String>,
+    },
+    /// Gives an account a new generated password and prints it (once); the old one stops
+    /// working.
+    Passwd {
+        /// The account's name.
+        name: String,
+    },
+}
+
+/// `--role` of `account add`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoleArg {
+    /// Everything.
+    Admin,
+    /// One tenant's user.
+    Tenant,
 }
 
 /// Subcommands of `order`.
@@ -321,7 +385,16 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 }
             }
             let store = open_store(&cli).await?;
+            let first = store.accounts().create_first_admin().await;
             store.close().await;
+            match first.map_err(|e| format!("the first admin account: {e}"))? {
+                Some(password) => println!(
+                    "created the admin account {:?}; its password, shown only now: {}",
+                    crate::store::FIRST_ADMIN,
+                    password.expose()
+                ),
+                None => println!("accounts exist already; none created"),
+            }
             Ok(())
         }
         Command::Serve {
@@ -498,6 +571,49 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             store.close().await;
             Ok(())
         }
+        Command::Replica { command } => {
+            let store = open_store(&cli).await?;
+            let admin = store.admin();
+            let result = match command {
+                ReplicaCommand::List => admin
+                    .service_certificates()
+                    .await
+                    .map_err(|e| e.to_string())
+                    .map(|list| {
+                    for c in list {
+                        println!(
+                            "{}\t{}\t{}\t{}\t{}",
+                            c.serial,
+                            c.name,
+                            fmt_ts(c.issued_at),
+                            fmt_ts(c.not_after),
+                            c.revoked_at.map(fmt_ts).unwrap_or("-".into())
+                        );
+                    }
+                }),
+                ReplicaCommand::Revoke { name, reason } => admin
+                    .revoke_service(name, reason)
+                    .await
+                    .map_err(|e| match e {
+                        StoreError::NotFound => format!("no certificate was ever issued to {name:?} (see `replica list`)"),
+                        e => e.to_string(),
+                    })
+                    .map(|serials| {
+                        println!(
+                            "revoked {} certificate(s) of replica {name}; write the broker's CRL (`crl`) or let a running replica rewrite it",
+                            serials.len()
+                        );
+                    }),
+            };
+            store.close().await;
+            result.map_err(|e| format!("replica: {e}"))
+        }
+        Command::Account { command } => {
+            let store = open_store(&cli).await?;
+            let result = account_command(&store, command).await;
+            store.close().await;
+            result
+        }
         Command::Devices { tenant, json } => {
             let store = open_store(&cli).await?;
             let devices = match tenant {
@@ -619,6 +735,63 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             }
         }
     }
+}
+
+async fn account_command(store: &Store, command: &AccountCommand) -> Result<(), String> {
+    let accounts = store.accounts();
+    match command {
+        AccountCommand::List => {
+            let tenants = store.admin().tenants().await.map_err(|e| e.to_string())?;
+            for a in accounts.list().await.map_err(|e| e.to_string())? {
+                let (role, tenant) = match a.role {
+                    AccountRole::Admin => ("admin", "-".to_owned()),
+                    AccountRole::Tenant(t) => (
+                        "tenant",
+                        tenants
+                            .iter()
+                            .find(|x| x.id == t)
+                            .map_or_else(|| t.to_string(), |x| x.name.clone()),
+                    ),
+                };
+                println!(
+                    "{}\t{role}\t{tenant}\t{}",
+                    a.name,
+                    fmt_ts(a.password_changed_at)
+                );
+            }
+        }
+        AccountCommand::Add { name, role, tenant } => {
+            let role = match (role, tenant) {
+                (RoleArg::Admin, None) => AccountRole::Admin,
+                (RoleArg::Admin, Some(_)) => {
+                    return Err(
+                        "--tenant is for --role tenant only: an admin sees every tenant".into(),
+                    );
+                }
+                (RoleArg::Tenant, Some(t)) => AccountRole::Tenant(tenant_by_name(store, t).await?),
+                (RoleArg::Tenant, None) => return Err("--role tenant needs --tenant NAME".into()),
+            };
+            let password = accounts
+                .create(name, role)
+                .await
+                .map_err(|e| format!("account {name:?}: {e}"))?;
+            println!(
+                "created account {name:?}; its password, shown only now: {}",
+                password.expose()
+            );
+        }
+        AccountCommand::Passwd { name } => {
+            let password = accounts
+                .set_password(name)
+                .await
+                .map_err(|e| format!("account {name:?}: {e}"))?;
+            println!(
+                "new password of {name:?}, shown only now: {}",
+                password.expose()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// RFC 3339, as the JSON contract writes it.

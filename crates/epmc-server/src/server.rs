@@ -362,8 +362,13 @@ impl Server {
                 if let Some(path) = &broker_config.crl_file {
                     pki.write_crl(&revoked, path)?;
                 }
-                let (link, task) =
-                    broker::start(broker_config.clone(), pki.ca.clone(), sink, stop_rx.clone());
+                let (link, task) = broker::start(
+                    broker_config.clone(),
+                    pki.ca.clone(),
+                    sink,
+                    store.clone(),
+                    stop_rx.clone(),
+                );
                 tasks.push(task);
                 (
                     Outlet::Broker(link.clone()),
@@ -602,8 +607,10 @@ async fn dispatch_orders(
                     }
                 };
                 // Through the broker the order is claimed (marked delivered) before it is
-                // published: the agent may answer before the broker's PUBACK reaches us, and
-                // its result must find the order delivered, not overtake the mark.
+                // published, so no other round or replica sends it again. The agent may still
+                // answer before a mark (here, or after the embedded endpoint's PUBACK): order
+                // states only move forward (`OrdersHandle::transition`), so its result is
+                // applied to a queued order and a late mark changes nothing.
                 let claimed = matches!(outlet, Outlet::Broker(_));
                 if claimed {
                     match orders.mark_delivered(order.id).await {

@@ -915,6 +915,15 @@ async fn a_failed_commit_is_not_acknowledged_and_comes_again() {
         assert!(Instant::now() < deadline, "the snapshot was not stored");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The certificate the replica issued itself for the broker is recorded, so `crl` and
+    // revocation cover it.
+    let issued = store.admin().service_certificates().await.unwrap();
+    assert!(!issued.is_empty(), "the replica's certificate is recorded");
+    assert!(
+        issued
+            .iter()
+            .all(|c| c.name == "epmc-server-1" && c.revoked_at.is_none())
+    );
 
     // Every commit fails as a whole: the agents table is gone (an error of the database,
     // not of a message, as a lost connection or a full disk would be).

@@ -1527,3 +1527,633 @@ async fn concurrent_snapshot_batches_creating_the_same_device_both_store(db: Db)
     assert!(devices.iter().all(|d| d.status.is_some()));
     assert_eq!(s.admin().rejected_count().await.expect("count"), 0);
 }
+
+// ---- database errors: the message's data at fault, or the server's schema --------------------
+
+both!(
+    broken_schema_fails_the_batch_and_rejects_nothing,
+    constraint_violation_rejects_the_message_alone,
+);
+
+/// Runs SQL on the test database through a connection of its own (not the store's pool).
+async fn raw_sql(db: &Db, sql: &str) {
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&db.url)
+        .await
+        .expect("raw connect");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    conn.close().await.expect("close");
+}
+
+fn exception_log(component: &str) -> Message {
+    Message::ExceptionLog(AgentExceptionLog {
+        entries: BoundedVec::new(vec![ExceptionEntry {
+            at: t(1_800_000_000),
+            severity: Severity::Warning,
+            component: component.try_into().expect("name"),
+            message: "projector 10.0.0.5 timed out".try_into().expect("text"),
+        }])
+        .expect("entries"),
+    })
+}
+
+/// A missing column or table is the server's fault, not the message's: the whole batch
+/// fails (nothing committed, nothing acknowledged, nothing kept as rejected) and the same
+/// batch is stored once the schema is repaired.
+async fn broken_schema_fails_the_batch_and_rejects_nothing(db: Db) {
+    let s = &db.store;
+    let (tenant, agent) = tenant_with_agent(s, "acme").await;
+    let batch = vec![
+        item(
+            agent,
+            Channel::Telemetry,
+            json(snapshot("X1", 1_800_000_000, PowerState::On)),
+        ),
+        item(agent, Channel::Events, json(event("X1", 1_800_000_001))),
+        item(agent, Channel::Events, json(exception_log("collector"))),
+    ];
+
+    // A renamed column (a migration gone wrong, or a hand edit).
+    raw_sql(&db, "ALTER TABLE events RENAME COLUMN body TO body_gone").await;
+    match s.ingest().ingest_batch(&batch).await {
+        Err(StoreError::Database(_)) => {}
+        other => panic!("expected the batch to fail, got {other:?}"),
+    }
+    let admin = s.admin();
+    assert_eq!(admin.rejected_count().await.expect("count"), 0);
+    assert!(admin.devices().await.expect("devices").is_empty());
+
+    // A renamed table.
+    raw_sql(&db, "ALTER TABLE events RENAME COLUMN body_gone TO body").await;
+    raw_sql(
+        &db,
+        "ALTER TABLE exception_logs RENAME TO exception_logs_gone",
+    )
+    .await;
+    match s.ingest().ingest_batch(&batch).await {
+        Err(StoreError::Database(_)) => {}
+        other => panic!("expected the batch to fail, got {other:?}"),
+    }
+    assert_eq!(admin.rejected_count().await.expect("count"), 0);
+    assert!(admin.devices().await.expect("devices").is_empty());
+
+    // Repaired: the batch the agent sends again is stored, none of it a duplicate.
+    raw_sql(
+        &db,
+        "ALTER TABLE exception_logs_gone RENAME TO exception_logs",
+    )
+    .await;
+    let out = s.ingest().ingest_batch(&batch).await.expect("batch");
+    assert_eq!(out, vec![IngestOutcome::Stored; 3]);
+    assert_eq!(admin.rejected_count().await.expect("count"), 0);
+    let devices = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(devices.len(), 1);
+    assert_eq!(
+        s.tenant(tenant)
+            .events(devices[0].id, 10)
+            .await
+            .expect("events")
+            .len(),
+        1
+    );
+    assert_eq!(
+        admin
+            .exception_logs(agent, 10)
+            .await
+            .expect("exception logs")
+            .len(),
+        1
+    );
+}
+
+/// A constraint (or, on PostgreSQL, a data exception) refuses one message's data: that message
+/// is rejected and kept, the rest of the batch is stored.
+async fn constraint_violation_rejects_the_message_alone(db: Db) {
+    let s = &db.store;
+    let (tenant, agent) = tenant_with_agent(s, "acme").await;
+    match s.backend() {
+        // RAISE(ABORT) in a trigger is SQLITE_CONSTRAINT_TRIGGER.
+        Backend::Sqlite => {
+            raw_sql(
+                &db,
+                "CREATE TRIGGER no_alarms BEFORE INSERT ON events WHEN NEW.kind = 'alarm' \
+                 BEGIN SELECT RAISE(ABORT, 'alarms refused'); END",
+            )
+            .await
+        }
+        // 23514 check_violation; 22001 string_data_right_truncation; 54000
+        // program_limit_exceeded (an index row larger than a btree page allows).
+        Backend::Postgres => {
+            raw_sql(
+                &db,
+                "ALTER TABLE events ADD CONSTRAINT no_alarms CHECK (kind <> 'alarm'); \
+                 ALTER TABLE exception_logs ALTER COLUMN component TYPE VARCHAR(4); \
+                 CREATE INDEX exception_logs_message ON exception_logs (message)",
+            )
+            .await
+        }
+    }
+    let alarm = json(Message::Event(DeviceEvent {
+        device_id: "X1".try_into().expect("device id"),
+        at: t(1_800_000_002),
+        event: DeviceEventKind::Alarm {
+            alarm: epmc_proto::model::Alarm::LampLid,
+        },
+    }));
+    let mut batch = vec![
+        item(agent, Channel::Events, json(event("X1", 1_800_000_001))),
+        item(agent, Channel::Events, alarm.clone()),
+        item(
+            agent,
+            Channel::Telemetry,
+            json(snapshot("X2", 1_800_000_000, PowerState::On)),
+        ),
+    ];
+    if s.backend() == Backend::Postgres {
+        batch.push(item(
+            agent,
+            Channel::Events,
+            json(exception_log("collector")),
+        ));
+        // 1,000 four-byte characters that do not compress: about 4,000 bytes in the index.
+        let huge: String = (0..1000u32)
+            .map(|i| char::from_u32(0x1_F300 + (i * 7919) % 700).expect("char"))
+            .collect();
+        batch.push(item(
+            agent,
+            Channel::Events,
+            json(Message::ExceptionLog(AgentExceptionLog {
+                entries: BoundedVec::new(vec![ExceptionEntry {
+                    at: t(1_800_000_000),
+                    severity: Severity::Error,
+                    component: "io".try_into().expect("name"),
+                    message: huge.as_str().try_into().expect("text"),
+                }])
+                .expect("entries"),
+            })),
+        ));
+        batch.push(item(agent, Channel::Events, json(exception_log("ok"))));
+    }
+    let out = s.ingest().ingest_batch(&batch).await.expect("batch");
+    assert_eq!(out[0], IngestOutcome::Stored);
+    assert!(
+        matches!(
+            &out[1],
+            IngestOutcome::Rejected(RejectReason::NotApplicable(_))
+        ),
+        "{:?}",
+        out[1]
+    );
+    assert_eq!(out[2], IngestOutcome::Stored);
+    let admin = s.admin();
+    if s.backend() == Backend::Postgres {
+        for rejected in &out[3..5] {
+            assert!(
+                matches!(
+                    rejected,
+                    IngestOutcome::Rejected(RejectReason::NotApplicable(_))
+                ),
+                "{rejected:?}"
+            );
+        }
+        assert_eq!(out[5], IngestOutcome::Stored);
+        assert_eq!(admin.rejected_count().await.expect("count"), 3);
+        assert_eq!(
+            admin
+                .exception_logs(agent, 10)
+                .await
+                .expect("exception logs")
+                .len(),
+            1
+        );
+    } else {
+        assert_eq!(admin.rejected_count().await.expect("count"), 1);
+    }
+    let rejected = admin.rejected_messages(10).await.expect("rejected");
+    assert!(rejected.iter().any(|r| r.raw == alarm));
+    let devices = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(devices.len(), 2);
+    let x1 = devices.iter().find(|d| d.key == "X1").expect("X1 stored");
+    let events = s.tenant(tenant).events(x1.id, 10).await.expect("events");
+    assert_eq!(
+        events.len(),
+        1,
+        "the alarm's savepoint was rolled back alone"
+    );
+}
+
+// ---- order states only move forward, whoever writes first ------------------------------------
+
+both!(order_result_overtaking_the_delivered_mark_is_kept);
+
+async fn new_order(s: &Store, agent: AgentId) -> uuid::Uuid {
+    s.orders()
+        .create(
+            OrderTarget::Agent(agent),
+            &OrderAction::CheckAgentUpdate,
+            "admin",
+            t(now().unix() + 600),
+        )
+        .await
+        .expect("order")
+}
+
+async fn answer(s: &Store, agent: AgentId, order: uuid::Uuid, outcome: OrderOutcome) {
+    let out = s
+        .ingest()
+        .ingest_batch(&[item(agent, Channel::Results, result(order, outcome))])
+        .await
+        .expect("batch");
+    assert_eq!(out, vec![IngestOutcome::Stored]);
+}
+
+/// The agent answers before the dispatcher marks the order delivered (the broker's PUBACK,
+/// or the embedded endpoint's, comes after the agent's result): the result is applied to the
+/// queued order and the late mark moves nothing back. On PostgreSQL the two writes also meet
+/// on the row at the same moment, from two connections, as two replicas would.
+async fn order_result_overtaking_the_delivered_mark_is_kept(db: Db) {
+    let s = &db.store;
+    let (_, agent) = tenant_with_agent(s, "acme").await;
+    let orders = s.orders();
+
+    // accepted, then the late mark, then done.
+    let a = new_order(s, agent).await;
+    answer(s, agent, a, OrderOutcome::Accepted).await;
+    assert!(!orders.mark_delivered(a).await.expect("late mark"));
+    assert!(!orders.requeue(a).await.expect("requeue"));
+    assert_eq!(
+        orders.get(a).await.expect("get").state,
+        OrderState::Accepted
+    );
+    answer(s, agent, a, OrderOutcome::Done).await;
+    assert!(!orders.mark_delivered(a).await.expect("late mark"));
+    assert_eq!(orders.get(a).await.expect("get").state, OrderState::Done);
+
+    // done straight from queued, then the late mark.
+    let b = new_order(s, agent).await;
+    answer(s, agent, b, OrderOutcome::Done).await;
+    assert!(!orders.mark_delivered(b).await.expect("late mark"));
+    let record = orders.get(b).await.expect("get");
+    assert_eq!(record.state, OrderState::Done);
+    assert_eq!(
+        record.result.as_ref().and_then(|r| r["outcome"].as_str()),
+        Some("done")
+    );
+    // Nothing goes back to the queue.
+    assert!(
+        orders
+            .queued_for_agent(agent, now())
+            .await
+            .expect("queued")
+            .is_empty()
+    );
+
+    if s.backend() != Backend::Postgres {
+        return;
+    }
+    // Both writers read the order as queued, then wait on its row (held by a third
+    // connection); the mark is first in line, the result second. Whatever order the row
+    // is granted in, the order must end accepted.
+    let c = new_order(s, agent).await;
+    sqlx::any::install_default_drivers();
+    let mut holder = sqlx::AnyConnection::connect(&db.url)
+        .await
+        .expect("raw connect");
+    sqlx::raw_sql("BEGIN")
+        .execute(&mut holder)
+        .await
+        .expect("begin");
+    sqlx::query("SELECT state FROM orders WHERE id = $1 FOR UPDATE")
+        .bind(c.to_string())
+        .fetch_one(&mut holder)
+        .await
+        .expect("lock the row");
+    let holder_pid: i32 = sqlx::Row::try_get(
+        &sqlx::query("SELECT pg_backend_pid()")
+            .fetch_one(&mut holder)
+            .await
+            .expect("pid"),
+        0,
+    )
+    .expect("pid");
+    let mut watcher = sqlx::AnyConnection::connect(&db.url)
+        .await
+        .expect("raw connect");
+    // The backends waiting on `pids` (directly, or behind another waiter), once there are `n`.
+    async fn wait_for_waiters(
+        watcher: &mut sqlx::AnyConnection,
+        pids: &[i32],
+        n: usize,
+    ) -> Vec<i32> {
+        let list = pids
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT pid FROM pg_stat_activity WHERE pg_blocking_pids(pid) && ARRAY[{list}]::int[]"
+        );
+        for _ in 0..1000 {
+            let waiting: Vec<i32> = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .fetch_all(&mut *watcher)
+                .await
+                .expect("blocked")
+                .iter()
+                .map(|r| sqlx::Row::try_get(r, 0).expect("pid"))
+                .collect();
+            if waiting.len() >= n {
+                return waiting;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{n} writers never waited on the order's row");
+    }
+    let mark = tokio::spawn({
+        let orders = s.orders();
+        async move { orders.mark_delivered(c).await }
+    });
+    let first = wait_for_waiters(&mut watcher, &[holder_pid], 1).await;
+    let answered = tokio::spawn({
+        let s = s.clone();
+        async move {
+            s.ingest()
+                .ingest_batch(&[item(
+                    agent,
+                    Channel::Results,
+                    result(c, OrderOutcome::Accepted),
+                )])
+                .await
+        }
+    });
+    let mut both = first.clone();
+    both.push(holder_pid);
+    wait_for_waiters(&mut watcher, &both, 2).await;
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut holder)
+        .await
+        .expect("commit");
+    let marked = mark.await.expect("join").expect("mark");
+    let out = answered.await.expect("join").expect("batch");
+    assert_eq!(out, vec![IngestOutcome::Stored]);
+    assert!(marked, "the mark was first in line");
+    let record = orders.get(c).await.expect("get");
+    assert_eq!(
+        record.state,
+        OrderState::Accepted,
+        "the result was not lost"
+    );
+    assert_eq!(
+        record.result.as_ref().and_then(|r| r["outcome"].as_str()),
+        Some("accepted")
+    );
+    holder.close().await.expect("close");
+    watcher.close().await.expect("close");
+}
+
+// ---- accounts ----------------------------------------------------------------------------------
+
+both!(accounts_store_only_hashes_and_verify_their_passwords);
+
+async fn accounts_store_only_hashes_and_verify_their_passwords(db: Db) {
+    use epmc_server::store::{AccountRole, FIRST_ADMIN};
+    let s = &db.store;
+    let accounts = s.accounts();
+    assert!(accounts.list().await.expect("list").is_empty());
+
+    // The first admin: once.
+    let first = accounts
+        .create_first_admin()
+        .await
+        .expect("first admin")
+        .expect("created");
+    assert!(
+        accounts
+            .create_first_admin()
+            .await
+            .expect("again")
+            .is_none(),
+        "a second call changes nothing"
+    );
+    let admin = accounts
+        .verify(FIRST_ADMIN, first.expose())
+        .await
+        .expect("verify")
+        .expect("the password verifies");
+    assert_eq!(admin.role, AccountRole::Admin);
+    assert!(
+        accounts
+            .verify(FIRST_ADMIN, "not-the-password")
+            .await
+            .expect("verify")
+            .is_none()
+    );
+    assert!(
+        accounts
+            .verify(FIRST_ADMIN, &first.expose()[1..])
+            .await
+            .expect("verify")
+            .is_none()
+    );
+    assert!(
+        accounts
+            .verify("nobody", first.expose())
+            .await
+            .expect("verify")
+            .is_none()
+    );
+
+    // A tenant user; its tenant must exist, its name must be free and well formed.
+    let (tenant, _) = tenant_with_agent(s, "acme").await;
+    let alice = accounts
+        .create("alice", AccountRole::Tenant(tenant))
+        .await
+        .expect("alice");
+    assert_ne!(alice, first);
+    assert!(matches!(
+        accounts.create("alice", AccountRole::Admin).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        accounts
+            .create(
+                "bob",
+                AccountRole::Tenant(TenantId::new(uuid::Uuid::new_v4()))
+            )
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    for bad in ["", "a b", "x'--", &"n".repeat(65)] {
+        assert!(
+            matches!(
+                accounts.create(bad, AccountRole::Admin).await,
+                Err(StoreError::Invalid(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    let alice_account = accounts
+        .verify("alice", alice.expose())
+        .await
+        .expect("verify")
+        .expect("alice's password verifies");
+    assert_eq!(alice_account.role, AccountRole::Tenant(tenant));
+    assert!(
+        accounts
+            .verify("alice", first.expose())
+            .await
+            .expect("verify")
+            .is_none(),
+        "another account's password"
+    );
+    let names: Vec<String> = accounts
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    assert_eq!(names, ["admin", "alice"]);
+
+    // A new password replaces the old one.
+    let renewed = accounts.set_password("alice").await.expect("passwd");
+    assert!(
+        accounts
+            .verify("alice", alice.expose())
+            .await
+            .expect("verify")
+            .is_none()
+    );
+    assert!(
+        accounts
+            .verify("alice", renewed.expose())
+            .await
+            .expect("verify")
+            .is_some()
+    );
+    assert!(matches!(
+        accounts.set_password("nobody").await,
+        Err(StoreError::NotFound)
+    ));
+
+    // Stored as argon2id hashes only: no password in clear in the table.
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&db.url)
+        .await
+        .expect("raw connect");
+    let hashes: Vec<String> = sqlx::query("SELECT password_hash FROM accounts ORDER BY name")
+        .fetch_all(&mut conn)
+        .await
+        .expect("hashes")
+        .iter()
+        .map(|r| sqlx::Row::try_get(r, 0).expect("hash"))
+        .collect();
+    conn.close().await.expect("close");
+    assert_eq!(hashes.len(), 2);
+    for h in &hashes {
+        assert!(h.starts_with("$argon2id$v=19$"), "{h}");
+        for p in [&first, &alice, &renewed] {
+            assert!(!h.contains(p.expose()));
+        }
+    }
+    assert_ne!(
+        hashes[0].split('$').nth(4),
+        hashes[1].split('$').nth(4),
+        "each hash has its own salt"
+    );
+}
+
+// ---- certificates server replicas issue themselves ---------------------------------------------
+
+both!(replica_certificates_are_listed_and_revoked_like_agents);
+
+async fn replica_certificates_are_listed_and_revoked_like_agents(db: Db) {
+    let s = &db.store;
+    let admin = s.admin();
+    let (_, agent) = tenant_with_agent(s, "acme").await;
+    let later = t(now().unix() + 7 * 86_400);
+    admin
+        .record_certificate(agent, "41aa", later)
+        .await
+        .expect("agent certificate");
+    admin
+        .record_service_certificate("epmc-server-1", "42bb", later)
+        .await
+        .expect("replica certificate");
+    admin
+        .record_service_certificate("epmc-server-1", "43cc", later)
+        .await
+        .expect("its next connection's");
+    admin
+        .record_service_certificate("epmc-server-2", "44dd", later)
+        .await
+        .expect("another replica's");
+    assert!(matches!(
+        admin
+            .record_service_certificate("epmc-server-2", "44dd", later)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let listed = admin.service_certificates().await.expect("list");
+    let mut serials: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|c| (c.serial.as_str(), c.name.as_str()))
+        .collect();
+    serials.sort_unstable();
+    assert_eq!(
+        serials,
+        [
+            ("42bb", "epmc-server-1"),
+            ("43cc", "epmc-server-1"),
+            ("44dd", "epmc-server-2")
+        ]
+    );
+    assert!(
+        listed
+            .iter()
+            .all(|c| c.revoked_at.is_none() && c.not_after == later)
+    );
+    assert!(admin.revoked_serials().await.expect("revoked").is_empty());
+
+    let revoked = admin
+        .revoke_service("epmc-server-1", "key leaked")
+        .await
+        .expect("revoke");
+    assert_eq!(revoked.len(), 2);
+    assert!(matches!(
+        admin.revoke_service("epmc-server-9", "x").await,
+        Err(StoreError::NotFound)
+    ));
+    admin
+        .revoke_agent(agent, "gone")
+        .await
+        .expect("revoke agent");
+    // One list for the CRL: the agents' and the replicas' revoked serials.
+    assert_eq!(
+        admin.revoked_serials().await.expect("revoked"),
+        ["41aa", "42bb", "43cc"]
+    );
+    let ingest = s.ingest();
+    assert!(
+        ingest
+            .is_certificate_revoked("42bb")
+            .await
+            .expect("revoked?")
+    );
+    assert!(
+        ingest
+            .is_certificate_revoked("41aa")
+            .await
+            .expect("revoked?")
+    );
+    assert!(
+        !ingest
+            .is_certificate_revoked("44dd")
+            .await
+            .expect("revoked?")
+    );
+    let listed = admin.service_certificates().await.expect("list");
+    assert_eq!(listed.iter().filter(|c| c.revoked_at.is_some()).count(), 2);
+}

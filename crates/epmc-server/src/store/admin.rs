@@ -13,6 +13,21 @@ use super::{
     now_unix,
 };
 
+/// A client certificate a server replica issued itself for the broker (scale mode).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceCertificate {
+    /// Its serial, lowercase hex.
+    pub serial: String,
+    /// The replica's name (the certificate's CN, its client id at the broker).
+    pub name: String,
+    /// When it was issued.
+    pub issued_at: Timestamp,
+    /// When it expires.
+    pub not_after: Timestamp,
+    /// When it was revoked.
+    pub revoked_at: Option<Timestamp>,
+}
+
 /// The admin handle (operator commands on the local command line).
 #[derive(Clone, Debug)]
 pub struct AdminHandle {
@@ -141,10 +156,96 @@ impl AdminHandle {
         Ok(serials)
     }
 
-    /// Every revoked certificate serial.
+    /// Records a client certificate a server replica issued itself for the broker (scale
+    /// mode), under the replica's name (its CN), so that it can be listed and revoked.
+    pub async fn record_service_certificate(
+        &self,
+        name: &str,
+        serial: &str,
+        not_after: Timestamp,
+    ) -> Result<(), StoreError> {
+        if serial.is_empty() || serial.len() > 128 || name.is_empty() || name.len() > 64 {
+            return Err(StoreError::Invalid(
+                "a serial has 1 to 128 characters, a replica name 1 to 64".into(),
+            ));
+        }
+        sqlx::query(
+            "INSERT INTO service_certificates (serial, name, issued_at, not_after) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(serial)
+        .bind(name)
+        .bind(now_unix())
+        .bind(not_after.unix())
+        .execute(self.store.pool())
+        .await
+        .map_err(|e| match StoreError::from(e) {
+            e if e.is_unique_violation() => StoreError::Conflict("certificate serial"),
+            e => e,
+        })?;
+        Ok(())
+    }
+
+    /// The certificates replicas issued themselves, newest first.
+    pub async fn service_certificates(&self) -> Result<Vec<ServiceCertificate>, StoreError> {
+        sqlx::query(
+            "SELECT serial, name, issued_at, not_after, revoked_at FROM service_certificates \
+             ORDER BY issued_at DESC, serial",
+        )
+        .fetch_all(self.store.pool())
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(ServiceCertificate {
+                serial: r.try_get(0)?,
+                name: r.try_get(1)?,
+                issued_at: ts(r.try_get(2)?)?,
+                not_after: ts(r.try_get(3)?)?,
+                revoked_at: opt_ts(r.try_get(4)?)?,
+            })
+        })
+        .collect()
+    }
+
+    /// Revokes every certificate issued so far to the replica `name`; returns the serials
+    /// revoked now ([`StoreError::NotFound`] when it never had one). A running replica
+    /// issues itself a new certificate (new key) at its next connection to the broker.
+    pub async fn revoke_service(
+        &self,
+        name: &str,
+        reason: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.store.begin_write().await?;
+        let known: i64 = sqlx::query("SELECT COUNT(*) FROM service_certificates WHERE name = $1")
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        if known == 0 {
+            return Err(StoreError::NotFound);
+        }
+        let serials = sqlx::query(
+            "UPDATE service_certificates SET revoked_at = $2, revocation_reason = $3 \
+             WHERE name = $1 AND revoked_at IS NULL RETURNING serial",
+        )
+        .bind(name)
+        .bind(now_unix())
+        .bind(reason)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<Vec<_>, _>>()?;
+        tx.commit().await?;
+        Ok(serials)
+    }
+
+    /// Every revoked certificate serial: agents' and replicas'.
     pub async fn revoked_serials(&self) -> Result<Vec<String>, StoreError> {
         Ok(sqlx::query(
-            "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL ORDER BY serial",
+            "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL \
+             UNION SELECT serial FROM service_certificates WHERE revoked_at IS NOT NULL \
+             ORDER BY serial",
         )
         .fetch_all(self.store.pool())
         .await?
@@ -374,13 +475,15 @@ pub(super) async fn agents(
 }
 
 pub(super) async fn is_revoked(store: &Store, serial: &str) -> Result<bool, StoreError> {
-    Ok(
-        sqlx::query("SELECT 1 FROM certificates WHERE serial = $1 AND revoked_at IS NOT NULL")
-            .bind(serial)
-            .fetch_optional(store.pool())
-            .await?
-            .is_some(),
+    Ok(sqlx::query(
+        "SELECT 1 FROM certificates WHERE serial = $1 AND revoked_at IS NOT NULL \
+             UNION ALL SELECT 1 FROM service_certificates WHERE serial = $1 \
+             AND revoked_at IS NOT NULL",
     )
+    .bind(serial)
+    .fetch_optional(store.pool())
+    .await?
+    .is_some())
 }
 
 pub(super) async fn record_security_event(

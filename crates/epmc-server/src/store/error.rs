@@ -36,6 +36,9 @@ pub enum StoreError {
     /// A caller passed an invalid value.
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// The random source or password hashing failed.
+    #[error("password hashing or the random source failed: {0}")]
+    Crypto(String),
 }
 
 impl StoreError {

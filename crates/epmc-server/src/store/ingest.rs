@@ -243,11 +243,13 @@ impl IngestHandle {
     }
 }
 
-/// Applies one message inside a savepoint, so a message the database refuses is rolled back
-/// alone and rejected. A unique violation means a concurrent writer (another replica) created
-/// the same row first: the savepoint is retried (bounded), and then sees that row. A transient
-/// failure (lock, serialization, connection) fails the whole batch, which is then not
-/// acknowledged and arrives again.
+/// Applies one message inside a savepoint, so a message whose data the database refuses is
+/// rolled back alone and rejected. A unique violation means a concurrent writer (another
+/// replica) created the same row first: the savepoint is retried (bounded), and then sees that
+/// row. Only an error that blames the message's data ([`is_data_error`]: a data exception or
+/// a constraint) rejects it; any other database error (lock, connection, a missing table or
+/// column, a permission, an unknown code) says the server or its schema is broken: it fails
+/// the whole batch, which is then not acknowledged and arrives again once that is fixed.
 async fn apply_isolated(
     tx: &mut AnyConnection,
     backend: Backend,
@@ -279,7 +281,7 @@ async fn apply_isolated(
                 );
             }
             Err(StoreError::Database(sqlx::Error::Database(e)))
-                if !is_transient(backend, e.as_ref()) =>
+                if is_data_error(backend, e.as_ref()) =>
             {
                 sp.rollback().await?;
                 return Ok(IngestOutcome::Rejected(RejectReason::NotApplicable(
@@ -432,7 +434,7 @@ fn falls_back(backend: Backend, e: &StoreError) -> bool {
     match e {
         StoreError::Invalid(_) => true,
         StoreError::Database(sqlx::Error::Database(d)) => {
-            d.is_unique_violation() || !is_transient(backend, d.as_ref())
+            d.is_unique_violation() || is_data_error(backend, d.as_ref())
         }
         _ => false,
     }
@@ -670,21 +672,30 @@ async fn apply_snapshots(
     Ok(outcomes)
 }
 
-/// A database error that says nothing about the message: retrying later may succeed.
-fn is_transient(backend: Backend, e: &dyn sqlx::error::DatabaseError) -> bool {
+/// A database error that blames the data of the message being applied: the message is
+/// rejected (kept, counted, acknowledged) and the rest of the batch goes on. This is a positive
+/// list: every other error, including a code this build does not know, fails the batch, since
+/// acknowledging a message the server could not store for its own reasons would lose it.
+fn is_data_error(backend: Backend, e: &dyn sqlx::error::DatabaseError) -> bool {
     let Some(code) = e.code() else {
-        return true;
+        return false;
     };
     match backend {
-        // SQLite (extended) result codes: BUSY, LOCKED, IOERR, FULL, CANTOPEN.
+        // SQLite (extended) result codes, by their primary code: TOOBIG (18), CONSTRAINT (19,
+        // with its extended codes: NOT NULL, CHECK, UNIQUE, FOREIGN KEY, DATATYPE…), MISMATCH
+        // (20), RANGE (25). Not ERROR (1: no such table or column), READONLY, CORRUPT, NOTADB,
+        // SCHEMA, MISUSE, BUSY, LOCKED, IOERR, FULL…
         Backend::Sqlite => code
             .parse::<u32>()
-            .map_or(true, |n| matches!(n & 0xff, 5 | 6 | 10 | 13 | 14)),
-        // PostgreSQL SQLSTATE classes: connection, transaction rollback (serialization,
-        // deadlock), insufficient resources, operator intervention, system error.
-        Backend::Postgres => ["08", "40", "53", "57", "58"]
-            .iter()
-            .any(|class| code.starts_with(class)),
+            .is_ok_and(|n| matches!(n & 0xff, 18 | 19 | 20 | 25)),
+        // PostgreSQL SQLSTATE classes 22 (data exception: a value out of range, too long, not
+        // encodable) and 23 (integrity constraint violation), and 54000 (a value too large for
+        // a limit, e.g. an index row: SQLite's TOOBIG; not the rest of class 54, which blames
+        // the statement). Not 42 (syntax error, undefined table or column, insufficient
+        // privilege), 0A, XX, 08, 40, 53, 57, 58…
+        Backend::Postgres => {
+            code.len() == 5 && (code.starts_with("22") || code.starts_with("23") || code == "54000")
+        }
     }
 }
 
@@ -1043,6 +1054,17 @@ async fn order_result(
     r: &OrderResult,
     now: i64,
 ) -> Result<IngestOutcome, StoreError> {
+    let target = match r.outcome {
+        OrderOutcome::Accepted => OrderState::Accepted,
+        OrderOutcome::Done => OrderState::Done,
+        OrderOutcome::Failed { .. } => OrderState::Failed,
+    };
+    // One conditional update (never read then write): a result that overtook the
+    // dispatcher's `delivered` mark is applied, a late mark then changes nothing.
+    let result = Some(json(r)?);
+    if super::orders::advance(conn, r.order_id, Some(agent), target, result, now).await? {
+        return Ok(IngestOutcome::Stored);
+    }
     let row = sqlx::query("SELECT state FROM orders WHERE id = $1 AND agent_id = $2")
         .bind(r.order_id.to_string())
         .bind(agent.to_string())
@@ -1052,15 +1074,6 @@ async fn order_result(
         return Ok(IngestOutcome::Rejected(RejectReason::UnknownOrder));
     };
     let current = OrderState::parse(&row.try_get::<String, _>(0)?)?;
-    let target = match r.outcome {
-        OrderOutcome::Accepted => OrderState::Accepted,
-        OrderOutcome::Done => OrderState::Done,
-        OrderOutcome::Failed { .. } => OrderState::Failed,
-    };
-    if current.may_become(target) {
-        super::orders::set_state(conn, r.order_id, current, target, Some(json(r)?), now).await?;
-    } else {
-        tracing::debug!(order = %r.order_id, from = current.as_str(), to = target.as_str(), "stale order result ignored");
-    }
+    tracing::debug!(order = %r.order_id, from = current.as_str(), to = target.as_str(), "stale order result ignored");
     Ok(IngestOutcome::Stored)
 }

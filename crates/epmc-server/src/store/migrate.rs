@@ -15,15 +15,29 @@ struct Migration {
     postgres: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "initial schema",
-    sqlite: include_str!("../../migrations/sqlite/0001_initial.sql"),
-    postgres: include_str!("../../migrations/postgres/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "initial schema",
+        sqlite: include_str!("../../migrations/sqlite/0001_initial.sql"),
+        postgres: include_str!("../../migrations/postgres/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "accounts",
+        sqlite: include_str!("../../migrations/sqlite/0002_accounts.sql"),
+        postgres: include_str!("../../migrations/postgres/0002_accounts.sql"),
+    },
+    Migration {
+        version: 3,
+        description: "service certificates",
+        sqlite: include_str!("../../migrations/sqlite/0003_service_certificates.sql"),
+        postgres: include_str!("../../migrations/postgres/0003_service_certificates.sql"),
+    },
+];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS epmc_schema_version (
     version BIGINT PRIMARY KEY,

@@ -15,6 +15,7 @@
 //! | [`Store::enrollment`] | the enrollment endpoint | consume a token, create the agent, record its certificate |
 //! | [`Store::admin`] | operator commands (CLI) | tenants, tokens, agents, revocation, every device, orders, retention, rejected messages |
 //! | [`Store::tenant`] | a tenant's users | that tenant's devices and orders, nothing else |
+//! | [`Store::accounts`] | `init`, account commands, the portal's login | accounts (admin or one tenant's user), generated passwords stored as argon2id hashes, password checks |
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), epmc_server::store::StoreError> {
@@ -25,6 +26,7 @@
 //! # let _ = devices; Ok(()) }
 //! ```
 
+mod accounts;
 mod admin;
 mod devices;
 mod enroll;
@@ -43,7 +45,8 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Connection, Executor};
 
-pub use admin::AdminHandle;
+pub use accounts::{Account, AccountRole, AccountsHandle, FIRST_ADMIN, GeneratedPassword};
+pub use admin::{AdminHandle, ServiceCertificate};
 pub use enroll::EnrollmentHandle;
 pub use error::StoreError;
 pub use ingest::{IngestHandle, IngestItem, IngestOutcome, RejectReason};
@@ -248,6 +251,11 @@ impl Store {
     /// The handle for operator (admin) commands.
     pub fn admin(&self) -> AdminHandle {
         AdminHandle::new(self.clone())
+    }
+
+    /// The handle for accounts (people who log in).
+    pub fn accounts(&self) -> AccountsHandle {
+        AccountsHandle::new(self.clone())
     }
 
     /// A handle that sees only `tenant`'s devices and orders.

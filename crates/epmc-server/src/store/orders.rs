@@ -108,18 +108,18 @@ impl OrdersHandle {
     }
 
     /// Puts a delivered order back in the queue (a replica claimed it for the broker, then
-    /// could not publish it). `Ok(false)` when it is no longer delivered.
+    /// could not publish it). `Ok(false)` when it is no longer delivered: the one move back,
+    /// and only from `delivered`, so it never undoes the agent's answer.
     pub async fn requeue(&self, order: Uuid) -> Result<bool, StoreError> {
-        let mut conn = self.store.pool().acquire().await?;
-        set_state(
-            &mut conn,
-            order,
-            OrderState::Delivered,
-            OrderState::Queued,
-            None,
-            now_unix(),
+        let r = sqlx::query(
+            "UPDATE orders SET state = 'queued', updated_at = $2 \
+             WHERE id = $1 AND state = 'delivered'",
         )
-        .await
+        .bind(order.to_string())
+        .bind(now_unix())
+        .execute(self.store.pool())
+        .await?;
+        Ok(r.rows_affected() == 1)
     }
 
     /// The agent recorded the order.
@@ -146,27 +146,25 @@ impl OrdersHandle {
     }
 
     /// Moves an order to `to` when its current state allows ([`OrderState::may_become`]);
-    /// `Ok(false)` when it does not, [`StoreError::NotFound`] for an unknown order.
+    /// `Ok(false)` when it does not, [`StoreError::NotFound`] for an unknown order. One
+    /// conditional statement ([`advance`]), so it holds against other replicas too.
     pub async fn transition(
         &self,
         order: Uuid,
         to: OrderState,
         result: Option<serde_json::Value>,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.store.begin_write().await?;
-        let row = sqlx::query("SELECT state FROM orders WHERE id = $1")
+        let mut conn = self.store.pool().acquire().await?;
+        let result = result.map(|v| v.to_string());
+        if advance(&mut conn, order, None, to, result, now_unix()).await? {
+            return Ok(true);
+        }
+        sqlx::query("SELECT state FROM orders WHERE id = $1")
             .bind(order.to_string())
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut *conn)
             .await?
             .ok_or(StoreError::NotFound)?;
-        let current = OrderState::parse(&row.try_get::<String, _>(0)?)?;
-        if !current.may_become(to) {
-            return Ok(false);
-        }
-        let result = result.map(|v| v.to_string());
-        let moved = set_state(&mut tx, order, current, to, result, now_unix()).await?;
-        tx.commit().await?;
-        Ok(moved)
+        Ok(false)
     }
 
     /// Expires overdue orders at `now`: queued or delivered ones become `expired`, accepted
@@ -226,26 +224,56 @@ impl DispatchLease {
     }
 }
 
-/// Moves an order from `from` to `to` if nobody moved it meanwhile.
-pub(super) async fn set_state(
+/// Every order state.
+const STATES: [OrderState; 7] = [
+    OrderState::Queued,
+    OrderState::Delivered,
+    OrderState::Accepted,
+    OrderState::Done,
+    OrderState::Failed,
+    OrderState::TimedOut,
+    OrderState::Expired,
+];
+
+/// Moves an order to `to` from whatever state it is in now, if that state may become `to`
+/// ([`OrderState::may_become`]); with `agent`, only that agent's order. `Ok(false)` when it
+/// did not move (unknown, or its state does not allow).
+///
+/// One conditional `UPDATE`, never a read then a write: states only move forward (queued <
+/// delivered < accepted < done, failed, timed out) whoever writes first. An agent's result may
+/// overtake the dispatcher's `delivered` mark (it is applied to a queued order, and the late
+/// mark then changes nothing); on PostgreSQL a writer waiting on the row re-checks the
+/// condition against the committed state, so this holds across replicas.
+pub(super) async fn advance(
     conn: &mut AnyConnection,
     order: Uuid,
-    from: OrderState,
+    agent: Option<AgentId>,
     to: OrderState,
     result: Option<String>,
     now: i64,
 ) -> Result<bool, StoreError> {
-    let r = sqlx::query(
-        "UPDATE orders SET state = $3, result = COALESCE($4, result), updated_at = $5 \
-         WHERE id = $1 AND state = $2",
-    )
-    .bind(order.to_string())
-    .bind(from.as_str())
-    .bind(to.as_str())
-    .bind(result)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
+    let from: Vec<String> = STATES
+        .iter()
+        .filter(|s| s.may_become(to))
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    if from.is_empty() {
+        return Ok(false);
+    }
+    // The list holds this module's own constant names only.
+    let sql = format!(
+        "UPDATE orders SET state = $1, result = COALESCE($2, result), updated_at = $3 \
+         WHERE id = $4 AND ($5 = '' OR agent_id = $5) AND state IN ({})",
+        from.join(", ")
+    );
+    let r = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(to.as_str())
+        .bind(result)
+        .bind(now)
+        .bind(order.to_string())
+        .bind(agent.map(|a| a.to_string()).unwrap_or_default())
+        .execute(&mut *conn)
+        .await?;
     Ok(r.rows_affected() == 1)
 }
 
