@@ -46,7 +46,7 @@ use sqlx::{AnyPool, Connection, Executor};
 pub use admin::AdminHandle;
 pub use enroll::EnrollmentHandle;
 pub use error::StoreError;
-pub use ingest::{IngestHandle, IngestItem, IngestOutcome, RejectReason};
+pub use ingest::{IngestHandle, IngestItem, IngestOutcome, PreparedBatch, RejectReason};
 pub use migrate::SCHEMA_VERSION;
 pub use orders::{DispatchLease, OrdersHandle, QueuedAgent};
 pub use tenant::TenantHandle;
