@@ -1563,7 +1563,10 @@ async fn a_batch_larger_than_one_statement_stores_every_row(db: Db) {
     let out = s.ingest().ingest_batch(&items).await.expect("batch");
     assert_eq!(out.len(), items.len());
     let stored = out.iter().filter(|o| **o == IngestOutcome::Stored).count();
-    let duplicates = out.iter().filter(|o| **o == IngestOutcome::Duplicate).count();
+    let duplicates = out
+        .iter()
+        .filter(|o| **o == IngestOutcome::Duplicate)
+        .count();
     assert_eq!((stored, duplicates), (600, 10));
     assert!(out[600..].iter().all(|o| *o == IngestOutcome::Duplicate));
     let mut devices = s.tenant(tenant).devices().await.expect("devices");

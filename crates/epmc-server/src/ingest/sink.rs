@@ -161,7 +161,9 @@ impl Prepared {
 
 impl std::fmt::Debug for Prepared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Prepared").field("len", &self.len).finish_non_exhaustive()
+        f.debug_struct("Prepared")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
     }
 }
 

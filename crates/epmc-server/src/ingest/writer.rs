@@ -68,11 +68,7 @@ pub(crate) async fn run(
     let max_batch = max_batch.max(1);
     // Capacity 1: one prepared batch waits while the committer works on the one before.
     let (work_tx, work_rx) = mpsc::channel::<Work>(1);
-    let mut committer = AbortOnDrop(tokio::spawn(commit_loop(
-        sink.clone(),
-        counters,
-        work_rx,
-    )));
+    let mut committer = AbortOnDrop(tokio::spawn(commit_loop(sink.clone(), counters, work_rx)));
     loop {
         // Gather only once the committer can take more, so that a batch holds everything
         // that arrived while the one before was committing.

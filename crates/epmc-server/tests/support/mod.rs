@@ -220,7 +220,11 @@ impl RecordingSink {
 #[async_trait::async_trait]
 impl IngestSink for RecordingSink {
     fn prepare(&self, batch: Vec<Inbound>) -> Prepared {
-        self.log.lock().unwrap().prepared.extend(batch.iter().cloned());
+        self.log
+            .lock()
+            .unwrap()
+            .prepared
+            .extend(batch.iter().cloned());
         self.touch();
         Prepared::unprepared(batch)
     }
