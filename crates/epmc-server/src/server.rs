@@ -24,10 +24,11 @@ use crate::broker::{self, BrokerConfig, BrokerLink};
 use crate::ca::{self, CertSerial, CertificateAuthority, RevokedCert};
 use crate::datadir::{self, DataDirError};
 use crate::ingest::{
-    Endpoint, Inbound, IngestConfig, IngestSink, Outcome, SecurityEvent, SinkError,
+    Endpoint, Inbound, IngestConfig, IngestSink, Outcome, Prepared, SecurityEvent, SinkError,
 };
 use crate::store::{
-    DispatchLease, IngestItem, IngestOutcome, QueuedAgent, Store, StoreError, StoreOptions,
+    DispatchLease, IngestItem, IngestOutcome, PreparedBatch, QueuedAgent, Store, StoreError,
+    StoreOptions,
 };
 
 mod enroll;
@@ -132,6 +133,11 @@ struct StoreSink {
 #[async_trait::async_trait]
 impl IngestSink for StoreSink {
     async fn commit(&self, batch: Vec<Inbound>) -> Result<Vec<Outcome>, SinkError> {
+        self.commit_prepared(self.prepare(batch)).await
+    }
+
+    /// Decodes the batch and computes what its statements bind, off the commit's path.
+    fn prepare(&self, batch: Vec<Inbound>) -> Prepared {
         let items: Vec<IngestItem> = batch
             .into_iter()
             .map(|m| IngestItem {
@@ -140,10 +146,16 @@ impl IngestSink for StoreSink {
                 payload: m.payload,
             })
             .collect();
+        let prepared = PreparedBatch::new(items);
+        Prepared::new(prepared.len(), prepared)
+    }
+
+    async fn commit_prepared(&self, batch: Prepared) -> Result<Vec<Outcome>, SinkError> {
+        let batch = batch.take::<PreparedBatch>()?;
         let outcomes = self
             .store
             .ingest()
-            .ingest_batch(&items)
+            .ingest_prepared(&batch)
             .await
             .map_err(|e| SinkError(e.to_string()))?;
         Ok(outcomes

@@ -635,6 +635,66 @@ async fn a_second_connection_with_the_same_id_replaces_the_first() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_batch_is_prepared_while_one_commits_and_commits_after_it() {
+    let mut s = Server::start(config()).await;
+    let a = new_agent();
+    let (client, _) = s.agent(a).await;
+    s.sink
+        .until("online", |r| r.states.contains(&(a, true)))
+        .await;
+    s.sink.hold();
+    let send = |n: u8| {
+        let client = client.clone();
+        async move {
+            client
+                .send_publish(
+                    &topic::telemetry(&a),
+                    Bytes::from(vec![n]),
+                    QoS::AtLeastOnce,
+                    false,
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let mut acks = vec![Box::pin(send(0).await.acked())];
+    // The first commit is held by the sink …
+    within(s.commits.recv()).await.unwrap();
+    for n in 1..6u8 {
+        acks.push(Box::pin(send(n).await.acked()));
+    }
+    // … and the next batch is prepared meanwhile, but neither committed nor acknowledged.
+    s.sink
+        .until("the next batch prepared", |r| {
+            r.prepared.iter().filter(|m| m.agent == a).count() >= 2
+        })
+        .await;
+    assert!(s.sink.payloads(a).is_empty());
+    for ack in &mut acks {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), ack.as_mut())
+                .await
+                .is_err(),
+            "a PUBACK came before its commit"
+        );
+    }
+    s.sink.release();
+    for ack in acks {
+        within(ack).await.unwrap();
+    }
+    // Committed in the order received, each batch in the order it was prepared.
+    let got: Vec<u8> = s.sink.payloads(a).iter().map(|p| p[0]).collect();
+    assert_eq!(got, (0..6u8).collect::<Vec<_>>());
+    let log = s.sink.log.lock().unwrap();
+    let prepared: Vec<u8> = log.prepared.iter().map(|m| m.payload[0]).collect();
+    assert_eq!(prepared, got);
+    drop(log);
+    let stats = s.endpoint.stats();
+    assert_eq!(stats.committed, 6);
+    assert!(stats.batches >= 2, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_agents_share_commits() {
     const AGENTS: usize = 20;
     const EACH: usize = 10;

@@ -103,6 +103,7 @@ both!(
     revoked_agent_is_refused,
     status_change_event_updates_latest_status,
     concurrent_batches_creating_the_same_device_both_store,
+    a_batch_larger_than_one_statement_stores_every_row,
 );
 
 fn t(unix: i64) -> Timestamp {
@@ -2156,4 +2157,58 @@ async fn replica_certificates_are_listed_and_revoked_like_agents(db: Db) {
     );
     let listed = admin.service_certificates().await.expect("list");
     assert_eq!(listed.iter().filter(|c| c.revoked_at.is_some()).count(), 2);
+}
+
+/// More snapshots, devices and ids than one multi-row statement holds (256 rows): every row
+/// is applied whichever statement it falls in, newest status per device, a repeated id once.
+async fn a_batch_larger_than_one_statement_stores_every_row(db: Db) {
+    let s = &db.store;
+    let (tenant, agent) = tenant_with_agent(s, "large").await;
+    const DEVICES: i64 = 300;
+    let mut items = Vec::new();
+    // Two snapshots per device, the newer one first for odd devices.
+    for round in 0..2i64 {
+        for d in 0..DEVICES {
+            let newer_first = d % 2 == 1;
+            let at = if (round == 0) == newer_first {
+                1_800_000_100 + d
+            } else {
+                1_800_000_000 + d
+            };
+            let power = if at >= 1_800_000_100 {
+                PowerState::On
+            } else {
+                PowerState::StandbyNetworkOn
+            };
+            items.push(item(
+                agent,
+                Channel::Telemetry,
+                json(snapshot(&format!("L{d:03}"), at, power)),
+            ));
+        }
+    }
+    // The first 10 again: duplicates.
+    let repeated: Vec<IngestItem> = items[..10].to_vec();
+    items.extend(repeated);
+    let out = s.ingest().ingest_batch(&items).await.expect("batch");
+    assert_eq!(out.len(), items.len());
+    let stored = out.iter().filter(|o| **o == IngestOutcome::Stored).count();
+    let duplicates = out
+        .iter()
+        .filter(|o| **o == IngestOutcome::Duplicate)
+        .count();
+    assert_eq!((stored, duplicates), (600, 10));
+    assert!(out[600..].iter().all(|o| *o == IngestOutcome::Duplicate));
+    let mut devices = s.tenant(tenant).devices().await.expect("devices");
+    devices.sort_by(|x, y| x.key.cmp(&y.key));
+    assert_eq!(devices.len(), DEVICES as usize);
+    for (d, dev) in devices.iter().enumerate() {
+        assert_eq!(dev.key, format!("L{d:03}"));
+        let (at, status) = dev.status.as_ref().expect("status");
+        assert_eq!(at.unix(), 1_800_000_100 + d as i64, "{}", dev.key);
+        assert_eq!(status.power, Some(PowerState::On), "{}", dev.key);
+        assert_eq!(dev.last_contact.unix(), 1_800_000_100 + d as i64);
+        assert_eq!(dev.agent, agent);
+    }
+    assert_eq!(s.admin().rejected_count().await.expect("count"), 0);
 }

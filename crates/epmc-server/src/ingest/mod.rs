@@ -36,7 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use identity::{IdentityError, IdentityFn, agent_id_from_cn};
-pub use sink::{Inbound, IngestSink, Outcome, SecurityEvent, SinkError};
+pub use sink::{Inbound, IngestSink, Outcome, Prepared, SecurityEvent, SinkError};
 
 /// Limits and timeouts of the endpoint.
 #[derive(Clone, Debug)]
@@ -65,7 +65,7 @@ pub struct IngestConfig {
 }
 
 impl Default for IngestConfig {
-    /// Connect timeout 10 s, 1 MiB packets, 10 000 connections, batches of 256, 64 in
+    /// Connect timeout 10 s, 1 MiB packets, 10 000 connections, batches of 1 024, 64 in
     /// flight per connection, 16 unacknowledged orders, 4 MiB outgoing, write timeout 10 s,
     /// shutdown grace 10 s.
     fn default() -> Self {
@@ -73,7 +73,7 @@ impl Default for IngestConfig {
             connect_timeout: Duration::from_secs(10),
             max_packet: epmc_transport::mqtt::DEFAULT_MAX_PACKET,
             max_connections: 10_000,
-            max_batch: 256,
+            max_batch: 1024,
             max_in_flight: 64,
             max_unacked_orders: 16,
             max_outgoing_bytes: 4 * 1024 * 1024,

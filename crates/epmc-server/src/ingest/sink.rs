@@ -119,13 +119,78 @@ pub enum SecurityEvent {
     },
 }
 
-/// Where the endpoint delivers what it receives. One writer task calls [`IngestSink::commit`]
-/// at a time; the other methods may be called from any connection.
+/// A batch as [`IngestSink::prepare`] left it: what the sink made of its messages, opaque to
+/// the endpoint.
+pub struct Prepared {
+    len: usize,
+    work: Box<dyn std::any::Any + Send>,
+}
+
+impl Prepared {
+    /// `work` made of `len` messages, in their order.
+    pub fn new<T: std::any::Any + Send>(len: usize, work: T) -> Prepared {
+        Prepared {
+            len,
+            work: Box::new(work),
+        }
+    }
+
+    /// The messages as they came, nothing done yet.
+    pub fn unprepared(batch: Vec<Inbound>) -> Prepared {
+        Prepared::new(batch.len(), batch)
+    }
+
+    /// How many messages it holds (the commit returns as many outcomes).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no message.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The work, if it is a `T`.
+    pub fn take<T: std::any::Any>(self) -> Result<T, SinkError> {
+        self.work
+            .downcast::<T>()
+            .map(|b| *b)
+            .map_err(|_| SinkError("a batch prepared by another sink".into()))
+    }
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the endpoint delivers what it receives. One writer task calls
+/// [`IngestSink::commit_prepared`] at a time, in order (and [`IngestSink::prepare`] for the
+/// next batch meanwhile); the other methods may be called from any connection.
 #[async_trait::async_trait]
 pub trait IngestSink: Send + Sync {
     /// Stores a batch durably and returns one outcome per message, in order. The endpoint
     /// acknowledges the batch's messages only after this returns `Ok`.
     async fn commit(&self, batch: Vec<Inbound>) -> Result<Vec<Outcome>, SinkError>;
+
+    /// Does the work on a batch that needs no database (decoding, say). The endpoint calls
+    /// it on a blocking thread while the batch before is still committing, and hands the
+    /// result to [`IngestSink::commit_prepared`] once that commit is done. The default does
+    /// nothing.
+    fn prepare(&self, batch: Vec<Inbound>) -> Prepared {
+        Prepared::unprepared(batch)
+    }
+
+    /// Commits a batch made by [`IngestSink::prepare`], with the promise of
+    /// [`IngestSink::commit`]. The default commits the messages [`Prepared::unprepared`]
+    /// holds and fails on anything else.
+    async fn commit_prepared(&self, batch: Prepared) -> Result<Vec<Outcome>, SinkError> {
+        let batch = batch.take::<Vec<Inbound>>()?;
+        self.commit(batch).await
+    }
 
     /// The agent connected (`true`) or went away (`false`). Calls for one agent arrive in
     /// the order of its connections (a replaced connection reports nothing).

@@ -1,12 +1,21 @@
-//! Group commit: one task takes what every connection hands it, commits what is waiting as
-//! one batch, and only then answers each connection (which sends its PUBACKs).
+//! Group commit in two stages. The gatherer takes what every connection hands it (up to
+//! `max_batch` messages that are waiting) and has the sink prepare it without the database
+//! ([`IngestSink::prepare`]: decoding, say) while the committer is still committing the
+//! batch before; the committer commits the prepared batches one at a time, in the order they
+//! were gathered, and only then answers each connection (which sends its PUBACKs).
+//!
+//! At most one prepared batch waits while one commits, so the messages of a batch are the
+//! ones that arrived during the commit before it. Every message goes through one FIFO queue
+//! from its connection to the committer, so one connection's (and so one agent's) messages
+//! commit in the order they were received, and their answers come back in that order.
 
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use super::Counters;
-use super::sink::{Inbound, IngestSink, Outcome};
+use super::sink::{Inbound, IngestSink, Outcome, Prepared};
 
 /// The commit of one message succeeded (`Ok`) or failed (`Err`).
 pub(crate) type CommitResult = Result<(), ()>;
@@ -28,6 +37,27 @@ pub(crate) enum Control {
     Stop,
 }
 
+/// What the gatherer hands the committer, in order.
+enum Work {
+    /// A prepared batch and, for each of its messages, where to answer.
+    Batch(Prepared, Vec<Answer>),
+    State(epmc_proto::topic::AgentId, bool),
+    /// A prepared last will.
+    Will(Prepared),
+}
+
+type Answer = (u64, mpsc::UnboundedSender<(u64, CommitResult)>);
+
+/// Aborts the committer if the gatherer is dropped or aborted (a shutdown that timed out).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The gatherer; it starts the committer and ends after it.
 pub(crate) async fn run(
     sink: Arc<dyn IngestSink>,
     counters: Arc<Counters>,
@@ -36,28 +66,64 @@ pub(crate) async fn run(
     mut control: mpsc::UnboundedReceiver<Control>,
 ) {
     let max_batch = max_batch.max(1);
+    // Capacity 1: one prepared batch waits while the committer works on the one before.
+    let (work_tx, work_rx) = mpsc::channel::<Work>(1);
+    let mut committer = AbortOnDrop(tokio::spawn(commit_loop(sink.clone(), counters, work_rx)));
     loop {
+        // Gather only once the committer can take more, so that a batch holds everything
+        // that arrived while the one before was committing.
+        let Ok(slot) = work_tx.reserve().await else {
+            // The committer ended (it only does when this side is gone): nothing to do.
+            return;
+        };
         tokio::select! {
             biased;
             c = control.recv() => match c {
-                Some(Control::State(agent, online)) => sink.agent_state(agent, online).await,
+                Some(Control::State(agent, online)) => {
+                    slot.send(Work::State(agent, online));
+                }
                 Some(Control::Will(will)) => {
-                    if let Err(e) = commit(&*sink, &counters, vec![will]).await {
-                        tracing::warn!(error = %e, "a last will could not be stored");
-                    }
+                    slot.send(Work::Will(prepare(&sink, vec![will]).await));
                 }
                 Some(Control::Stop) | None => {
+                    drop(slot);
                     // Bounded: the queue has a capacity and no connection adds to it any more.
                     while let Some(batch) = take_batch(&mut data, None, max_batch) {
-                        commit_and_answer(&*sink, &counters, batch).await;
+                        let work = prepare_batch(&sink, batch).await;
+                        if work_tx.send(work).await.is_err() {
+                            return;
+                        }
                     }
+                    drop(work_tx);
+                    let _ = (&mut committer.0).await;
                     return;
                 }
             },
             first = data.recv() => {
                 let Some(first) = first else { continue };
                 if let Some(batch) = take_batch(&mut data, Some(first), max_batch) {
-                    commit_and_answer(&*sink, &counters, batch).await;
+                    slot.send(prepare_batch(&sink, batch).await);
+                }
+            }
+        }
+    }
+}
+
+/// Commits what the gatherer hands over, one at a time, in order.
+async fn commit_loop(
+    sink: Arc<dyn IngestSink>,
+    counters: Arc<Counters>,
+    mut work: mpsc::Receiver<Work>,
+) {
+    while let Some(w) = work.recv().await {
+        match w {
+            Work::Batch(prepared, answers) => {
+                commit_and_answer(&*sink, &counters, prepared, answers).await;
+            }
+            Work::State(agent, online) => sink.agent_state(agent, online).await,
+            Work::Will(will) => {
+                if let Err(e) = commit(&*sink, &counters, will).await {
+                    tracing::warn!(error = %e, "a last will could not be stored");
                 }
             }
         }
@@ -80,13 +146,40 @@ fn take_batch(
     (!batch.is_empty()).then_some(batch)
 }
 
+async fn prepare_batch(sink: &Arc<dyn IngestSink>, batch: Vec<Pending>) -> Work {
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut inbound = Vec::with_capacity(batch.len());
+    for p in batch {
+        inbound.push(p.inbound);
+        answers.push((p.seq, p.reply));
+    }
+    Work::Batch(prepare(sink, inbound).await, answers)
+}
+
+/// [`IngestSink::prepare`] on the blocking pool: it may take a while (decoding a few hundred
+/// messages) and must not hold up the connections' tasks.
+async fn prepare(sink: &Arc<dyn IngestSink>, batch: Vec<Inbound>) -> Prepared {
+    let sink = sink.clone();
+    let n = batch.len();
+    let fallback = batch.clone();
+    match tokio::task::spawn_blocking(move || sink.prepare(batch)).await {
+        Ok(prepared) => prepared,
+        // The preparation panicked (or the runtime is shutting down): commit the batch
+        // unprepared, so the sink decides what becomes of it.
+        Err(e) => {
+            tracing::error!(error = %e, n, "preparing a batch failed");
+            Prepared::unprepared(fallback)
+        }
+    }
+}
+
 async fn commit(
     sink: &dyn IngestSink,
     counters: &Counters,
-    batch: Vec<Inbound>,
+    batch: Prepared,
 ) -> Result<(), super::sink::SinkError> {
     let n = batch.len();
-    let outcomes = sink.commit(batch).await?;
+    let outcomes = sink.commit_prepared(batch).await?;
     if outcomes.len() != n {
         return Err(super::sink::SinkError(format!(
             "{} outcome(s) for {n} message(s)",
@@ -97,14 +190,13 @@ async fn commit(
     Ok(())
 }
 
-async fn commit_and_answer(sink: &dyn IngestSink, counters: &Counters, batch: Vec<Pending>) {
-    let mut answers = Vec::with_capacity(batch.len());
-    let mut inbound = Vec::with_capacity(batch.len());
-    for p in batch {
-        inbound.push(p.inbound);
-        answers.push((p.seq, p.reply));
-    }
-    let result = match commit(sink, counters, inbound).await {
+async fn commit_and_answer(
+    sink: &dyn IngestSink,
+    counters: &Counters,
+    batch: Prepared,
+    answers: Vec<Answer>,
+) {
+    let result = match commit(sink, counters, batch).await {
         Ok(()) => Ok(()),
         Err(e) => {
             tracing::warn!(error = %e, "commit failed; its connections close unacknowledged");

@@ -127,29 +127,40 @@ impl IngestHandle {
     /// Applies a batch in ONE transaction and returns one outcome per item, in order. Invalid
     /// items are stored as rejected messages (they never fail the batch); an id stored before
     /// is [`IngestOutcome::Duplicate`]. Only an error of the database itself fails the whole
-    /// batch, and then nothing of it is committed.
+    /// batch, and then nothing of it is committed. The same as [`PreparedBatch::new`] and
+    /// [`IngestHandle::ingest_prepared`].
     pub async fn ingest_batch(
         &self,
         items: &[IngestItem],
     ) -> Result<Vec<IngestOutcome>, StoreError> {
+        self.ingest_prepared(&PreparedBatch::new(items.to_vec()))
+            .await
+    }
+
+    /// [`IngestHandle::ingest_batch`] of a batch decoded beforehand (e.g. while the batch
+    /// before was committing).
+    pub async fn ingest_prepared(
+        &self,
+        batch: &PreparedBatch,
+    ) -> Result<Vec<IngestOutcome>, StoreError> {
         let now = now_unix();
         let limit = self.store.inner.options.rejected_raw_limit;
         let backend = self.store.backend();
-        // Decoding needs no database: done before the write lock is taken.
-        let decoded: Vec<Result<Envelope, RejectReason>> = items.iter().map(decode).collect();
+        let items = &batch.items;
+        let decoded = &batch.decoded;
         let mut tx = self.store.begin_write().await?;
         let wanted: Vec<AgentId> = items
             .iter()
-            .zip(&decoded)
+            .zip(decoded)
             .filter(|(_, d)| d.is_ok())
             .map(|(item, _)| item.agent)
             .collect();
-        let agents = agents_access(&mut tx, &wanted).await?;
+        let agents = agents_access(&mut tx, backend, &wanted).await?;
         let mut outcomes: Vec<Option<IngestOutcome>> = vec![None; items.len()];
         // Consecutive snapshots are applied together (see `apply_snapshots`); any other
         // message first applies the snapshots before it, so the batch's order holds.
         let mut run: Vec<Snap<'_>> = Vec::new();
-        for (i, (item, decoded)) in items.iter().zip(&decoded).enumerate() {
+        for (i, (item, decoded)) in items.iter().zip(decoded).enumerate() {
             let envelope = match decoded {
                 Err(reason) => {
                     outcomes[i] = Some(IngestOutcome::Rejected(reason.clone()));
@@ -168,13 +179,17 @@ impl IngestHandle {
                 }
                 Some(AgentAccess::Active(tenant)) => tenant,
             };
-            if let Message::Snapshot(snapshot) = &envelope.message {
+            if let (Message::Snapshot(snapshot), Some(Ok(status))) =
+                (&envelope.message, &batch.status[i])
+            {
                 run.push(Snap {
                     index: i,
                     tenant,
                     agent: item.agent,
                     envelope,
                     snapshot,
+                    id: batch.ids[i].as_str(),
+                    status,
                 });
                 continue;
             }
@@ -305,30 +320,96 @@ struct Snap<'a> {
     agent: AgentId,
     envelope: &'a Envelope,
     snapshot: &'a DeviceSnapshot,
+    /// The message id as text.
+    id: &'a str,
+    /// The snapshot's status as JSON.
+    status: &'a str,
 }
 
-/// Most rows in one multi-row statement. Statements are built for power-of-two row counts
-/// only (a run of 200 is 128 + 64 + 8), so each connection prepares a handful of statement
-/// shapes once and its statement cache keeps them.
+/// A batch decoded, with the text the statements bind computed: all the work on it that
+/// needs no database, so that it can be done while the batch before commits.
+#[derive(Debug)]
+pub struct PreparedBatch {
+    items: Vec<IngestItem>,
+    decoded: Vec<Result<Envelope, RejectReason>>,
+    /// Each valid item's message id as text (empty for an invalid one).
+    ids: Vec<String>,
+    /// Each snapshot's status as JSON (`None` for the other items).
+    status: Vec<Option<Result<String, String>>>,
+}
+
+impl PreparedBatch {
+    /// Decodes `items` (no database needed).
+    pub fn new(items: Vec<IngestItem>) -> PreparedBatch {
+        let decoded: Vec<Result<Envelope, RejectReason>> = items.iter().map(decode).collect();
+        let ids = decoded
+            .iter()
+            .map(|d| d.as_ref().map(|e| e.id.to_string()).unwrap_or_default())
+            .collect();
+        let status = decoded
+            .iter()
+            .map(|d| match d {
+                Ok(Envelope {
+                    message: Message::Snapshot(s),
+                    ..
+                }) => Some(serde_json::to_string(&s.status).map_err(|e| e.to_string())),
+                _ => None,
+            })
+            .collect();
+        PreparedBatch {
+            items,
+            decoded,
+            ids,
+            status,
+        }
+    }
+
+    /// How many items it holds.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+/// Most rows in one multi-row statement.
 const MAX_ROWS: usize = 256;
 
-/// Splits `n` rows into statement sizes: powers of two, at most [`MAX_ROWS`].
+/// Splits `n` rows into statement sizes: [`MAX_ROWS`] each, and one statement for the rest,
+/// so a batch takes as few round trips to the database as it can. Only full statements are
+/// kept prepared ([`persistent`]); the rest have a different size each time and would only
+/// push those out of the connection's statement cache.
 fn pieces(mut n: usize) -> Vec<usize> {
     let mut out = Vec::new();
     while n > 0 {
-        let size = if n >= MAX_ROWS {
-            MAX_ROWS
-        } else {
-            1 << (usize::BITS - 1 - n.leading_zeros())
-        };
+        let size = n.min(MAX_ROWS);
         out.push(size);
         n -= size;
     }
     out
 }
 
-/// `rows` groups of `width` placeholders, `($1, $2), ($3, $4)`, numbered from `$first`.
-fn placeholders(first: usize, width: usize, rows: usize) -> String {
+/// Whether a statement of `rows` rows is worth keeping prepared.
+fn persistent(rows: usize) -> bool {
+    rows == MAX_ROWS
+}
+
+/// Parameter `i` (from 1) of a statement where every parameter appears once, in order:
+/// `$i` on PostgreSQL, `?` on SQLite. (SQLite finds a named parameter's number by a linear
+/// search per bind, so binding a statement with hundreds of `$i` costs the square of that;
+/// with plain `?` each bind is direct.)
+fn param(backend: Backend, i: usize) -> String {
+    match backend {
+        Backend::Sqlite => "?".to_owned(),
+        Backend::Postgres => format!("${i}"),
+    }
+}
+
+/// `rows` groups of `width` parameters, `($1, $2), ($3, $4)`, numbered from `$first`.
+fn placeholders(backend: Backend, first: usize, width: usize, rows: usize) -> String {
     let mut sql = String::with_capacity(rows * width * 6);
     for r in 0..rows {
         if r > 0 {
@@ -339,8 +420,7 @@ fn placeholders(first: usize, width: usize, rows: usize) -> String {
             if c > 0 {
                 sql.push_str(", ");
             }
-            sql.push('$');
-            sql.push_str(&(first + r * width + c).to_string());
+            sql.push_str(&param(backend, first + r * width + c));
         }
         sql.push(')');
     }
@@ -348,9 +428,9 @@ fn placeholders(first: usize, width: usize, rows: usize) -> String {
 }
 
 /// `$first, $first+1, …` for an `IN (…)` list.
-fn in_list(first: usize, n: usize) -> String {
+fn in_list(backend: Backend, first: usize, n: usize) -> String {
     (first..first + n)
-        .map(|i| format!("${i}"))
+        .map(|i| param(backend, i))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -358,6 +438,7 @@ fn in_list(first: usize, n: usize) -> String {
 /// The access of every agent named, with one query per [`MAX_ROWS`] agents.
 async fn agents_access(
     conn: &mut AnyConnection,
+    backend: Backend,
     agents: &[AgentId],
 ) -> Result<HashMap<AgentId, AgentAccess>, StoreError> {
     let mut distinct: Vec<AgentId> = agents.to_vec();
@@ -373,9 +454,9 @@ async fn agents_access(
         rest = tail;
         let sql = format!(
             "SELECT id, tenant_id, revoked_at FROM agents WHERE id IN ({})",
-            in_list(1, n)
+            in_list(backend, 1, n)
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(persistent(n));
         for a in chunk {
             q = q.bind(a.to_string());
         }
@@ -408,7 +489,7 @@ async fn flush_snapshots(
     }
     let run = std::mem::take(run);
     let mut sp = tx.begin().await?;
-    match apply_snapshots(&mut sp, &run, now).await {
+    match apply_snapshots(&mut sp, backend, &run, now).await {
         Ok(applied) => {
             sp.commit().await?;
             for (index, outcome) in applied {
@@ -448,11 +529,12 @@ fn falls_back(backend: Backend, e: &StoreError) -> bool {
 /// `now`. Returns each snapshot's batch index and outcome.
 async fn apply_snapshots(
     conn: &mut AnyConnection,
+    backend: Backend,
     run: &[Snap<'_>],
     now: i64,
 ) -> Result<Vec<(usize, IngestOutcome)>, StoreError> {
     // 1. The message ids: the ones the insert returns are new.
-    let ids: Vec<String> = run.iter().map(|s| s.envelope.id.to_string()).collect();
+    let ids: Vec<&str> = run.iter().map(|s| s.id).collect();
     let agent_ids: HashMap<AgentId, String> =
         run.iter().map(|s| (s.agent, s.agent.to_string())).collect();
     let mut fresh: std::collections::HashSet<String> = std::collections::HashSet::new();
@@ -461,12 +543,12 @@ async fn apply_snapshots(
         let sql = format!(
             "INSERT INTO ingested_messages (id, agent_id, kind, received_at) VALUES {} \
              ON CONFLICT (id) DO NOTHING RETURNING id",
-            placeholders(1, 4, n)
+            placeholders(backend, 1, 4, n)
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(persistent(n));
         for (s, id) in run[offset..offset + n].iter().zip(&ids[offset..offset + n]) {
             q = q
-                .bind(id.as_str())
+                .bind(*id)
                 .bind(agent_ids[&s.agent].as_str())
                 .bind(Kind::Snapshot.as_str())
                 .bind(now);
@@ -480,7 +562,7 @@ async fn apply_snapshots(
     let mut stored: Vec<&Snap<'_>> = Vec::with_capacity(run.len());
     for (s, id) in run.iter().zip(&ids) {
         // An id twice in the run: the first is new, the second a duplicate.
-        if fresh.remove(id) {
+        if fresh.remove(*id) {
             outcomes.push((s.index, IngestOutcome::Stored));
             stored.push(s);
         } else {
@@ -546,10 +628,13 @@ async fn apply_snapshots(
             let (chunk, tail) = rest.split_at(n);
             rest = tail;
             let sql = format!(
-                "SELECT id, serial FROM devices WHERE tenant_id = $1 AND serial IN ({})",
-                in_list(2, n)
+                "SELECT id, serial FROM devices WHERE tenant_id = {} AND serial IN ({})",
+                param(backend, 1),
+                in_list(backend, 2, n)
             );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(tenant_text.as_str());
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .persistent(persistent(n))
+                .bind(tenant_text.as_str());
             for serial in chunk {
                 q = q.bind(*serial);
             }
@@ -601,9 +686,9 @@ async fn apply_snapshots(
             "UPDATE devices SET agent_id = v.column2, last_contact = CASE \
              WHEN devices.last_contact < v.column3 THEN v.column3 ELSE devices.last_contact END \
              FROM (VALUES {}) AS v WHERE devices.id = v.column1",
-            placeholders(1, 3, n)
+            placeholders(backend, 1, 3, n)
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(persistent(n));
         for (row, agent, seen) in chunk {
             q = q.bind(*row).bind(agent_ids[agent].as_str()).bind(*seen);
         }
@@ -611,7 +696,7 @@ async fn apply_snapshots(
     }
 
     // 3. The latest status per device row: the newest snapshot, the later one among equals.
-    let mut latest: Vec<(i64, i64, &DeviceSnapshot)> = Vec::new();
+    let mut latest: Vec<(i64, i64, &str)> = Vec::new();
     let mut latest_at: HashMap<i64, usize> = HashMap::new();
     for (s, &d) in stored.iter().zip(&device_of) {
         let row = devices[d]
@@ -621,12 +706,12 @@ async fn apply_snapshots(
         match latest_at.get(&row) {
             Some(&l) => {
                 if at >= latest[l].1 {
-                    latest[l] = (row, at, s.snapshot);
+                    latest[l] = (row, at, s.status);
                 }
             }
             None => {
                 latest_at.insert(row, latest.len());
-                latest.push((row, at, s.snapshot));
+                latest.push((row, at, s.status));
             }
         }
     }
@@ -638,11 +723,11 @@ async fn apply_snapshots(
             "INSERT INTO device_status (device_id, observed_at, status) VALUES {} \
              ON CONFLICT (device_id) DO UPDATE SET observed_at = excluded.observed_at, \
              status = excluded.status WHERE device_status.observed_at <= excluded.observed_at",
-            placeholders(1, 3, n)
+            placeholders(backend, 1, 3, n)
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (row, at, snapshot) in chunk {
-            q = q.bind(*row).bind(*at).bind(json(&snapshot.status)?);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(persistent(n));
+        for (row, at, status) in chunk {
+            q = q.bind(*row).bind(*at).bind(*status);
         }
         q.execute(&mut *conn).await?;
     }
@@ -659,11 +744,16 @@ async fn apply_snapshots(
         let (chunk, tail) = rest.split_at(n);
         rest = tail;
         let sql = format!(
-            "UPDATE agents SET last_seen = CASE WHEN last_seen IS NULL OR last_seen < $1 THEN $1 \
+            "UPDATE agents SET last_seen = CASE WHEN last_seen IS NULL OR last_seen < {} THEN {} \
              ELSE last_seen END WHERE id IN ({})",
-            in_list(2, n)
+            param(backend, 1),
+            param(backend, 2),
+            in_list(backend, 3, n)
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .persistent(persistent(n))
+            .bind(now)
+            .bind(now);
         for agent in chunk {
             q = q.bind(*agent);
         }

@@ -49,7 +49,7 @@ pub use accounts::{Account, AccountRole, AccountsHandle, FIRST_ADMIN, GeneratedP
 pub use admin::{AdminHandle, ServiceCertificate};
 pub use enroll::EnrollmentHandle;
 pub use error::StoreError;
-pub use ingest::{IngestHandle, IngestItem, IngestOutcome, RejectReason};
+pub use ingest::{IngestHandle, IngestItem, IngestOutcome, PreparedBatch, RejectReason};
 pub use migrate::SCHEMA_VERSION;
 pub use orders::{DispatchLease, OrdersHandle, QueuedAgent};
 pub use tenant::TenantHandle;
@@ -180,6 +180,14 @@ impl Store {
                         Box::pin(async move {
                             conn.execute("PRAGMA synchronous = FULL").await?;
                             conn.execute("PRAGMA foreign_keys = ON").await?;
+                            // Performance only (durability is `synchronous`'s): a page cache
+                            // of up to 32 MiB instead of 2 MiB, so the ingest commits find the
+                            // index pages they touch without reading them back from the file,
+                            // and a checkpoint every ~32 MiB of WAL instead of every 4 MiB, so
+                            // a page written by many commits is copied to the database less
+                            // often.
+                            conn.execute("PRAGMA cache_size = -32768").await?;
+                            conn.execute("PRAGMA wal_autocheckpoint = 8000").await?;
                             conn.execute(sqlx::AssertSqlSafe(format!(
                                 "PRAGMA busy_timeout = {busy_ms}"
                             )))

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use epmc_proto::topic::AgentId;
 use epmc_server::ingest::{
-    Endpoint, Inbound, IngestConfig, IngestSink, Outcome, SecurityEvent, SinkError,
+    Endpoint, Inbound, IngestConfig, IngestSink, Outcome, Prepared, SecurityEvent, SinkError,
     agent_id_from_cn,
 };
 use epmc_transport::client::{MqttClient, MqttOptions, TlsIdentity};
@@ -138,6 +138,8 @@ pub struct Recorded {
     pub batches: Vec<Vec<Inbound>>,
     pub states: Vec<(AgentId, bool)>,
     pub events: Vec<SecurityEvent>,
+    /// Messages handed to `prepare`, in order (before their commit).
+    pub prepared: Vec<Inbound>,
 }
 
 /// A sink that records everything; `hold` makes commits wait until `release`, `fail` makes
@@ -217,6 +219,16 @@ impl RecordingSink {
 
 #[async_trait::async_trait]
 impl IngestSink for RecordingSink {
+    fn prepare(&self, batch: Vec<Inbound>) -> Prepared {
+        self.log
+            .lock()
+            .unwrap()
+            .prepared
+            .extend(batch.iter().cloned());
+        self.touch();
+        Prepared::unprepared(batch)
+    }
+
     async fn commit(&self, batch: Vec<Inbound>) -> Result<Vec<Outcome>, SinkError> {
         let _ = self.started.send(batch.len());
         let mut held = self.held.subscribe();
