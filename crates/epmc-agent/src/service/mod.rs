@@ -410,7 +410,7 @@ impl Pace {
         let new = if old == 0 {
             sample
         } else {
-            (old * 7 + sample) / 8
+            (old * 7 + sample + 4) / 8
         };
         self.typical_us.store(new.max(1), Relaxed);
     }
@@ -1042,5 +1042,68 @@ async fn write_status(ctx: Arc<Ctx>, session: Arc<MqttSession>, dir: PathBuf, ev
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || status::write(&dir, &s)).await {
             tracing::warn!(error = %e, "status file not written");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_grace_is_the_bound_until_an_answer_is_seen() {
+        let pace = Pace::new(500 * MS);
+        assert_eq!(pace.typical(), None);
+        assert_eq!(pace.grace(false), 500 * MS);
+        assert_eq!(pace.grace(true), 500 * MS);
+    }
+
+    #[test]
+    fn the_grace_follows_the_typical_reply_time() {
+        let pace = Pace::new(500 * MS);
+        for _ in 0..50 {
+            pace.observe(20 * MS);
+        }
+        assert_eq!(pace.typical(), Some(20 * MS));
+        assert_eq!(pace.grace(false), 20 * MS * Pace::GRACE_REPLIES);
+        assert_eq!(pace.grace(true), 20 * MS, "a suspect: one reply time");
+        // Slower replies lengthen it, up to the bound.
+        for _ in 0..200 {
+            pace.observe(90 * MS);
+        }
+        // (The integer average settles within a few microseconds of the samples.)
+        let near = |d: Duration, want: Duration| d.abs_diff(want) <= Duration::from_micros(20);
+        assert!(near(pace.grace(false), 360 * MS), "{:?}", pace.grace(false));
+        for _ in 0..200 {
+            pace.observe(10 * 500 * MS);
+        }
+        let typical = pace.typical().unwrap();
+        assert!(
+            near(typical, 500 * MS),
+            "a sample counts at most the bound: {typical:?}"
+        );
+        assert_eq!(pace.grace(false), 500 * MS);
+        assert!(near(pace.grace(true), 500 * MS));
+    }
+
+    #[test]
+    fn fast_replies_do_not_make_the_grace_vanish() {
+        let pace = Pace::new(500 * MS);
+        for _ in 0..50 {
+            pace.observe(Duration::from_micros(200));
+        }
+        assert_eq!(pace.grace(false), Pace::MIN_GRACE);
+        assert_eq!(pace.grace(true), Pace::MIN_SUSPECT_GRACE);
+        pace.observe(Duration::ZERO);
+        assert!(pace.typical().is_some(), "zero is not 'nothing seen'");
+    }
+
+    #[test]
+    fn one_slow_answer_moves_the_average_by_an_eighth() {
+        let pace = Pace::new(Duration::from_secs(5));
+        pace.observe(20 * MS);
+        pace.observe(820 * MS);
+        assert_eq!(pace.typical(), Some(120 * MS));
     }
 }
