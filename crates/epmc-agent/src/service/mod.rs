@@ -299,6 +299,8 @@ impl Ctx {
         f: F,
     ) -> F::Output {
         tokio::pin!(f);
+        // Answers counted before this slot (a held session's earlier work) are not samples.
+        let _ = answers.borrow_and_update();
         let mut last = tokio::time::Instant::now();
         let mut counted = true;
         loop {
