@@ -8,17 +8,18 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use epmc_proto::{Envelope, Message};
 use escvp::net::Password;
 
-use crate::collect::{CollectOptions, Collected, Interface, collect_all};
+use crate::collect::{CollectOptions, Collected, Interface, collect_all_observed};
 use crate::config::ProxyUrl;
 use crate::config::{AgentConfig, Endpoint, MAX_TOTAL_ADDRESSES, Mode, SessionMode, TargetSpec};
-use crate::discover::{HelloOptions, HttpProbe, ProbeOutcome, discover_combined};
+use crate::discover::{HelloOptions, HttpProbe, ProbeOutcome, discover_combined_observed};
 use crate::enroll::{EnrollOptions, EnrollProxy, ServerAddress, Token, enroll};
+use crate::progress::{self, Progress};
 use epmc_transport::client::ProxyCredentials;
 
 /// EPMC-rs agent: discovers Epson projectors on the LAN and collects their data.
@@ -306,11 +307,24 @@ fn parse_password(s: &str) -> Result<Password, String> {
     Password::new(s).map_err(|e| e.to_string())
 }
 
-/// Runs a parsed command line; returns the exit code.
+/// Runs a parsed command line; returns the exit code. No progress is shown.
 pub async fn run(cli: Cli, out: &mut impl Write, err: &mut impl Write) -> u8 {
+    run_with_progress(cli, out, err, false).await
+}
+
+/// Runs a parsed command line; returns the exit code. With `progress` (the binary sets it
+/// when stderr is a terminal), `discover` and `collect` show their progress on `err`, one
+/// line rewritten in place and cleared at the end ([`crate::progress`]); without it they
+/// write nothing beyond their results and errors.
+pub async fn run_with_progress(
+    cli: Cli,
+    out: &mut impl Write,
+    err: &mut impl Write,
+    progress: bool,
+) -> u8 {
     let result = match cli.command {
-        Command::Collect(a) => run_collect(a, out, err).await,
-        Command::Discover(a) => run_discover(a, out, err).await,
+        Command::Collect(a) => run_collect(a, out, err, progress).await,
+        Command::Discover(a) => run_discover(a, out, err, progress).await,
         Command::Check(a) => run_check(a, out, err),
         Command::Enroll(a) => run_enroll(a, out, err).await,
         Command::Run(a) => run_service(a, err).await,
@@ -331,6 +345,7 @@ async fn run_collect(
     args: CollectArgs,
     out: &mut impl Write,
     err: &mut impl Write,
+    progress: bool,
 ) -> std::io::Result<u8> {
     let mut seen = BTreeSet::new();
     let endpoints: Vec<Endpoint> = args
@@ -343,12 +358,29 @@ async fn run_collect(
                 .with_http_port((!args.no_http).then_some(args.http_port))
         })
         .collect();
-    let results = collect_all(
+    let total = endpoints.len();
+    let mut line = progress.then(|| Progress::new(&mut *err));
+    if let Some(p) = line.as_mut() {
+        p.update(Instant::now(), || progress::read(0, total, 0));
+    }
+    let mut failed_so_far = 0;
+    let results = collect_all_observed(
         &endpoints,
         &args.timeouts.options(),
         args.concurrency as usize,
+        |done, result| {
+            failed_so_far += usize::from(result.is_err());
+            if let Some(p) = line.as_mut() {
+                p.update(Instant::now(), || {
+                    progress::read(done, total, failed_so_far)
+                });
+            }
+        },
     )
     .await;
+    if let Some(p) = line {
+        p.finish();
+    }
     let mut failed = 0;
     for (endpoint, result) in endpoints.iter().zip(results) {
         match result {
@@ -486,6 +518,7 @@ async fn run_discover(
     args: DiscoverArgs,
     out: &mut impl Write,
     err: &mut impl Write,
+    progress: bool,
 ) -> std::io::Result<u8> {
     let mut seen = BTreeSet::new();
     let mut endpoints = Vec::new();
@@ -527,13 +560,30 @@ async fn run_discover(
         timeout: Duration::from_millis(args.hello_timeout_ms),
         ..HelloOptions::default()
     };
-    let probes = discover_combined(
+    let total = endpoints.len();
+    let mut line = progress.then(|| Progress::new(&mut *err));
+    if let Some(p) = line.as_mut() {
+        p.update(Instant::now(), || progress::swept(0, total, 0));
+    }
+    let mut found_so_far = 0;
+    let probes = discover_combined_observed(
         &endpoints,
         &args.timeouts.options(),
         args.concurrency as usize,
         (!args.no_hello).then_some(&hello),
+        |done, found| {
+            found_so_far += usize::from(found);
+            if let Some(p) = line.as_mut() {
+                p.update(Instant::now(), || {
+                    progress::swept(done, total, found_so_far)
+                });
+            }
+        },
     )
     .await;
+    if let Some(p) = line {
+        p.finish();
+    }
     // The first address each serial number was seen at.
     let mut first_seen: Vec<(String, SocketAddr)> = Vec::new();
     let mut found = 0;

@@ -310,6 +310,7 @@ pub struct Projector {
     addr: SocketAddr,
     serial: Option<String>,
     sources: Option<SourceList>,
+    answers: Option<tokio::sync::watch::Sender<u32>>,
 }
 
 type Step<T> = Result<Option<T>, CollectError>;
@@ -335,7 +336,23 @@ impl Projector {
             addr: endpoint.addr,
             serial: None,
             sources: None,
+            answers: None,
         })
+    }
+
+    /// Counts this session's answers on `to` from now on (every answer to a read, a refusal
+    /// included), and counts the CONNECT reply already received as the first. Whoever waits
+    /// for the projector (the service's concurrency slots) can so tell a projector that is
+    /// answering from one that has gone silent.
+    pub fn count_answers(&mut self, to: tokio::sync::watch::Sender<u32>) {
+        to.send_modify(|n| *n = n.wrapping_add(1));
+        self.answers = Some(to);
+    }
+
+    fn answered(&self) {
+        if let Some(a) = &self.answers {
+            a.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
     /// Where the projector was reached.
@@ -381,7 +398,17 @@ impl Projector {
     }
 
     async fn get<P: Property>(&mut self, report: &mut Report) -> Step<P::Value> {
-        match self.client.get::<P>().await {
+        let answer = self.client.get::<P>().await;
+        if matches!(
+            answer,
+            Ok(_)
+                | Err(ClientError::Command(CommandError::Refused)
+                    | ClientError::BadValue(_)
+                    | ClientError::UnexpectedAnswer(_))
+        ) {
+            self.answered();
+        }
+        match answer {
             Ok(v) => Ok(Some(v)),
             Err(ClientError::Command(CommandError::Refused)) => {
                 report.unsupported.push(P::NAME);
@@ -785,10 +812,26 @@ pub async fn collect_all(
     options: &CollectOptions,
     concurrency: usize,
 ) -> Vec<Result<Collected, CollectError>> {
-    crate::sweep::bounded_map(endpoints, concurrency, |e| {
-        let e = e.clone();
-        let options = options.clone();
-        async move { collect_once(&e, &options).await }
-    })
+    collect_all_observed(endpoints, options, concurrency, |_, _| {}).await
+}
+
+/// [`collect_all`], calling `done(finished, result)` as each endpoint's outcome comes in
+/// (`finished` counts the outcomes so far): for a progress display.
+pub async fn collect_all_observed(
+    endpoints: &[Endpoint],
+    options: &CollectOptions,
+    concurrency: usize,
+    done: impl FnMut(usize, &Result<Collected, CollectError>),
+) -> Vec<Result<Collected, CollectError>> {
+    crate::sweep::bounded_map_observed(
+        endpoints,
+        concurrency,
+        |e| {
+            let e = e.clone();
+            let options = options.clone();
+            async move { collect_once(&e, &options).await }
+        },
+        done,
+    )
     .await
 }

@@ -263,6 +263,20 @@ pub async fn discover_combined(
     concurrency: usize,
     hello: Option<&HelloOptions>,
 ) -> Vec<Sighting> {
+    discover_combined_observed(endpoints, options, concurrency, hello, |_, _| {}).await
+}
+
+/// [`discover_combined`], calling `probed(finished, found)` as each endpoint's probe comes
+/// in: how many have been probed, and whether this one found a projector (over ESC/VP.net,
+/// or over HTTP where 3629 was closed; HELLO replies are only known at the end): for a
+/// progress display.
+pub async fn discover_combined_observed(
+    endpoints: &[Endpoint],
+    options: &CollectOptions,
+    concurrency: usize,
+    hello: Option<&HelloOptions>,
+    mut probed: impl FnMut(usize, bool),
+) -> Vec<Sighting> {
     let hellos = async {
         match hello {
             Some(h) => hello_sweep(endpoints, h).await.unwrap_or_else(|e| {
@@ -272,20 +286,34 @@ pub async fn discover_combined(
             None => BTreeMap::new(),
         }
     };
-    let sweep = crate::sweep::bounded_map(endpoints, concurrency, |e| {
-        let e = e.clone();
-        let options = options.clone();
-        async move {
-            let probe = probe(&e, &options).await;
-            let http = match (&probe.outcome, e.http_port) {
-                (ProbeOutcome::Absent(err), Some(port)) if crate::http::fallback_applies(err) => {
-                    Some(http_probe(&e, port, &options).await)
-                }
-                _ => None,
-            };
-            (probe, http)
-        }
-    });
+    let sweep = crate::sweep::bounded_map_observed(
+        endpoints,
+        concurrency,
+        |e| {
+            let e = e.clone();
+            let options = options.clone();
+            async move {
+                let probe = probe(&e, &options).await;
+                let http = match (&probe.outcome, e.http_port) {
+                    (ProbeOutcome::Absent(err), Some(port))
+                        if crate::http::fallback_applies(err) =>
+                    {
+                        Some(http_probe(&e, port, &options).await)
+                    }
+                    _ => None,
+                };
+                (probe, http)
+            }
+        },
+        |n, (probe, http): &(Probe, Option<HttpProbe>)| {
+            let found = probe.outcome.is_projector()
+                || matches!(
+                    http,
+                    Some(HttpProbe::Projector { .. } | HttpProbe::Locked(_))
+                );
+            probed(n, found);
+        },
+    );
     let (mut hellos, probes) = tokio::join!(hellos, sweep);
     probes
         .into_iter()

@@ -16,6 +16,7 @@
 //!   downgrade, installed atomically, rolled back when the new binary fails its self-test.
 //! - [`service`]: the agent service (`run`): device tasks, the durable outbox to the server,
 //!   orders journaled and executed, the agent screen.
+//! - [`progress`]: the progress line of long command-line operations on a terminal.
 //! - [`cli`]: the `epmc-agent` command line (`collect --once`, `discover`, `check`, `run`,
 //!   `status`, `enroll`, `update`); the binary only sets up logging and calls it.
 #![forbid(unsafe_code)]
@@ -29,6 +30,7 @@ pub mod discover;
 pub mod enroll;
 pub mod http;
 pub mod identity;
+pub mod progress;
 pub mod service;
 pub mod sweep;
 pub mod update;

@@ -1,9 +1,10 @@
 //! `epmc-agent`: wiring only (logging, command line); the work is in the library.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use epmc_agent::cli::{Cli, run};
+use epmc_agent::cli::{Cli, run_with_progress};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -17,6 +18,14 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // Not `stderr().lock()`: the log writes to stderr from the runtime's threads, and a lock
     // held here for the whole of a long `run` would block them forever.
-    let code = run(cli, &mut std::io::stdout(), &mut std::io::stderr()).await;
+    // Progress lines only where a person watches: never into a pipe, a file or a log.
+    let progress = std::io::stderr().is_terminal();
+    let code = run_with_progress(
+        cli,
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
+        progress,
+    )
+    .await;
     ExitCode::from(code)
 }

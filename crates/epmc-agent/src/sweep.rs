@@ -6,7 +6,23 @@ use tokio::task::JoinSet;
 
 /// Runs `f` on every item with at most `concurrency` (at least 1) futures in flight at once
 /// and returns the results in the items' order. A panic in one future is resumed here.
-pub async fn bounded_map<T, R, F, Fut>(items: &[T], concurrency: usize, mut f: F) -> Vec<R>
+pub async fn bounded_map<T, R, F, Fut>(items: &[T], concurrency: usize, f: F) -> Vec<R>
+where
+    F: FnMut(&T) -> Fut,
+    Fut: Future<Output = R> + Send + 'static,
+    R: Send + 'static,
+{
+    bounded_map_observed(items, concurrency, f, |_, _| {}).await
+}
+
+/// [`bounded_map`], calling `done(finished, result)` as each result comes in (in completion
+/// order; `finished` counts the results so far, this one included): for progress display.
+pub async fn bounded_map_observed<T, R, F, Fut>(
+    items: &[T],
+    concurrency: usize,
+    mut f: F,
+    mut done_one: impl FnMut(usize, &R),
+) -> Vec<R>
 where
     F: FnMut(&T) -> Fut,
     Fut: Future<Output = R> + Send + 'static,
@@ -24,7 +40,10 @@ where
             next += 1;
         }
         match running.join_next().await {
-            Some(Ok(result)) => done.push(result),
+            Some(Ok(result)) => {
+                done_one(done.len() + 1, &result.1);
+                done.push(result);
+            }
             Some(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // Tasks are never cancelled here; `JoinSet` only reports cancellation when
             // aborted or shut down, which this function does not do.
@@ -67,6 +86,25 @@ mod tests {
         .expect("bounded_map finished");
         assert_eq!(out, items.iter().map(|i| i * 10).collect::<Vec<_>>());
         assert_eq!(peak.load(Ordering::SeqCst), 6);
+    }
+
+    #[tokio::test]
+    async fn every_result_is_observed_once_as_it_comes() {
+        let items: Vec<u64> = (0..25).collect();
+        let mut seen = Vec::new();
+        let out = bounded_map_observed(
+            &items,
+            4,
+            |&i| async move { i * 2 },
+            |n, r: &u64| seen.push((n, *r)),
+        )
+        .await;
+        assert_eq!(out.len(), 25);
+        let counts: Vec<usize> = seen.iter().map(|(n, _)| *n).collect();
+        assert_eq!(counts, (1..=25).collect::<Vec<_>>());
+        let mut values: Vec<u64> = seen.iter().map(|(_, r)| *r).collect();
+        values.sort_unstable();
+        assert_eq!(values, out);
     }
 
     #[tokio::test]

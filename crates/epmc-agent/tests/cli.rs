@@ -283,7 +283,11 @@ fn the_binary_exits_non_zero_on_failure() {
         .output()
         .expect("runs");
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("connection refused"));
+    // stderr is a pipe, not a terminal: exactly the error, no progress line.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("{dead}: connection refused (refused)\n")
+    );
 }
 
 #[tokio::test]
@@ -322,4 +326,64 @@ async fn discover_sweeps_the_configured_targets_with_their_passwords() {
     let (code, _, err) = run_cli(&["discover", "--config", bad.to_str().expect("path")]).await;
     assert_eq!(code, 1);
     assert!(err.starts_with("--config: "), "{err}");
+}
+
+/// Runs the CLI in-process with or without the progress line: (exit code, stdout, stderr).
+async fn run_cli_progress(args: &[&str], progress: bool) -> (u8, String, String) {
+    let mut argv = vec!["epmc-agent"];
+    argv.extend_from_slice(args);
+    let cli = Cli::try_parse_from(argv).expect("valid command line");
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = bounded(epmc_agent::cli::run_with_progress(
+        cli, &mut out, &mut err, progress,
+    ))
+    .await;
+    (
+        code,
+        String::from_utf8(out).expect("utf-8"),
+        String::from_utf8(err).expect("utf-8"),
+    )
+}
+
+/// The progress text: `\r`-led lines, no new line, ending with the line blanked.
+fn assert_progress_only(progress: &str, first: &str) {
+    assert!(progress.starts_with(&format!("\r{first}")), "{progress:?}");
+    assert!(!progress.contains('\n'), "{progress:?}");
+    let last = progress.trim_end_matches('\r').rsplit('\r').next().unwrap();
+    assert!(
+        !last.is_empty() && last.chars().all(|c| c == ' '),
+        "cleared at the end: {progress:?}"
+    );
+    assert!(progress.ends_with('\r'), "{progress:?}");
+}
+
+#[tokio::test]
+async fn progress_goes_to_stderr_only_when_asked_and_changes_no_output() {
+    let (_fleet, p) = emulators(2).await;
+    let dead = closed_port().to_string();
+    let a = p[0].tcp_addr().to_string();
+    let b = p[1].tcp_addr().to_string();
+
+    // discover: the same stdout; stderr has only the progress line, cleared.
+    let args = ["discover", "--range", &a, &dead, &b, "--all"];
+    let (code, out, err) = run_cli_progress(&args, false).await;
+    assert_eq!((code, err.as_str()), (0, ""), "no progress when not asked");
+    let (code_p, out_p, err_p) = run_cli_progress(&args, true).await;
+    assert_eq!((code_p, &out_p), (code, &out));
+    assert_progress_only(&err_p, "swept 0/3 addresses, 0 projectors found");
+
+    // collect --once --json: the same envelopes and error line; the progress is cleared
+    // before the error line is written.
+    let args = [
+        "collect", "--once", "--json", "--target", &a, "--target", &dead, "--target", &b,
+    ];
+    let (code, out, err) = run_cli_progress(&args, false).await;
+    assert_eq!(err, format!("{dead}: connection refused (refused)\n"));
+    let (code_p, out_p, err_p) = run_cli_progress(&args, true).await;
+    assert_eq!(code_p, code);
+    assert_eq!(out_p.lines().count(), out.lines().count());
+    assert_eq!(out_p.lines().count(), 4, "two envelopes per projector read");
+    let (progress, rest) = err_p.split_at(err_p.rfind('\r').unwrap() + 1);
+    assert_eq!(rest, err, "after the progress, the same stderr");
+    assert_progress_only(progress, "read 0/3 projectors, 0 failed");
 }

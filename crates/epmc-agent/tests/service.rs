@@ -791,3 +791,90 @@ async fn hundreds_of_projectors_some_faulty_are_each_reported_as_what_they_are()
     service.stop().await;
     fleet.shutdown().await;
 }
+
+/// Silent projectors (they answer the ESC/VP.net handshake, then nothing) do not hold up the
+/// healthy ones: with one concurrency slot and the silent ones first in line, every healthy
+/// projector is read while the silent ones are still waiting for their answers; the silent
+/// ones are then reported as timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_projectors_give_their_slot_up_and_the_healthy_ones_are_read_meanwhile() {
+    use escvp::emulator::Faults;
+    let env = Env::start().await;
+    let silent = Fleet::spawn_consecutive(
+        "127.0.0.1:0".parse().unwrap(),
+        3,
+        ProjectorConfig {
+            faults: Faults {
+                silent: true,
+                ..Faults::default()
+            },
+            ..template()
+        },
+    )
+    .await
+    .unwrap();
+    let healthy = fleet(6).await;
+    let agent_dir = env.issue("silent-agent").await;
+    let targets: Vec<(SocketAddr, &str, &str)> = silent
+        .projectors()
+        .iter()
+        .map(|p| (p.tcp_addr(), "Silent", "poll"))
+        .chain(
+            healthy
+                .projectors()
+                .iter()
+                .map(|p| (p.tcp_addr(), "Healthy", "poll")),
+        )
+        .collect();
+    let mut config = env.config(&agent_dir, "bidirectional", &targets);
+    config.concurrency = 1;
+    // One read each in this test.
+    config.schedule.status_interval = Duration::from_secs(600);
+    let mut o = options(&agent_dir);
+    o.spread_start = Duration::ZERO;
+    o.full_on_first_contact = false;
+    // A silent projector's command times out after 12 s; the grace's upper bound is longer,
+    // so without a learnt grace each silent one would hold the only slot for those 12 s.
+    o.collect.command_timeout_scale = 4.0;
+    o.slow_grace = Duration::from_secs(60);
+    let service = Service::start(config, o).await.unwrap();
+    let is_silent = |a: SocketAddr| silent.projectors().iter().any(|p| p.tcp_addr() == a);
+
+    let screen = eventually("every healthy projector read", async || {
+        let st = service.status();
+        st.targets
+            .iter()
+            .filter(|t| !is_silent(t.addr))
+            .all(|t| t.reads == 1)
+            .then_some(st)
+    })
+    .await;
+    for t in screen.targets.iter().filter(|t| is_silent(t.addr)) {
+        assert_eq!(
+            (t.reads, t.failed_attempts),
+            (0, 0),
+            "a silent projector still waiting while the healthy ones were read: {t:?}"
+        );
+    }
+
+    // And the silent ones are reported: timed out, not read.
+    eventually("every silent projector reported", async || {
+        let st = service.status();
+        st.targets
+            .iter()
+            .filter(|t| is_silent(t.addr))
+            .all(|t| match &t.reach {
+                status::Reach::Failed(why) => {
+                    assert!(
+                        why.contains("timed out") || why.contains("timeout"),
+                        "{why}"
+                    );
+                    t.reads == 0
+                }
+                _ => false,
+            })
+            .then_some(())
+    })
+    .await;
+    service.stop().await;
+}

@@ -17,7 +17,7 @@ use epmc_proto::bounded::Timestamp;
 use epmc_proto::model::{DeviceEvent, DeviceEventKind};
 use epmc_proto::order::{Order, OrderAction, OrderOutcome};
 use epmc_proto::{Message, model::Severity};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::Ctx;
@@ -60,6 +60,9 @@ pub(super) struct DeviceTask {
     failures: u32,
     /// Whether the last contact succeeded (`None`: never tried).
     reachable: Option<bool>,
+    /// Whether the last attempt timed out: the next one keeps its concurrency slot only while
+    /// the projector answers about as fast as the others (see [`super::Pace`]).
+    suspect: bool,
     next_status: Instant,
     next_full: Instant,
     first_done: bool,
@@ -86,6 +89,7 @@ impl DeviceTask {
             device_id: None,
             failures: 0,
             reachable: None,
+            suspect: false,
             next_status: now + start_in,
             // A full collection on the first contact: the server learns what the device is.
             next_full: if ctx.full_on_first_contact {
@@ -157,8 +161,10 @@ impl DeviceTask {
             // Boxed: the work runs in at most `concurrency` tasks at a time, while every
             // idle device task (thousands) would otherwise carry its whole state inline.
             let slot = ctx.slot().await;
-            let session = Box::pin(ctx.talking(slot, async {
-                let mut p = self.connect().await?;
+            let (answers, answered) = watch::channel(0);
+            let suspect = self.suspect;
+            let session = Box::pin(ctx.talking(slot, answered, suspect, async {
+                let mut p = self.connect(answers).await?;
                 self.work(&mut p, None).await;
                 Ok(p)
             }))
@@ -184,7 +190,10 @@ impl DeviceTask {
             self.take_queued();
             let ctx = self.ctx.clone();
             let slot = ctx.slot().await;
-            let connected = Box::pin(ctx.talking(slot, self.connect())).await;
+            let (answers, answered) = watch::channel(0);
+            let connected =
+                Box::pin(ctx.talking(slot, answered.clone(), self.suspect, self.connect(answers)))
+                    .await;
             let mut p = match connected {
                 Ok(p) => p,
                 Err(e) => {
@@ -233,7 +242,13 @@ impl DeviceTask {
                         self.take_queued();
                         let ctx = self.ctx.clone();
                         let slot = ctx.slot().await;
-                        let ok = Box::pin(ctx.talking(slot, self.work(&mut p, None))).await;
+                        let ok = Box::pin(ctx.talking(
+                            slot,
+                            answered.clone(),
+                            false,
+                            self.work(&mut p, None),
+                        ))
+                        .await;
                         if !ok {
                             break;
                         }
@@ -263,8 +278,10 @@ impl DeviceTask {
         let ctx = self.ctx.clone();
         let full = Instant::now() >= self.next_full;
         let slot = ctx.slot().await;
+        // Answers over HTTP are not counted: the grace runs from the start.
+        let (_uncounted, answers) = watch::channel(0);
         let read = ctx
-            .talking(slot, async {
+            .talking(slot, answers, self.suspect, async {
                 if full {
                     http::collect_http(&self.endpoint, port, &self.ctx.collect)
                         .await
@@ -319,14 +336,17 @@ impl DeviceTask {
         }
     }
 
-    async fn connect(&mut self) -> Result<Projector, CollectError> {
+    /// Opens a session whose answers are counted on `answers`.
+    async fn connect(&mut self, answers: watch::Sender<u32>) -> Result<Projector, CollectError> {
         let options = &self.ctx.collect;
-        tokio::time::timeout(
+        let mut p = tokio::time::timeout(
             options.connect_timeout + options.handshake_timeout + Duration::from_secs(1),
             Projector::connect(&self.endpoint, options),
         )
         .await
-        .unwrap_or(Err(CollectError::TimedOut(Stage::Connect)))
+        .unwrap_or(Err(CollectError::TimedOut(Stage::Connect)))?;
+        p.count_answers(answers);
+        Ok(p)
     }
 
     /// Identifies the device, runs the queued orders, then whatever read is due. Returns
@@ -493,11 +513,13 @@ impl DeviceTask {
             .await;
         }
         self.reachable = Some(true);
+        self.suspect = false;
     }
 
     async fn failed(&mut self, e: CollectError) {
         self.failures = self.failures.saturating_add(1);
         let busy = matches!(e, CollectError::Busy);
+        self.suspect = matches!(e, CollectError::TimedOut(_));
         let failures = self.failures;
         self.ctx.status.update(self.endpoint.addr, |s| {
             s.reach = if busy {

@@ -74,9 +74,11 @@ pub struct ServiceOptions {
     pub forward_retry: Duration,
     /// The first reads are spread over this long (so a big fleet does not start in step).
     pub spread_start: Duration,
-    /// A projector still being talked to after this long gives up its place among the
-    /// `concurrency` slots and goes on waiting outside them, so silent or very slow
-    /// projectors wait in parallel instead of holding up the rest of a round.
+    /// The longest a projector may keep one of the `concurrency` slots without answering:
+    /// after that it gives its slot up and goes on waiting outside them, so silent or very
+    /// slow projectors wait in parallel instead of holding up the rest of a round. Once
+    /// replies have been seen the wait is shorter, a few typical reply times (this is its
+    /// upper bound).
     pub slow_grace: Duration,
     /// Whether the first contact with a projector is a full collection (the server then knows
     /// what the device is at once) rather than a status read.
@@ -259,7 +261,7 @@ pub(crate) struct Ctx {
     stop: watch::Receiver<bool>,
     order_retry: Duration,
     mode: Mode,
-    slow_grace: Duration,
+    pace: Pace,
     full_on_first_contact: bool,
     updates: Option<Updates>,
 }
@@ -285,17 +287,37 @@ impl Ctx {
         }
     }
 
-    /// Runs `f` (talking to a projector) in the `slot` taken for it; after
-    /// [`ServiceOptions::slow_grace`] it gives the slot up and finishes outside.
+    /// Runs `f` (talking to a projector) in the `slot` taken for it. `answers` counts the
+    /// projector's answers (see [`crate::collect::Projector::count_answers`]); once it has
+    /// gone [`Pace::grace`] without one, the slot is given up and `f` finishes outside the
+    /// concurrency limit. A `suspect` (its last attempt timed out) gets the short grace.
     async fn talking<F: std::future::Future>(
         &self,
         permit: tokio::sync::OwnedSemaphorePermit,
+        mut answers: watch::Receiver<u32>,
+        suspect: bool,
         f: F,
     ) -> F::Output {
         tokio::pin!(f);
-        tokio::select! {
-            out = &mut f => return out,
-            () = tokio::time::sleep(self.slow_grace) => {}
+        // Answers counted before this slot (a held session's earlier work) are not samples.
+        let _ = answers.borrow_and_update();
+        let mut last = tokio::time::Instant::now();
+        let mut counted = true;
+        loop {
+            let give_up = last + self.pace.grace(suspect);
+            tokio::select! {
+                out = &mut f => return out,
+                changed = answers.changed(), if counted => {
+                    if changed.is_err() {
+                        counted = false;
+                        continue;
+                    }
+                    let now = tokio::time::Instant::now();
+                    self.pace.observe(now - last);
+                    last = now;
+                }
+                () = tokio::time::sleep_until(give_up) => break,
+            }
         }
         drop(permit);
         f.await
@@ -345,6 +367,77 @@ impl Ctx {
             None,
         )))
         .await;
+    }
+}
+
+/// How fast the projectors answer, learnt from every answer in every session: how long a
+/// projector may keep a concurrency slot without answering.
+///
+/// The typical reply time is a moving average (weight 1/8) of the gaps between a session's
+/// answers (the first from taking the slot to the CONNECT reply). A projector keeps its slot
+/// while it answers within [`Pace::GRACE_REPLIES`] typical reply times (at least
+/// [`Pace::MIN_GRACE`]); one whose last attempt timed out (a suspect) only within one. Before
+/// any answer, and at most ever, the grace is the configured `slow_grace`. A grace that is too
+/// short only lets a slow but healthy projector finish outside the limit.
+#[derive(Debug)]
+pub(crate) struct Pace {
+    /// Typical reply time, µs; 0 until the first answer.
+    typical_us: std::sync::atomic::AtomicU64,
+    max: Duration,
+}
+
+impl Pace {
+    /// A projector keeps its slot this many typical reply times without answering.
+    pub(crate) const GRACE_REPLIES: u32 = 4;
+    /// The shortest grace for a projector not suspected of being silent.
+    pub(crate) const MIN_GRACE: Duration = Duration::from_millis(50);
+    /// The shortest grace for a suspect.
+    pub(crate) const MIN_SUSPECT_GRACE: Duration = Duration::from_millis(10);
+
+    pub(crate) fn new(max: Duration) -> Pace {
+        Pace {
+            typical_us: std::sync::atomic::AtomicU64::new(0),
+            max,
+        }
+    }
+
+    /// Records the time one answer took.
+    pub(crate) fn observe(&self, took: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sample = u64::try_from(took.min(self.max).as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        // Racing updates may lose a sample; the average does not need them all.
+        let old = self.typical_us.load(Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            (old * 7 + sample + 4) / 8
+        };
+        self.typical_us.store(new.max(1), Relaxed);
+    }
+
+    /// The typical reply time, once one answer has been seen.
+    pub(crate) fn typical(&self) -> Option<Duration> {
+        match self.typical_us.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// How long a projector may keep its slot without answering.
+    pub(crate) fn grace(&self, suspect: bool) -> Duration {
+        let Some(typical) = self.typical() else {
+            return self.max;
+        };
+        let grace = if suspect {
+            typical.max(Self::MIN_SUSPECT_GRACE)
+        } else {
+            typical
+                .saturating_mul(Self::GRACE_REPLIES)
+                .max(Self::MIN_GRACE)
+        };
+        grace.min(self.max)
     }
 }
 
@@ -623,7 +716,7 @@ impl Service {
             stop: stop_rx,
             order_retry: options.order_retry,
             mode: config.mode,
-            slow_grace: options.slow_grace,
+            pace: Pace::new(options.slow_grace),
             full_on_first_contact: options.full_on_first_contact,
             updates,
         });
@@ -951,5 +1044,68 @@ async fn write_status(ctx: Arc<Ctx>, session: Arc<MqttSession>, dir: PathBuf, ev
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || status::write(&dir, &s)).await {
             tracing::warn!(error = %e, "status file not written");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_grace_is_the_bound_until_an_answer_is_seen() {
+        let pace = Pace::new(500 * MS);
+        assert_eq!(pace.typical(), None);
+        assert_eq!(pace.grace(false), 500 * MS);
+        assert_eq!(pace.grace(true), 500 * MS);
+    }
+
+    #[test]
+    fn the_grace_follows_the_typical_reply_time() {
+        let pace = Pace::new(500 * MS);
+        for _ in 0..50 {
+            pace.observe(20 * MS);
+        }
+        assert_eq!(pace.typical(), Some(20 * MS));
+        assert_eq!(pace.grace(false), 20 * MS * Pace::GRACE_REPLIES);
+        assert_eq!(pace.grace(true), 20 * MS, "a suspect: one reply time");
+        // Slower replies lengthen it, up to the bound.
+        for _ in 0..200 {
+            pace.observe(90 * MS);
+        }
+        // (The integer average settles within a few microseconds of the samples.)
+        let near = |d: Duration, want: Duration| d.abs_diff(want) <= Duration::from_micros(20);
+        assert!(near(pace.grace(false), 360 * MS), "{:?}", pace.grace(false));
+        for _ in 0..200 {
+            pace.observe(10 * 500 * MS);
+        }
+        let typical = pace.typical().unwrap();
+        assert!(
+            near(typical, 500 * MS),
+            "a sample counts at most the bound: {typical:?}"
+        );
+        assert_eq!(pace.grace(false), 500 * MS);
+        assert!(near(pace.grace(true), 500 * MS));
+    }
+
+    #[test]
+    fn fast_replies_do_not_make_the_grace_vanish() {
+        let pace = Pace::new(500 * MS);
+        for _ in 0..50 {
+            pace.observe(Duration::from_micros(200));
+        }
+        assert_eq!(pace.grace(false), Pace::MIN_GRACE);
+        assert_eq!(pace.grace(true), Pace::MIN_SUSPECT_GRACE);
+        pace.observe(Duration::ZERO);
+        assert!(pace.typical().is_some(), "zero is not 'nothing seen'");
+    }
+
+    #[test]
+    fn one_slow_answer_moves_the_average_by_an_eighth() {
+        let pace = Pace::new(Duration::from_secs(5));
+        pace.observe(20 * MS);
+        pace.observe(820 * MS);
+        assert_eq!(pace.typical(), Some(120 * MS));
     }
 }
