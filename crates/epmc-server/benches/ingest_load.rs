@@ -580,7 +580,8 @@ fn cpu_time(pid: &str) -> Duration {
     // onwards, so utime (field 14) and stime (field 15) are the 12th and 13th.
     let rest = &stat[stat.rfind(')').expect("stat format") + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
     // USER_HZ is 100 on Linux.
     Duration::from_millis(ticks * 10)
 }
@@ -615,7 +616,11 @@ async fn measured_handshakes(
     clients: &[(Option<String>, Arc<rustls::ClientConfig>)],
     n: usize,
 ) -> HandshakeRun {
-    let (s0, c0, t0) = (cpu_time(&server.to_string()), cpu_time("self"), Instant::now());
+    let (s0, c0, t0) = (
+        cpu_time(&server.to_string()),
+        cpu_time("self"),
+        Instant::now(),
+    );
     let rate = handshake_rate(addr, clients, n).await;
     HandshakeRun {
         rate,
@@ -1101,12 +1106,7 @@ fn main() {
                 rt.block_on(bounded(
                     &p,
                     "handshake",
-                    measured_handshakes(
-                        mosquitto_pid(broker),
-                        broker.addr,
-                        &clients,
-                        p.handshakes,
-                    ),
+                    measured_handshakes(mosquitto_pid(broker), broker.addr, &clients, p.handshakes),
                 ))
             });
             rows.push(Row {
