@@ -464,15 +464,16 @@ impl Session {
             {
                 break End::Shutdown;
             }
-            if self.out.len() > cfg.max_outgoing_bytes {
-                break End::WriteFailed;
-            }
             if sending.deadline.is_none() && !self.out.is_empty() {
                 sending = Outgoing {
                     bytes: std::mem::take(&mut self.out),
                     done: 0,
                     deadline: Some(Instant::now() + cfg.write_timeout),
                 };
+            }
+            // What waits behind the write in flight: an agent that does not read.
+            if self.out.len() > cfg.max_outgoing_bytes {
+                break End::WriteFailed;
             }
             let reading = draining.is_none() && self.acks.len() < window;
             let writing = sending.deadline.is_some();
