@@ -27,7 +27,13 @@
 //! agent), `EPMC_BENCH_DEVICES` (per agent), `EPMC_BENCH_WINDOW`, `EPMC_BENCH_IDLE`,
 //! `EPMC_BENCH_HANDSHAKES`, `EPMC_BENCH_HANDSHAKE_LOOPS`, `EPMC_BENCH_PHASE_SECONDS` (the
 //! bound of each phase), `EPMC_BENCH_PHASES` (comma list of `sqlite,mosquitto,postgres,idle,
-//! handshake`; default all).
+//! handshake`; default all), `EPMC_BENCH_SERVER_CPUS` (a `taskset -c` CPU list for the child
+//! server, e.g. `0` while the bench itself runs under `taskset -c 1`, so that the client side
+//! of the handshake phase does not share the server's core).
+//!
+//! The handshake phase also reports the CPU time (user + system, `/proc/PID/stat`) that the
+//! server process and the bench process (the clients) used during the run, for our server and
+//! for Mosquitto: the clients do as much cryptography per handshake as the server does.
 
 #[path = "../../epmc-transport/tests/support/mod.rs"]
 mod support;
@@ -566,6 +572,64 @@ fn rss(pid: u32) -> u64 {
         * 1024
 }
 
+/// CPU time (user + system, all threads) a process has used so far, from `/proc/PID/stat`;
+/// `pid` may be `self`.
+fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
+    // The command name is in parentheses and may hold spaces; after it come field 3 (state)
+    // onwards, so utime (field 14) and stime (field 15) are the 12th and 13th.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+/// A handshake run: rate, and the CPU the server and the clients used during it.
+struct HandshakeRun {
+    rate: f64,
+    wall: Duration,
+    server_cpu: Duration,
+    client_cpu: Duration,
+}
+
+impl HandshakeRun {
+    fn describe(&self, n: usize) -> String {
+        let secs = self.wall.as_secs_f64();
+        format!(
+            "server CPU {:.2} s ({:.0} µs per handshake, {:.0} % of one core), clients CPU {:.2} s ({:.0} % of one core) over {:.2} s",
+            self.server_cpu.as_secs_f64(),
+            self.server_cpu.as_secs_f64() * 1e6 / n as f64,
+            self.server_cpu.as_secs_f64() * 100.0 / secs,
+            self.client_cpu.as_secs_f64(),
+            self.client_cpu.as_secs_f64() * 100.0 / secs,
+            secs
+        )
+    }
+}
+
+/// [`handshake_rate`] with the CPU time of the server process `server` and of this process.
+async fn measured_handshakes(
+    server: u32,
+    addr: SocketAddr,
+    clients: &[(Option<String>, Arc<rustls::ClientConfig>)],
+    n: usize,
+) -> HandshakeRun {
+    let (s0, c0, t0) = (
+        cpu_time(&server.to_string()),
+        cpu_time("self"),
+        Instant::now(),
+    );
+    let rate = handshake_rate(addr, clients, n).await;
+    HandshakeRun {
+        rate,
+        wall: t0.elapsed(),
+        server_cpu: cpu_time(&server.to_string()).saturating_sub(s0),
+        client_cpu: cpu_time("self").saturating_sub(c0),
+    }
+}
+
 /// The `epmc-server` binary serving `data` on loopback, killed on drop.
 struct ChildServer {
     child: Child,
@@ -574,7 +638,17 @@ struct ChildServer {
 
 impl ChildServer {
     fn start(data: &Path) -> ChildServer {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_epmc-server"))
+        let bin = env!("CARGO_BIN_EXE_epmc-server");
+        let mut command = match std::env::var("EPMC_BENCH_SERVER_CPUS") {
+            Ok(cpus) => {
+                // taskset executes the server in its own process: the pid stays the server's.
+                let mut c = Command::new("taskset");
+                c.args(["-c", &cpus, bin]);
+                c
+            }
+            Err(_) => Command::new(bin),
+        };
+        let mut child = command
             .arg("--data")
             .arg(data)
             .args(["serve", "--mqtt", "127.0.0.1:0", "--https", "127.0.0.1:0"])
@@ -996,10 +1070,10 @@ fn main() {
                 ours.push((Some(id.to_string()), config.clone()));
                 plain.push((None, config));
             }
-            let ours_rate = rt.block_on(bounded(
+            let ours_run = rt.block_on(bounded(
                 &p,
                 "handshake",
-                handshake_rate(server.mqtt, &ours, p.handshakes),
+                measured_handshakes(server.pid(), server.mqtt, &ours, p.handshakes),
             ));
             // The plain server gets the listener's configuration: same chain, key, verifier
             // and (empty) CRL.
@@ -1032,7 +1106,7 @@ fn main() {
                 rt.block_on(bounded(
                     &p,
                     "handshake",
-                    handshake_rate(broker.addr, &clients, p.handshakes),
+                    measured_handshakes(mosquitto_pid(broker), broker.addr, &clients, p.handshakes),
                 ))
             });
             rows.push(Row {
@@ -1040,11 +1114,19 @@ fn main() {
                     "full client-certificate handshakes + CONNECT/CONNACK ({} loops)",
                     p.handshake_loops
                 ),
-                figure: format!("{ours_rate:.0} /s"),
+                figure: format!(
+                    "{:.0} /s ({})",
+                    ours_run.rate,
+                    ours_run.describe(p.handshakes)
+                ),
                 reference: format!(
-                    "plain rustls handshake loop {plain_rate:.0} /s{}",
+                    "plain rustls handshake loop, server and clients in one process, {plain_rate:.0} /s{}",
                     mosquitto_rate
-                        .map(|m| format!("; Mosquitto (TLS + CONNECT) {m:.0} /s"))
+                        .map(|m| format!(
+                            "; Mosquitto (TLS + CONNECT) {:.0} /s ({})",
+                            m.rate,
+                            m.describe(p.handshakes)
+                        ))
                         .unwrap_or_default()
                 ),
             });

@@ -98,6 +98,8 @@ struct Accepted {
     identity: Result<AgentIdentity, ca::IdentityError>,
     alpn: Option<Vec<u8>>,
     version: Option<rustls::ProtocolVersion>,
+    kind: Option<rustls::HandshakeKind>,
+    suite: Option<rustls::CipherSuite>,
 }
 
 /// One TLS connection on 127.0.0.1. The server side's result is the verdict (with TLS 1.3
@@ -121,6 +123,8 @@ async fn connect(
             identity: AgentIdentity::from_connection(conn),
             alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
             version: conn.protocol_version(),
+            kind: conn.handshake_kind(),
+            suite: conn.negotiated_cipher_suite().map(|s| s.suite()),
         };
         tls.write_all(b"ok").await.map_err(|e| e.to_string())?;
         tls.flush().await.map_err(|e| e.to_string())?;
@@ -282,6 +286,67 @@ async fn revoked_certificate_is_refused_and_others_still_connect() {
         accepted.identity.expect("identity").agent_id(),
         good_bundle.certificate.agent_id
     );
+}
+
+#[tokio::test]
+async fn every_connection_is_a_full_handshake_even_for_a_client_that_would_resume() {
+    // A resumed session skips the client certificate's verification, so the listener offers
+    // none: each connection is checked against the CRL in force.
+    let (_dir, pki) = server_pki();
+    let server = mqtt_config(&pki, &[]);
+    let bundle = pki
+        .ca
+        .issue_agent_with_key(Uuid::new_v4(), now())
+        .expect("bundle");
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        // One client configuration (resumption on, as by default) for both connections.
+        let client = client_config(
+            pki.ca.cert_der(),
+            Some(creds(&bundle.certificate.pem, &bundle.key_pem)),
+            &[version],
+        );
+        for attempt in 0..2 {
+            let accepted = connect(server.clone(), client.clone(), "localhost")
+                .await
+                .expect("connects");
+            assert_eq!(
+                accepted.kind,
+                Some(rustls::HandshakeKind::Full),
+                "{version:?}, connection {attempt}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_listener_chooses_a_sha256_suite_over_a_client_preferring_aes_256() {
+    // The agent's client lists AES-256-GCM-SHA384 first (the provider's order).
+    let (_dir, pki) = server_pki();
+    let server = mqtt_config(&pki, &[]);
+    let bundle = pki
+        .ca
+        .issue_agent_with_key(Uuid::new_v4(), now())
+        .expect("bundle");
+    for (version, expected) in [
+        (
+            &rustls::version::TLS13,
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+        ),
+        (
+            &rustls::version::TLS12,
+            rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+    ] {
+        let client = client_config(
+            pki.ca.cert_der(),
+            Some(creds(&bundle.certificate.pem, &bundle.key_pem)),
+            &[version],
+        );
+        let accepted = connect(server.clone(), client, "localhost")
+            .await
+            .expect("connects");
+        assert_eq!(accepted.suite, Some(expected), "{version:?}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------

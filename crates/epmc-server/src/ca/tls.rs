@@ -29,6 +29,25 @@ pub fn install_crypto_provider() -> bool {
         .is_ok()
 }
 
+/// The provider of the MQTT listener: aws-lc-rs with the SHA-384 suites after the SHA-256
+/// ones. The certificates are ECDSA P-256 (128-bit security), which AES-256/SHA-384 does not
+/// raise, and SHA-384 is the costlier hash in every handshake's key schedule (clients such as
+/// the agent list AES-256-GCM-SHA384 first).
+fn listener_provider() -> Arc<CryptoProvider> {
+    use rustls::CipherSuite as S;
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    // A stable sort: otherwise the provider's order.
+    provider.cipher_suites.sort_by_key(|s| {
+        matches!(
+            s.suite(),
+            S::TLS13_AES_256_GCM_SHA384
+                | S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+                | S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+        )
+    });
+    Arc::new(provider)
+}
+
 /// Why the listener's TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -45,15 +64,15 @@ pub enum TlsConfigError {
 ///
 /// Clients must present a certificate issued by `ca_cert` that `crl` does not revoke (the
 /// CRL is always checked: pass the CA's current one, even if it lists nothing). TLS 1.3 and
-/// 1.2, ALPN `mqtt`, the server's `cert_chain` and `key`. When a revocation is added, build a
-/// new configuration with the new CRL for the next handshakes.
+/// 1.2, ALPN `mqtt`, the server's `cert_chain` and `key`, no session resumption. When a
+/// revocation is added, build a new configuration with the new CRL for the next handshakes.
 pub fn mqtt_server_config(
     ca_cert: &CertificateDer<'static>,
     crl: CertificateRevocationListDer<'static>,
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<Arc<ServerConfig>, TlsConfigError> {
-    let provider = crypto_provider();
+    let provider = listener_provider();
     let mut roots = RootCertStore::empty();
     roots.add(ca_cert.clone())?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
@@ -64,6 +83,14 @@ pub fn mqtt_server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(cert_chain, key)?;
     config.alpn_protocols = vec![ALPN_MQTT.to_vec()];
+    // The listener's suite order, not the client's (see `listener_provider`).
+    config.ignore_client_order = true;
+    // No session resumption: every connection is a full handshake, so every client
+    // certificate is checked against the CRL of the configuration in force. The defaults sent
+    // two TLS 1.3 tickets after each handshake (work and bytes per connection) into a cache of
+    // 256 sessions, which thousands of agents evict before they reconnect.
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(config))
 }
 

@@ -2,13 +2,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use epmc_proto::topic::{self, AgentId, Channel};
 use epmc_transport::mqtt::{Connect, ConnectReturn, Packet, PacketError, Publish, QoS, TopicName};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -20,9 +22,10 @@ use super::{CloseReason, OrderError, Registered, Shared};
 
 type Tls = TlsStream<TcpStream>;
 
-/// Read buffer of one connection. It is held for the connection's whole life (an idle agent
-/// waits in a read), so it counts for every idle agent: at 16 KiB, 10 000 agents held 156 MiB
-/// in these buffers alone (see `benches/ingest_load.rs`). A larger packet takes several reads.
+/// Most bytes taken from TLS in one read. They are read into a buffer on the stack of the poll
+/// (not in the connection's state): an idle agent waits in a read, and a heap buffer held for
+/// that wait counted for every idle agent (16 KiB, later 4 KiB, per connection; see
+/// `benches/ingest_load.rs`). A larger packet takes several reads.
 const CHUNK: usize = 4 * 1024;
 
 /// How a connection ended.
@@ -230,21 +233,67 @@ fn packet_name(p: &Packet) -> &'static str {
     }
 }
 
-/// Writes what the connection queues, each write bounded by `limit`. Returns early (the
-/// connection notices) when a write fails or times out; otherwise ends with a TLS
-/// close_notify once the connection drops its sender.
-async fn write_loop(mut wr: WriteHalf<Tls>, mut rx: mpsc::Receiver<Vec<u8>>, limit: Duration) {
-    while let Some(bytes) = rx.recv().await {
-        let written = tokio::time::timeout(limit, async {
-            wr.write_all(&bytes).await?;
-            wr.flush().await
-        })
-        .await;
-        if !matches!(written, Ok(Ok(()))) {
-            return;
+/// What the connection's socket did ([`poll_io`]).
+enum Io {
+    /// Bytes were read and appended to the session's buffer.
+    Read,
+    /// The agent closed, or reading failed.
+    Closed,
+    /// The write in flight is written and flushed.
+    Written,
+    /// Writing failed.
+    WriteFailed,
+}
+
+/// The bytes being written to the agent: one batch at a time, bounded by the write timeout.
+#[derive(Default)]
+struct Outgoing {
+    bytes: Vec<u8>,
+    done: usize,
+    /// Set while a batch is in flight.
+    deadline: Option<Instant>,
+}
+
+/// Drives the connection's one TLS stream in both directions from one task: writes the batch
+/// in flight (then flushes it) and, when `reading`, reads what TLS has into `buf`. Ready with
+/// the first thing that happened; the caller polls again for the rest.
+fn poll_io(
+    cx: &mut Context<'_>,
+    tls: &mut Tls,
+    reading: bool,
+    buf: &mut Vec<u8>,
+    out: &mut Outgoing,
+) -> Poll<Io> {
+    if out.deadline.is_some() {
+        while out.done < out.bytes.len() {
+            match Pin::new(&mut *tls).poll_write(cx, &out.bytes[out.done..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Io::WriteFailed),
+                Poll::Ready(Ok(n)) => out.done += n,
+                Poll::Pending => break,
+            }
+        }
+        if out.done == out.bytes.len() {
+            match Pin::new(&mut *tls).poll_flush(cx) {
+                Poll::Ready(Ok(())) => return Poll::Ready(Io::Written),
+                Poll::Ready(Err(_)) => return Poll::Ready(Io::WriteFailed),
+                Poll::Pending => {}
+            }
         }
     }
-    let _ = tokio::time::timeout(limit, wr.shutdown()).await;
+    if reading {
+        let mut chunk = [0u8; CHUNK];
+        let mut read = ReadBuf::new(&mut chunk);
+        match Pin::new(&mut *tls).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) if read.filled().is_empty() => return Poll::Ready(Io::Closed),
+            Poll::Ready(Ok(())) => {
+                buf.extend_from_slice(read.filled());
+                return Poll::Ready(Io::Read);
+            }
+            Poll::Ready(Err(_)) => return Poll::Ready(Io::Closed),
+            Poll::Pending => {}
+        }
+    }
+    Poll::Pending
 }
 
 /// Serves one TCP connection; holds its connection slot and the endpoint's task count.
@@ -258,8 +307,10 @@ pub(crate) async fn serve(
 ) {
     let _ = tcp.set_nodelay(true);
     let mut stop = shared.shutdown.subscribe();
+    // Boxed: its state (the TLS handshake, the CONNECT read) is freed once it is done, not
+    // kept in the connection task's future for the connection's whole life.
     let handshake = tokio::select! {
-        h = handshake(&shared, acceptor, tcp, peer) => h,
+        h = Box::pin(handshake(&shared, acceptor, tcp, peer)) => h,
         _ = stop.wait_for(|s| *s) => None,
     };
     let Some((tls, buf, agent, connect)) = handshake else {
@@ -370,19 +421,16 @@ struct Session {
 impl Session {
     async fn run(
         &mut self,
-        tls: Tls,
+        mut tls: Tls,
         keep_alive: Option<Duration>,
         close_rx: &mut watch::Receiver<Option<CloseReason>>,
-        order_rx: &mut mpsc::Receiver<super::Order>,
+        order_rx: &mut mpsc::Receiver<Box<super::Order>>,
         stop: &mut watch::Receiver<bool>,
     ) -> End {
         let cfg = self.shared.config.clone();
         let window = cfg.max_in_flight.max(1);
-        let (mut rd, wr) = tokio::io::split(tls);
-        let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(4);
-        let mut writer = tokio::spawn(write_loop(wr, out_rx, cfg.write_timeout));
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(u64, CommitResult)>();
-        let mut chunk = vec![0u8; CHUNK];
+        let mut sending = Outgoing::default();
         let mut last_heard = Instant::now();
         let mut draining: Option<Instant> = None;
         let far = Duration::from_secs(86_400);
@@ -405,15 +453,34 @@ impl Session {
                     }
                 }
             }
-            if draining.is_some() && self.acks.is_empty() && self.out.is_empty() {
+            if self.buf.is_empty() && self.buf.capacity() > 0 {
+                // Nothing partial: an idle connection holds no read buffer.
+                self.buf = Vec::new();
+            }
+            if draining.is_some()
+                && self.acks.is_empty()
+                && self.out.is_empty()
+                && sending.deadline.is_none()
+            {
                 break End::Shutdown;
             }
+            if sending.deadline.is_none() && !self.out.is_empty() {
+                sending = Outgoing {
+                    bytes: std::mem::take(&mut self.out),
+                    done: 0,
+                    deadline: Some(Instant::now() + cfg.write_timeout),
+                };
+            }
+            // What waits behind the write in flight: an agent that does not read.
             if self.out.len() > cfg.max_outgoing_bytes {
                 break End::WriteFailed;
             }
             let reading = draining.is_none() && self.acks.len() < window;
+            let writing = sending.deadline.is_some();
             let keep_alive_at = last_heard + keep_alive.unwrap_or(far);
             let drain_at = draining.unwrap_or_else(|| Instant::now() + far);
+            let write_by = sending.deadline.unwrap_or_else(|| Instant::now() + far);
+            let buf = &mut self.buf;
             tokio::select! {
                 biased;
                 changed = close_rx.changed() => {
@@ -423,7 +490,6 @@ impl Session {
                         _ => break End::Replaced,
                     }
                 }
-                _ = &mut writer => break End::WriteFailed,
                 Some((seq, result)) = ack_rx.recv() => {
                     let Some((expected, packet_id)) = self.acks.pop_front() else {
                         break End::CommitFailed;
@@ -435,21 +501,19 @@ impl Session {
                         let _ = Packet::PubAck(id).encode(&mut self.out, cfg.max_packet);
                     }
                 }
-                permit = out_tx.reserve(), if !self.out.is_empty() => match permit {
-                    Ok(permit) => permit.send(std::mem::take(&mut self.out)),
-                    Err(_) => break End::WriteFailed,
-                },
-                Some(order) = order_rx.recv(), if draining.is_none() => self.send_order(order),
+                Some(order) = order_rx.recv(), if draining.is_none() => self.send_order(*order),
                 _ = stop.wait_for(|s| *s), if draining.is_none() => {
                     draining = Some(Instant::now() + cfg.shutdown_grace);
                 }
                 _ = tokio::time::sleep_until(drain_at), if draining.is_some() => break End::Shutdown,
-                n = rd.read(&mut chunk), if reading => match n {
-                    Ok(0) | Err(_) => break End::Lost,
-                    Ok(n) => {
-                        self.buf.extend_from_slice(&chunk[..n]);
-                        last_heard = Instant::now();
-                    }
+                _ = tokio::time::sleep_until(write_by), if writing => break End::WriteFailed,
+                io = std::future::poll_fn(|cx| poll_io(cx, &mut tls, reading, buf, &mut sending)),
+                    if reading || writing => match io {
+                    Io::Read => last_heard = Instant::now(),
+                    Io::Closed => break End::Lost,
+                    // Sent: nothing is kept for the next write.
+                    Io::Written => sending = Outgoing::default(),
+                    Io::WriteFailed => break End::WriteFailed,
                 },
                 _ = tokio::time::sleep_until(keep_alive_at), if reading && keep_alive.is_some() => {
                     break End::KeepAlive;
@@ -458,21 +522,17 @@ impl Session {
         };
 
         if matches!(end, End::Shutdown | End::Disconnected) {
-            // Hand over the last PUBACKs and let the writer finish (bounded by its timeout).
-            if !self.out.is_empty() {
-                let _ = out_tx.try_send(std::mem::take(&mut self.out));
-            }
-            drop(out_tx);
-            if tokio::time::timeout(cfg.write_timeout * 2, &mut writer)
-                .await
-                .is_err()
-            {
-                writer.abort();
-            }
-        } else {
-            // Nothing more goes out: in particular no PUBACK after a violation.
-            writer.abort();
+            // The last PUBACKs, then a TLS close_notify, bounded as the writer task's were.
+            let rest = std::mem::take(&mut self.out);
+            let _ = tokio::time::timeout(cfg.write_timeout * 2, async {
+                tls.write_all(&sending.bytes[sending.done..]).await?;
+                tls.write_all(&rest).await?;
+                tls.flush().await?;
+                tls.shutdown().await
+            })
+            .await;
         }
+        // Otherwise nothing more goes out: in particular no PUBACK after a violation.
         end
     }
 

@@ -180,7 +180,9 @@ pub(crate) struct Order {
 pub(crate) struct Registered {
     pub(crate) conn: u64,
     pub(crate) close: watch::Sender<Option<CloseReason>>,
-    pub(crate) orders: mpsc::Sender<Order>,
+    /// Boxed: the channel allocates its first block of slots when it is made, for every
+    /// connection, and a boxed order keeps that block small.
+    pub(crate) orders: mpsc::Sender<Box<Order>>,
     pub(crate) order_window: Arc<Semaphore>,
 }
 
@@ -330,11 +332,11 @@ impl Endpoint {
         // The channel holds as many orders as the window has permits: only a closed
         // connection refuses.
         r.orders
-            .try_send(Order {
+            .try_send(Box::new(Order {
                 payload,
                 done,
                 permit,
-            })
+            }))
             .map_err(|_| SendOrderError::NotConnected)?;
         Ok(OrderAck(wait))
     }
