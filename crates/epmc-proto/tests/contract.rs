@@ -684,3 +684,18 @@ fn the_decoder_also_reads_uuids_without_hyphens() {
     assert_eq!(again["id"], "12345678-9abc-4def-8123-456789abcdef");
     judge("re-encoded", &again, true).unwrap();
 }
+
+/// New messages get time-ordered ids (UUIDv7), each later one sorting after the earlier, so a
+/// receiver's index of seen ids grows at its end; any UUID still decodes.
+#[test]
+fn new_ids_are_time_ordered_and_any_uuid_is_accepted() {
+    let ids: Vec<Uuid> = (0..1000)
+        .map(|_| Envelope::new(sample(Kind::Snapshot).message).id)
+        .collect();
+    assert!(ids.iter().all(|id| id.get_version_num() == 7), "{ids:?}");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids out of order");
+    let mut old = sample(Kind::Snapshot);
+    old.id = Uuid::from_u128(0x0123_4567_89ab_4def_8123_4567_89ab_cdef);
+    let back = Envelope::from_json(&old.to_json().unwrap()).unwrap();
+    assert_eq!(back.id, old.id);
+}
