@@ -634,9 +634,12 @@ async fn a_second_connection_with_the_same_id_replaces_the_first() {
     assert!(s.sink.events().is_empty());
 }
 
+/// Saturated (a full batch waiting), the next batch is prepared while one commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_batch_is_prepared_while_one_commits_and_commits_after_it() {
-    let mut s = Server::start(config()).await;
+    let mut c = config();
+    c.max_batch = 2;
+    let mut s = Server::start(c).await;
     let a = new_agent();
     let (client, _) = s.agent(a).await;
     s.sink
@@ -692,6 +695,60 @@ async fn the_next_batch_is_prepared_while_one_commits_and_commits_after_it() {
     let stats = s.endpoint.stats();
     assert_eq!(stats.committed, 6);
     assert!(stats.batches >= 2, "{stats:?}");
+}
+
+/// Below capacity, what arrives during a commit goes into the very next commit, all of it: a
+/// message waits for one commit besides its own, not two (it is not left behind a batch that
+/// was prepared early with only what had arrived at that moment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_arrives_during_a_commit_is_all_in_the_next_commit() {
+    let mut s = Server::start(config()).await;
+    let a = new_agent();
+    let (client, _) = s.agent(a).await;
+    s.sink
+        .until("online", |r| r.states.contains(&(a, true)))
+        .await;
+    s.sink.hold();
+    let send = |n: u8| {
+        let client = client.clone();
+        async move {
+            client
+                .send_publish(
+                    &topic::telemetry(&a),
+                    Bytes::from(vec![n]),
+                    QoS::AtLeastOnce,
+                    false,
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let mut acks = vec![Box::pin(send(0).await.acked())];
+    // The first commit is held by the sink; five more arrive one by one meanwhile.
+    assert_eq!(within(s.commits.recv()).await, Some(1));
+    for n in 1..6u8 {
+        acks.push(Box::pin(send(n).await.acked()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for ack in &mut acks {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), ack.as_mut())
+                .await
+                .is_err(),
+            "a PUBACK came before its commit"
+        );
+    }
+    assert!(s.sink.payloads(a).is_empty());
+    s.sink.release();
+    for ack in acks {
+        within(ack).await.unwrap();
+    }
+    // The five that waited are one commit, the next one.
+    assert_eq!(within(s.commits.recv()).await, Some(5));
+    let got: Vec<u8> = s.sink.payloads(a).iter().map(|p| p[0]).collect();
+    assert_eq!(got, (0..6u8).collect::<Vec<_>>());
+    let stats = s.endpoint.stats();
+    assert_eq!((stats.committed, stats.batches), (6, 2), "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,14 +4,20 @@
 //! batch before; the committer commits the prepared batches one at a time, in the order they
 //! were gathered, and only then answers each connection (which sends its PUBACKs).
 //!
-//! At most one prepared batch waits while one commits, so the messages of a batch are the
-//! ones that arrived during the commit before it. Every message goes through one FIFO queue
+//! A batch is prepared ahead, while the one before commits, only when it is full
+//! (`max_batch` messages waiting: the endpoint is saturated and the overlap is throughput).
+//! Otherwise the gatherer keeps taking what arrives until the commit in progress ends, and
+//! then hands over everything at once: a message that arrives during a commit goes into the
+//! next one and waits for that one commit besides its own, instead of also waiting behind a
+//! batch prepared early and left one commit short (latency below capacity).
+//!
+//! At most one prepared batch waits while one commits. Every message goes through one FIFO queue
 //! from its connection to the committer, so one connection's (and so one agent's) messages
 //! commit in the order they were received, and their answers come back in that order.
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::Counters;
@@ -68,7 +74,16 @@ pub(crate) async fn run(
     let max_batch = max_batch.max(1);
     // Capacity 1: one prepared batch waits while the committer works on the one before.
     let (work_tx, work_rx) = mpsc::channel::<Work>(1);
-    let mut committer = AbortOnDrop(tokio::spawn(commit_loop(sink.clone(), counters, work_rx)));
+    // How much handed-over work the committer has not finished (0: it is idle).
+    let unfinished = Arc::new(watch::Sender::new(0usize));
+    let mut idle = unfinished.subscribe();
+    let mut committer = AbortOnDrop(tokio::spawn(commit_loop(
+        sink.clone(),
+        counters,
+        work_rx,
+        unfinished.clone(),
+    )));
+    let handed_over = || unfinished.send_modify(|n| *n += 1);
     loop {
         // Gather only once the committer can take more, so that a batch holds everything
         // that arrived while the one before was committing.
@@ -80,10 +95,13 @@ pub(crate) async fn run(
             biased;
             c = control.recv() => match c {
                 Some(Control::State(agent, online)) => {
+                    handed_over();
                     slot.send(Work::State(agent, online));
                 }
                 Some(Control::Will(will)) => {
-                    slot.send(Work::Will(prepare(&sink, vec![will]).await));
+                    let will = prepare(&sink, vec![will]).await;
+                    handed_over();
+                    slot.send(Work::Will(will));
                 }
                 Some(Control::Stop) | None => {
                     drop(slot);
@@ -101,9 +119,31 @@ pub(crate) async fn run(
             },
             first = data.recv() => {
                 let Some(first) = first else { continue };
-                if let Some(batch) = take_batch(&mut data, Some(first), max_batch) {
-                    slot.send(prepare_batch(&sink, batch).await);
+                let Some(mut batch) = take_batch(&mut data, Some(first), max_batch) else {
+                    continue;
+                };
+                // Not full and a commit in progress: take what arrives until it ends.
+                while batch.len() < max_batch && *idle.borrow() > 0 {
+                    tokio::select! {
+                        biased;
+                        _ = idle.wait_for(|n| *n == 0) => break,
+                        next = data.recv() => match next {
+                            Some(p) => {
+                                batch.push(p);
+                                while batch.len() < max_batch {
+                                    match data.try_recv() {
+                                        Ok(p) => batch.push(p),
+                                        Err(_) => break,
+                                    }
+                                }
+                            }
+                            None => break,
+                        },
+                    }
                 }
+                let work = prepare_batch(&sink, batch).await;
+                handed_over();
+                slot.send(work);
             }
         }
     }
@@ -114,6 +154,7 @@ async fn commit_loop(
     sink: Arc<dyn IngestSink>,
     counters: Arc<Counters>,
     mut work: mpsc::Receiver<Work>,
+    unfinished: Arc<watch::Sender<usize>>,
 ) {
     while let Some(w) = work.recv().await {
         match w {
@@ -127,6 +168,7 @@ async fn commit_loop(
                 }
             }
         }
+        unfinished.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -196,7 +238,11 @@ async fn commit_and_answer(
     batch: Prepared,
     answers: Vec<Answer>,
 ) {
-    let result = match commit(sink, counters, batch).await {
+    let started = std::time::Instant::now();
+    let n = batch.len();
+    let committed = commit(sink, counters, batch).await;
+    tracing::debug!(messages = n, elapsed = ?started.elapsed(), "batch committed");
+    let result = match committed {
         Ok(()) => Ok(()),
         Err(e) => {
             tracing::warn!(error = %e, "commit failed; its connections close unacknowledged");

@@ -8,6 +8,16 @@ use sqlx::{AnyConnection, Row};
 use super::types::{agent_id, tenant_id, ts};
 use super::{DeviceDetails, DeviceSummary, EventRecord, HistoryRecord, StoreError, TenantId};
 
+/// A device's last contact, for `devices d LEFT JOIN device_status s`: the later of
+/// `devices.last_contact` and its latest status's time. The ingest of status snapshots writes
+/// only `device_status` (one row per snapshot instead of two), so a snapshot's time is the
+/// device's last contact through `s.observed_at`; the other messages write `last_contact`.
+macro_rules! last_contact {
+    () => {
+        "CASE WHEN s.observed_at > d.last_contact THEN s.observed_at ELSE d.last_contact END"
+    };
+}
+
 pub(super) const IP_PREFIX: &str = "ip:";
 
 /// The row of the device `device_key` (a serial or `ip:ADDR`) reported by `agent`, created if
@@ -35,10 +45,12 @@ pub(super) async fn resolve(
             return Ok(id);
         }
         // Already merged: the agent still uses the address it first knew.
-        let merged: Option<i64> = sqlx::query(
-            "SELECT id FROM devices WHERE agent_id = $1 AND address = $2 AND serial IS NOT NULL \
-             ORDER BY last_contact DESC LIMIT 1",
-        )
+        let merged: Option<i64> = sqlx::query(concat!(
+            "SELECT d.id FROM devices d LEFT JOIN device_status s ON s.device_id = d.id \
+             WHERE d.agent_id = $1 AND d.address = $2 AND d.serial IS NOT NULL ORDER BY ",
+            last_contact!(),
+            " DESC LIMIT 1"
+        ))
         .bind(agent.to_string())
         .bind(addr)
         .fetch_optional(&mut *conn)
@@ -242,9 +254,13 @@ pub(super) async fn latest_status(
     }
 }
 
-const SUMMARY_SELECT: &str = "SELECT d.id, d.serial, d.ip_key, d.tenant_id, d.agent_id, d.name, \
-    d.address, d.first_seen, d.last_contact, s.observed_at, s.status \
-    FROM devices d LEFT JOIN device_status s ON s.device_id = d.id";
+const SUMMARY_SELECT: &str = concat!(
+    "SELECT d.id, d.serial, d.ip_key, d.tenant_id, d.agent_id, d.name, \
+    d.address, d.first_seen, ",
+    last_contact!(),
+    ", s.observed_at, s.status \
+    FROM devices d LEFT JOIN device_status s ON s.device_id = d.id"
+);
 
 /// Every device, or one tenant's.
 pub(super) async fn list(

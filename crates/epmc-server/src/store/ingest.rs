@@ -649,8 +649,11 @@ async fn apply_snapshots(
         }
     }
     // The others one by one, in the order they first appear, with the time of their first
-    // snapshot (a new row's first contact); then every row is touched together, in the order
-    // of each device's last snapshot: agent and last contact, as `devices::resolve` does.
+    // snapshot (a new row's first contact); then every row whose agent changed gets its new
+    // agent, the one of each device's last snapshot, as `devices::resolve` does. The last
+    // contact is not written here: a snapshot's time is its device's last contact through
+    // `device_status` (`devices::last_contact!`), which step 3 writes anyway; one row per
+    // snapshot instead of two.
     for dev in devices.iter_mut() {
         if dev.row.is_none() {
             let row = devices::resolve(conn, dev.tenant, dev.agent, dev.key, None, None, dev.first)
@@ -660,7 +663,7 @@ async fn apply_snapshots(
     }
     let mut order: Vec<usize> = (0..devices.len()).collect();
     order.sort_unstable_by_key(|&d| devices[d].last);
-    let mut touch: Vec<(i64, AgentId, i64)> = Vec::new();
+    let mut touch: Vec<(i64, AgentId)> = Vec::new();
     let mut touch_at: HashMap<i64, usize> = HashMap::new();
     for &d in &order {
         let dev = &devices[d];
@@ -668,13 +671,10 @@ async fn apply_snapshots(
             .row
             .ok_or_else(|| StoreError::Invalid("a device was not resolved".into()))?;
         match touch_at.get(&row) {
-            Some(&t) => {
-                touch[t].1 = dev.agent;
-                touch[t].2 = touch[t].2.max(dev.seen);
-            }
+            Some(&t) => touch[t].1 = dev.agent,
             None => {
                 touch_at.insert(row, touch.len());
-                touch.push((row, dev.agent, dev.seen));
+                touch.push((row, dev.agent));
             }
         }
     }
@@ -683,14 +683,13 @@ async fn apply_snapshots(
         let (chunk, tail) = rest.split_at(n);
         rest = tail;
         let sql = format!(
-            "UPDATE devices SET agent_id = v.column2, last_contact = CASE \
-             WHEN devices.last_contact < v.column3 THEN v.column3 ELSE devices.last_contact END \
-             FROM (VALUES {}) AS v WHERE devices.id = v.column1",
-            placeholders(backend, 1, 3, n)
+            "UPDATE devices SET agent_id = v.column2 FROM (VALUES {}) AS v \
+             WHERE devices.id = v.column1 AND devices.agent_id <> v.column2",
+            placeholders(backend, 1, 2, n)
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(persistent(n));
-        for (row, agent, seen) in chunk {
-            q = q.bind(*row).bind(agent_ids[agent].as_str()).bind(*seen);
+        for (row, agent) in chunk {
+            q = q.bind(*row).bind(agent_ids[agent].as_str());
         }
         q.execute(&mut *conn).await?;
     }
@@ -799,7 +798,7 @@ async fn set_state(
         .bind(agent.to_string())
         .bind(state.as_str())
         .bind(at.unix())
-        .execute(store.pool())
+        .execute(store.writer())
         .await?;
     if r.rows_affected() == 0 {
         return Err(StoreError::NotFound);

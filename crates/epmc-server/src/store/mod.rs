@@ -98,6 +98,8 @@ pub struct Store {
 
 struct Inner {
     pool: AnyPool,
+    /// Where writes go: on SQLite a pool of one connection, on PostgreSQL `pool` itself.
+    writer: AnyPool,
     backend: Backend,
     options: StoreOptions,
 }
@@ -164,10 +166,12 @@ impl Store {
             return Err(StoreError::UnsupportedUrl(redact_url(url)));
         };
         let connect = AnyConnectOptions::from_str(&url)?;
-        let pool_options = AnyPoolOptions::new()
-            .max_connections(options.max_connections.max(1))
-            .acquire_timeout(options.busy_timeout);
-        let pool = match backend {
+        let pool_options = || {
+            AnyPoolOptions::new()
+                .max_connections(options.max_connections.max(1))
+                .acquire_timeout(options.busy_timeout)
+        };
+        let (pool, writer) = match backend {
             Backend::Sqlite => {
                 let busy_ms = options.busy_timeout.as_millis();
                 // WAL is a property of the file: set it once on a first connection, then every
@@ -175,34 +179,30 @@ impl Store {
                 let mut first = sqlx::AnyConnection::connect_with(&connect).await?;
                 first.execute("PRAGMA journal_mode = WAL").await?;
                 first.close().await?;
-                pool_options
-                    .after_connect(move |conn, _meta| {
-                        Box::pin(async move {
-                            conn.execute("PRAGMA synchronous = FULL").await?;
-                            conn.execute("PRAGMA foreign_keys = ON").await?;
-                            // Performance only (durability is `synchronous`'s): a page cache
-                            // of up to 32 MiB instead of 2 MiB, so the ingest commits find the
-                            // index pages they touch without reading them back from the file,
-                            // and a checkpoint every ~32 MiB of WAL instead of every 4 MiB, so
-                            // a page written by many commits is copied to the database less
-                            // often.
-                            conn.execute("PRAGMA cache_size = -32768").await?;
-                            conn.execute("PRAGMA wal_autocheckpoint = 8000").await?;
-                            conn.execute(sqlx::AssertSqlSafe(format!(
-                                "PRAGMA busy_timeout = {busy_ms}"
-                            )))
-                            .await?;
-                            Ok(())
-                        })
-                    })
+                let pool = pool_options()
+                    .after_connect(move |conn, _meta| Box::pin(sqlite_setup(conn, busy_ms)))
+                    .connect_with(connect.clone())
+                    .await?;
+                // Writes take one connection of their own: SQLite has one writer at a time
+                // anyway, and a connection keeps its page cache only while no other
+                // connection writes, so the ingest commits find the pages they touch in
+                // memory instead of reading them back every time.
+                let writer = pool_options()
+                    .max_connections(1)
+                    .after_connect(move |conn, _meta| Box::pin(sqlite_setup(conn, busy_ms)))
                     .connect_with(connect)
-                    .await?
+                    .await?;
+                (pool, writer)
             }
-            Backend::Postgres => pool_options.connect_with(connect).await?,
+            Backend::Postgres => {
+                let pool = pool_options().connect_with(connect).await?;
+                (pool.clone(), pool)
+            }
         };
         let store = Store {
             inner: Arc::new(Inner {
                 pool,
+                writer,
                 backend,
                 options,
             }),
@@ -273,6 +273,7 @@ impl Store {
 
     /// Closes the pool, waiting for connections to return.
     pub async fn close(&self) {
+        self.inner.writer.close().await;
         self.inner.pool.close().await;
     }
 
@@ -280,14 +281,40 @@ impl Store {
         &self.inner.pool
     }
 
+    /// The pool for writes outside a transaction (see [`Store::begin_write`]).
+    fn writer(&self) -> &AnyPool {
+        &self.inner.writer
+    }
+
     /// A write transaction. On SQLite it takes the write lock at once (`BEGIN IMMEDIATE`), so
     /// two writers queue on the busy timeout instead of failing on a lock upgrade.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
         Ok(match self.inner.backend {
-            Backend::Sqlite => self.inner.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.inner.pool.begin().await?,
+            Backend::Sqlite => self.inner.writer.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.inner.writer.begin().await?,
         })
     }
+}
+
+/// What every SQLite connection is set to (after `journal_mode = WAL` on the file).
+async fn sqlite_setup(conn: &mut sqlx::AnyConnection, busy_ms: u128) -> Result<(), sqlx::Error> {
+    conn.execute("PRAGMA synchronous = FULL").await?;
+    conn.execute("PRAGMA foreign_keys = ON").await?;
+    // Performance only (durability is `synchronous`'s): a page cache of up to 32 MiB instead
+    // of 2 MiB, so the ingest commits find the index pages they touch without reading them
+    // back from the file, and a checkpoint every ~32 MiB of WAL instead of every 4 MiB, so a
+    // page written by many commits is copied to the database less often.
+    conn.execute("PRAGMA cache_size = -32768").await?;
+    conn.execute("PRAGMA wal_autocheckpoint = 8000").await?;
+    // Statement journals (what undoes one statement of a transaction) in memory: past 64 KiB
+    // SQLite would spill each to a temporary file, created and deleted for every large
+    // multi-row statement of an ingest commit.
+    conn.execute("PRAGMA temp_store = MEMORY").await?;
+    conn.execute(sqlx::AssertSqlSafe(format!(
+        "PRAGMA busy_timeout = {busy_ms}"
+    )))
+    .await?;
+    Ok(())
 }
 
 /// SQLite settings [`Store::sqlite_pragma`] can read.
