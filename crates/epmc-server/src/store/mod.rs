@@ -208,6 +208,9 @@ impl Store {
             }),
         };
         migrate::run(&store).await?;
+        if backend == Backend::Sqlite {
+            tokio::spawn(checkpoint_loop(Arc::downgrade(&store.inner)));
+        }
         tracing::info!(backend = ?backend, url = %redact_url(&url), "store opened");
         Ok(store)
     }
@@ -296,16 +299,52 @@ impl Store {
     }
 }
 
+/// How often the background task checkpoints the SQLite WAL.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// WAL pages (4 KiB) past which a commit checkpoints by itself: only when the background task
+/// falls behind.
+const FALLBACK_CHECKPOINT_PAGES: u32 = 32_000;
+
+/// Copies the SQLite WAL into the database file every [`CHECKPOINT_EVERY`], on a connection
+/// of the read pool, until the store is dropped or closed. A passive checkpoint waits for no
+/// one and the writer goes on appending to the WAL meanwhile, so the commits (and the PUBACKs
+/// behind them) no longer stop for the tens of milliseconds a checkpoint of thousands of pages
+/// takes, as they did when the committing connection ran it.
+async fn checkpoint_loop(inner: std::sync::Weak<Inner>) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if inner.pool.is_closed() {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_optional(&inner.pool)
+            .await
+        {
+            tracing::debug!(error = %e, "background checkpoint failed; the next one retries");
+        }
+    }
+}
+
 /// What every SQLite connection is set to (after `journal_mode = WAL` on the file).
 async fn sqlite_setup(conn: &mut sqlx::AnyConnection, busy_ms: u128) -> Result<(), sqlx::Error> {
     conn.execute("PRAGMA synchronous = FULL").await?;
     conn.execute("PRAGMA foreign_keys = ON").await?;
     // Performance only (durability is `synchronous`'s): a page cache of up to 32 MiB instead
     // of 2 MiB, so the ingest commits find the index pages they touch without reading them
-    // back from the file, and a checkpoint every ~32 MiB of WAL instead of every 4 MiB, so a
-    // page written by many commits is copied to the database less often.
+    // back from the file. Checkpoints (copying the WAL into the database file) are the
+    // background task's (`checkpoint_loop`); a commit does one itself only if the WAL grows
+    // past ~128 MiB anyway.
     conn.execute("PRAGMA cache_size = -32768").await?;
-    conn.execute("PRAGMA wal_autocheckpoint = 8000").await?;
+    conn.execute(sqlx::AssertSqlSafe(format!(
+        "PRAGMA wal_autocheckpoint = {FALLBACK_CHECKPOINT_PAGES}"
+    )))
+    .await?;
     // Statement journals (what undoes one statement of a transaction) in memory: past 64 KiB
     // SQLite would spill each to a temporary file, created and deleted for every large
     // multi-row statement of an ingest commit.
@@ -335,7 +374,38 @@ fn now_unix() -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{Store, redact_url};
+
+    /// The WAL reaches the database file without any commit checkpointing (the commits' own
+    /// threshold is far above what is written here).
+    #[tokio::test]
+    async fn the_background_task_checkpoints_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("epmc.db");
+        let store = Store::open(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        let size = || std::fs::metadata(&db).unwrap().len();
+        let before = size();
+        let wal = dir.path().join("epmc.db-wal");
+        for i in 0..200 {
+            store
+                .admin()
+                .add_tenant(&format!("tenant {i:03} {}", "x".repeat(50)))
+                .await
+                .unwrap();
+        }
+        assert!(std::fs::metadata(&wal).unwrap().len() > 200 * 4096);
+        let grown = async {
+            while size() <= before + 16 * 1024 {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), grown)
+            .await
+            .unwrap_or_else(|_| panic!("the database file stayed at {} bytes", size()));
+        store.close().await;
+    }
 
     #[test]
     fn redacts_passwords_only() {
