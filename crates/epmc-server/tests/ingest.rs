@@ -751,6 +751,35 @@ async fn what_arrives_during_a_commit_is_all_in_the_next_commit() {
     assert_eq!((stats.committed, stats.batches), (6, 2), "{stats:?}");
 }
 
+/// The writer commits on a thread of its own unless told otherwise; either way the messages
+/// are committed and acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_commits_on_its_own_thread_unless_told_otherwise() {
+    for own in [true, false] {
+        let mut c = config();
+        c.own_writer_thread = own;
+        let s = Server::start(c).await;
+        let a = new_agent();
+        let (client, _) = s.agent(a).await;
+        let ack = client
+            .send_publish(
+                &topic::telemetry(&a),
+                Bytes::from_static(b"m"),
+                QoS::AtLeastOnce,
+                false,
+            )
+            .await
+            .unwrap();
+        within(ack.acked()).await.unwrap();
+        let threads = s.sink.log.lock().unwrap().commit_threads.clone();
+        let on_own = threads
+            .iter()
+            .all(|t| t.as_deref() == Some("epmc-ingest-writer"));
+        assert_eq!(on_own, own, "{threads:?}");
+        s.endpoint.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_agents_share_commits() {
     const AGENTS: usize = 20;

@@ -62,12 +62,20 @@ pub struct IngestConfig {
     pub write_timeout: Duration,
     /// On shutdown, how long connections get to receive their last commits' answers.
     pub shutdown_grace: Duration,
+    /// Whether the group-commit writer runs on a thread of its own (a single-threaded
+    /// runtime) instead of among the connection tasks. Each statement of a commit is a round
+    /// trip to the database; on its own thread the writer is polled again as soon as the
+    /// answer is there, instead of queueing behind hundreds of connection tasks: on a loaded
+    /// 2-core machine that made SQLite ingest ~20 % faster. Keep it off for a sink whose I/O
+    /// objects belong to the main runtime and outlive the endpoint (PostgreSQL sockets opened
+    /// on the writer's runtime would die with it).
+    pub own_writer_thread: bool,
 }
 
 impl Default for IngestConfig {
     /// Connect timeout 10 s, 1 MiB packets, 10 000 connections, batches of 1 024, 64 in
     /// flight per connection, 16 unacknowledged orders, 4 MiB outgoing, write timeout 10 s,
-    /// shutdown grace 10 s.
+    /// shutdown grace 10 s, the writer on its own thread.
     fn default() -> Self {
         IngestConfig {
             connect_timeout: Duration::from_secs(10),
@@ -79,6 +87,7 @@ impl Default for IngestConfig {
             max_outgoing_bytes: 4 * 1024 * 1024,
             write_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            own_writer_thread: true,
         }
     }
 }
@@ -265,13 +274,18 @@ impl Endpoint {
         // At most three items per accepted connection (online, will, offline), and
         // connections are bounded by `max_connections`.
         let (control_tx, control_rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(writer::run(
+        let writer = writer::run(
             sink.clone(),
             counters.clone(),
             config.max_batch,
             data_rx,
             control_rx,
-        ));
+        );
+        let writer = if config.own_writer_thread {
+            spawn_on_own_thread(writer)?
+        } else {
+            tokio::spawn(writer)
+        };
         let shared = Arc::new(Shared {
             slots: Arc::new(Semaphore::new(config.max_connections)),
             config,
@@ -404,6 +418,35 @@ impl Endpoint {
             tasks.writer.abort();
         }
     }
+}
+
+/// Runs `task` on a thread of its own (a single-threaded runtime; see
+/// [`IngestConfig::own_writer_thread`]). The handle ends when `task` does; aborting it drops
+/// `task` on its thread.
+fn spawn_on_own_thread(
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("epmc-ingest-writer".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                tokio::select! {
+                    () = task => {}
+                    _ = cancel_rx => {}
+                }
+            });
+            let _ = done_tx.send(());
+        })?;
+    Ok(tokio::spawn(async move {
+        // Dropped when this task is aborted, which cancels `task`.
+        let _cancel = cancel_tx;
+        let _ = done_rx.await;
+    }))
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, done: mpsc::Sender<()>) {

@@ -140,6 +140,8 @@ pub struct Recorded {
     pub events: Vec<SecurityEvent>,
     /// Messages handed to `prepare`, in order (before their commit).
     pub prepared: Vec<Inbound>,
+    /// The name of the thread each commit ran on.
+    pub commit_threads: Vec<Option<String>>,
 }
 
 /// A sink that records everything; `hold` makes commits wait until `release`, `fail` makes
@@ -246,7 +248,11 @@ impl IngestSink for RecordingSink {
                 }
             })
             .collect();
-        self.log.lock().unwrap().batches.push(batch);
+        let thread = std::thread::current().name().map(str::to_owned);
+        let mut log = self.log.lock().unwrap();
+        log.batches.push(batch);
+        log.commit_threads.push(thread);
+        drop(log);
         self.touch();
         Ok(outcomes)
     }
