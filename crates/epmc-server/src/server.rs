@@ -181,6 +181,29 @@ impl IngestSink for StoreSink {
         }
     }
 
+    /// One transaction for all of them: a burst of connections (a restart of many agents, a
+    /// handshake storm) costs one sync per batch instead of two per connection.
+    async fn agent_states(&self, changes: Vec<(AgentId, bool)>) {
+        match self
+            .store
+            .ingest()
+            .set_states(&changes, Timestamp::now())
+            .await
+        {
+            Ok(unknown) => {
+                for agent in unknown {
+                    tracing::warn!(%agent, "could not record agent state: unknown agent");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, n = changes.len(), "recording agent states together failed; one by one");
+                for (agent, online) in changes {
+                    self.agent_state(agent, online).await;
+                }
+            }
+        }
+    }
+
     async fn security_event(&self, event: SecurityEvent) {
         let (kind, agent, peer, detail) = describe(&event);
         tracing::warn!(kind, ?agent, %peer, detail, "security event");

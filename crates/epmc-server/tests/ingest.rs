@@ -780,6 +780,49 @@ async fn the_writer_commits_on_its_own_thread_unless_told_otherwise() {
     }
 }
 
+/// Connections that come while the writer is busy have their presence recorded together,
+/// in the order they came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_changes_waiting_together_are_handed_over_together() {
+    let mut s = Server::start(config()).await;
+    let first = new_agent();
+    let (client, _) = s.agent(first).await;
+    s.sink.hold();
+    let ack = client
+        .send_publish(
+            &topic::telemetry(&first),
+            Bytes::from_static(b"m"),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await
+        .unwrap();
+    within(s.commits.recv()).await.unwrap();
+    // While that commit is held, five more agents connect.
+    let agents: Vec<_> = (0..5).map(|_| new_agent()).collect();
+    let mut clients = Vec::new();
+    for a in &agents {
+        clients.push(s.agent(*a).await);
+    }
+    s.sink.release();
+    within(ack.acked()).await.unwrap();
+    s.sink
+        .until("every agent online", |r| r.states.len() == 6)
+        .await;
+    let log = s.sink.log.lock().unwrap();
+    let online: Vec<_> = log.states.iter().map(|(a, _)| *a).collect();
+    let mut expected = vec![first];
+    expected.extend(&agents);
+    assert_eq!(online, expected);
+    assert!(log.states.iter().all(|(_, on)| *on));
+    assert_eq!(log.state_batches.iter().sum::<usize>(), 6);
+    assert!(
+        log.state_batches.iter().any(|n| *n >= 2),
+        "{:?}",
+        log.state_batches
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_agents_share_commits() {
     const AGENTS: usize = 20;

@@ -94,6 +94,7 @@ both!(
     same_message_id_is_stored_once,
     invalid_messages_are_rejected_counted_and_the_batch_commits,
     hello_sets_agent_info_and_state_setters_work,
+    presence_changes_are_recorded_together_in_order,
     device_first_seen_by_address_merges_into_its_serial,
     token_is_used_once_under_concurrency,
     expired_token_is_refused,
@@ -487,6 +488,35 @@ async fn hello_sets_agent_info_and_state_setters_work(db: Db) {
             .await,
         Err(StoreError::NotFound)
     ));
+}
+
+async fn presence_changes_are_recorded_together_in_order(db: Db) {
+    let s = &db.store;
+    let (tenant, a) = tenant_with_agent(s, "acme").await;
+    let b = s.admin().create_agent(tenant, "second").await.expect("b");
+    let stranger = AgentId::new(uuid::Uuid::new_v4());
+    // a connects, b connects, a's connection is replaced (off, on), b leaves.
+    let changes = [
+        (a, true),
+        (b, true),
+        (stranger, true),
+        (a, false),
+        (a, true),
+        (b, false),
+    ];
+    let unknown = s
+        .ingest()
+        .set_states(&changes, t(1_800_000_100))
+        .await
+        .expect("states");
+    assert_eq!(unknown, vec![stranger]);
+    let agents = s.admin().agents(Some(tenant)).await.expect("agents");
+    let state = |id: AgentId| {
+        let x = agents.iter().find(|x| x.id == id).expect("listed");
+        (x.state, x.last_seen)
+    };
+    assert_eq!(state(a), (AgentState::Online, Some(t(1_800_000_100))));
+    assert_eq!(state(b), (AgentState::Offline, Some(t(1_800_000_100))));
 }
 
 async fn device_first_seen_by_address_merges_into_its_serial(db: Db) {

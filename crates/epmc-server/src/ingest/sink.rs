@@ -196,6 +196,14 @@ pub trait IngestSink: Send + Sync {
     /// the order of its connections (a replaced connection reports nothing).
     async fn agent_state(&self, agent: AgentId, online: bool);
 
+    /// Several presence changes, in the order they happened. The default calls
+    /// [`IngestSink::agent_state`] for each; a sink may record them together.
+    async fn agent_states(&self, changes: Vec<(AgentId, bool)>) {
+        for (agent, online) in changes {
+            self.agent_state(agent, online).await;
+        }
+    }
+
     /// Records a security event.
     async fn security_event(&self, event: SecurityEvent);
 }

@@ -47,7 +47,8 @@ pub(crate) enum Control {
 enum Work {
     /// A prepared batch and, for each of its messages, where to answer.
     Batch(Prepared, Vec<Answer>),
-    State(epmc_proto::topic::AgentId, bool),
+    /// Presence changes that were waiting together, in order.
+    States(Vec<(epmc_proto::topic::AgentId, bool)>),
     /// A prepared last will.
     Will(Prepared),
 }
@@ -84,6 +85,8 @@ pub(crate) async fn run(
         unfinished.clone(),
     )));
     let handed_over = || unfinished.send_modify(|n| *n += 1);
+    // A control item taken while gathering presence changes, handled next.
+    let mut peeked: Option<Control> = None;
     loop {
         // Gather only once the committer can take more, so that a batch holds everything
         // that arrived while the one before was committing.
@@ -91,33 +94,50 @@ pub(crate) async fn run(
             // The committer ended (it only does when this side is gone): nothing to do.
             return;
         };
-        tokio::select! {
-            biased;
-            c = control.recv() => match c {
-                Some(Control::State(agent, online)) => {
-                    handed_over();
-                    slot.send(Work::State(agent, online));
-                }
-                Some(Control::Will(will)) => {
-                    let will = prepare(&sink, vec![will]).await;
-                    handed_over();
-                    slot.send(Work::Will(will));
-                }
-                Some(Control::Stop) | None => {
-                    drop(slot);
-                    // Bounded: the queue has a capacity and no connection adds to it any more.
-                    while let Some(batch) = take_batch(&mut data, None, max_batch) {
-                        let work = prepare_batch(&sink, batch).await;
-                        if work_tx.send(work).await.is_err() {
-                            return;
-                        }
-                    }
-                    drop(work_tx);
-                    let _ = (&mut committer.0).await;
-                    return;
-                }
+        let next = match peeked.take() {
+            Some(c) => Next::Control(Some(c)),
+            None => tokio::select! {
+                biased;
+                c = control.recv() => Next::Control(c),
+                first = data.recv() => Next::Data(first),
             },
-            first = data.recv() => {
+        };
+        match next {
+            Next::Control(Some(Control::State(agent, online))) => {
+                // And the ones waiting behind it: one commit for a burst of connections.
+                let mut changes = vec![(agent, online)];
+                loop {
+                    match control.try_recv() {
+                        Ok(Control::State(agent, online)) => changes.push((agent, online)),
+                        Ok(other) => {
+                            peeked = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                handed_over();
+                slot.send(Work::States(changes));
+            }
+            Next::Control(Some(Control::Will(will))) => {
+                let will = prepare(&sink, vec![will]).await;
+                handed_over();
+                slot.send(Work::Will(will));
+            }
+            Next::Control(Some(Control::Stop) | None) => {
+                drop(slot);
+                // Bounded: the queue has a capacity and no connection adds to it any more.
+                while let Some(batch) = take_batch(&mut data, None, max_batch) {
+                    let work = prepare_batch(&sink, batch).await;
+                    if work_tx.send(work).await.is_err() {
+                        return;
+                    }
+                }
+                drop(work_tx);
+                let _ = (&mut committer.0).await;
+                return;
+            }
+            Next::Data(first) => {
                 let Some(first) = first else { continue };
                 let Some(mut batch) = take_batch(&mut data, Some(first), max_batch) else {
                     continue;
@@ -149,6 +169,12 @@ pub(crate) async fn run(
     }
 }
 
+/// What the gatherer takes next.
+enum Next {
+    Control(Option<Control>),
+    Data(Option<Pending>),
+}
+
 /// Commits what the gatherer hands over, one at a time, in order.
 async fn commit_loop(
     sink: Arc<dyn IngestSink>,
@@ -161,7 +187,7 @@ async fn commit_loop(
             Work::Batch(prepared, answers) => {
                 commit_and_answer(&*sink, &counters, prepared, answers).await;
             }
-            Work::State(agent, online) => sink.agent_state(agent, online).await,
+            Work::States(changes) => sink.agent_states(changes).await,
             Work::Will(will) => {
                 if let Err(e) = commit(&*sink, &counters, will).await {
                     tracing::warn!(error = %e, "a last will could not be stored");

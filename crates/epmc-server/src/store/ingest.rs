@@ -235,6 +235,36 @@ impl IngestHandle {
         set_state(&self.store, agent, AgentState::Offline, at).await
     }
 
+    /// Records several connections and disconnections (`true`: online), in order, in one
+    /// transaction (one sync instead of one per change); all at `at`. Returns the agents
+    /// that are not in the store (nothing is recorded for them).
+    pub async fn set_states(
+        &self,
+        changes: &[(AgentId, bool)],
+        at: Timestamp,
+    ) -> Result<Vec<AgentId>, StoreError> {
+        let mut unknown = Vec::new();
+        let mut tx = self.store.begin_write().await?;
+        for (agent, online) in changes {
+            let state = if *online {
+                AgentState::Online
+            } else {
+                AgentState::Offline
+            };
+            let r = sqlx::query("UPDATE agents SET state = $2, last_seen = $3 WHERE id = $1")
+                .bind(agent.to_string())
+                .bind(state.as_str())
+                .bind(at.unix())
+                .execute(&mut *tx)
+                .await?;
+            if r.rows_affected() == 0 {
+                unknown.push(*agent);
+            }
+        }
+        tx.commit().await?;
+        Ok(unknown)
+    }
+
     /// Whether an agent may connect.
     pub async fn agent_access(&self, agent: AgentId) -> Result<AgentAccess, StoreError> {
         let mut conn = self.store.pool().acquire().await?;

@@ -142,6 +142,8 @@ pub struct Recorded {
     pub prepared: Vec<Inbound>,
     /// The name of the thread each commit ran on.
     pub commit_threads: Vec<Option<String>>,
+    /// How many presence changes each `agent_states` call carried.
+    pub state_batches: Vec<usize>,
 }
 
 /// A sink that records everything; `hold` makes commits wait until `release`, `fail` makes
@@ -259,6 +261,14 @@ impl IngestSink for RecordingSink {
 
     async fn agent_state(&self, agent: AgentId, online: bool) {
         self.log.lock().unwrap().states.push((agent, online));
+        self.touch();
+    }
+
+    async fn agent_states(&self, changes: Vec<(AgentId, bool)>) {
+        let mut log = self.log.lock().unwrap();
+        log.state_batches.push(changes.len());
+        log.states.extend(changes);
+        drop(log);
         self.touch();
     }
 
