@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use epmc_proto::topic::{self, Channel};
+use epmc_proto::topic::{self, AgentId, Channel};
 use epmc_server::ingest::{IngestConfig, OrderError, SecurityEvent, SendOrderError};
-use epmc_transport::client::{MqttClient, MqttError};
+use epmc_transport::client::{MqttClient, MqttError, PendingAck};
 use epmc_transport::mqtt::{
     Connect, ConnectReturn, Packet, Publish, QoS, TopicFilter, TopicName, Will,
 };
@@ -634,21 +634,23 @@ async fn a_second_connection_with_the_same_id_replaces_the_first() {
     assert!(s.sink.events().is_empty());
 }
 
-/// Saturated (a full batch waiting), the next batch is prepared while one commits.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_next_batch_is_prepared_while_one_commits_and_commits_after_it() {
-    let mut c = config();
-    c.max_batch = 2;
-    let mut s = Server::start(c).await;
+/// A connected agent (online recorded) with commits held from now on, and a function that
+/// publishes the one-byte payload `n` at QoS 1 and returns its pending PUBACK.
+async fn held_agent(
+    s: &Server,
+) -> (
+    AgentId,
+    impl Fn(u8) -> std::pin::Pin<Box<dyn std::future::Future<Output = PendingAck> + Send>> + use<>,
+) {
     let a = new_agent();
     let (client, _) = s.agent(a).await;
     s.sink
         .until("online", |r| r.states.contains(&(a, true)))
         .await;
     s.sink.hold();
-    let send = |n: u8| {
+    let send = move |n: u8| {
         let client = client.clone();
-        async move {
+        Box::pin(async move {
             client
                 .send_publish(
                     &topic::telemetry(&a),
@@ -658,8 +660,18 @@ async fn the_next_batch_is_prepared_while_one_commits_and_commits_after_it() {
                 )
                 .await
                 .unwrap()
-        }
+        }) as std::pin::Pin<Box<dyn std::future::Future<Output = PendingAck> + Send>>
     };
+    (a, send)
+}
+
+/// Saturated (a full batch waiting), the next batch is prepared while one commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_batch_is_prepared_while_one_commits_and_commits_after_it() {
+    let mut c = config();
+    c.max_batch = 2;
+    let mut s = Server::start(c).await;
+    let (a, send) = held_agent(&s).await;
     let mut acks = vec![Box::pin(send(0).await.acked())];
     // The first commit is held by the sink …
     within(s.commits.recv()).await.unwrap();
@@ -703,26 +715,7 @@ async fn the_next_batch_is_prepared_while_one_commits_and_commits_after_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_arrives_during_a_commit_is_all_in_the_next_commit() {
     let mut s = Server::start(config()).await;
-    let a = new_agent();
-    let (client, _) = s.agent(a).await;
-    s.sink
-        .until("online", |r| r.states.contains(&(a, true)))
-        .await;
-    s.sink.hold();
-    let send = |n: u8| {
-        let client = client.clone();
-        async move {
-            client
-                .send_publish(
-                    &topic::telemetry(&a),
-                    Bytes::from(vec![n]),
-                    QoS::AtLeastOnce,
-                    false,
-                )
-                .await
-                .unwrap()
-        }
-    };
+    let (a, send) = held_agent(&s).await;
     let mut acks = vec![Box::pin(send(0).await.acked())];
     // The first commit is held by the sink; five more arrive one by one meanwhile.
     assert_eq!(within(s.commits.recv()).await, Some(1));
