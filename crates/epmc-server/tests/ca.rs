@@ -938,3 +938,27 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
         body.join("\n")
     )
 }
+
+/// The listener reads the CRL once, so it checks it once: a CRL of another CA, or one whose
+/// signature does not verify, is refused when the configuration is built.
+#[test]
+fn a_crl_of_another_ca_or_with_a_bad_signature_is_refused() {
+    let (_dir, pki) = server_pki();
+    let (_other_dir, other) = server_pki();
+    let (chain, key) = pki.server.to_der().expect("server der");
+    let foreign = other.ca.crl(&[], now()).expect("crl");
+    let refused =
+        ca::mqtt_server_config(pki.ca.cert_der(), foreign, chain.clone(), key.clone_key());
+    assert!(
+        matches!(refused, Err(ca::TlsConfigError::Crl(ref m)) if m.contains("not by the CA") || m.contains("signature")),
+        "{refused:?}"
+    );
+    let mut tampered = pki.ca.crl(&[], now()).expect("crl").as_ref().to_vec();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x01;
+    let refused = ca::mqtt_server_config(pki.ca.cert_der(), tampered.into(), chain, key);
+    assert!(
+        matches!(refused, Err(ca::TlsConfigError::Crl(_))),
+        "{refused:?}"
+    );
+}

@@ -2,12 +2,19 @@
 
 use std::sync::Arc;
 
+use std::collections::HashSet;
+
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
-use rustls::{CommonState, RootCertStore, ServerConfig};
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::{
+    CertificateError, CommonState, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    ServerConfig, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 use uuid::Uuid;
-use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::prelude::{CertificateRevocationList, FromDer, X509Certificate};
 
 use super::CertSerial;
 
@@ -58,12 +65,109 @@ pub enum TlsConfigError {
     /// The client-certificate verifier refused the CA certificate or the CRL.
     #[error("client certificate verifier refused its inputs: {0}")]
     Verifier(#[from] VerifierBuilderError),
+    /// The CRL cannot be parsed, is not the CA's, or its signature does not verify.
+    #[error("the certificate revocation list is not usable: {0}")]
+    Crl(String),
+}
+
+/// The listener's client-certificate verifier: webpki verifies the chain up to the agents'
+/// CA (signatures, validity, key usage), then the leaf's serial is looked up in the revoked
+/// serials read from the CRL when the configuration was built, after checking the CRL's
+/// issuer and signature once. rustls-webpki, given the CRL, verifies the CRL's signature
+/// again on every handshake: one of the three ECDSA verifications a handshake cost.
+#[derive(Debug)]
+struct RevokedSerialsVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    /// Serial numbers as their DER content bytes, as a certificate carries them.
+    revoked: HashSet<Vec<u8>>,
+}
+
+impl RevokedSerialsVerifier {
+    fn new(
+        chain: Arc<dyn ClientCertVerifier>,
+        ca_cert: &CertificateDer<'_>,
+        crl: &CertificateRevocationListDer<'_>,
+    ) -> Result<RevokedSerialsVerifier, TlsConfigError> {
+        let bad = |what: String| TlsConfigError::Crl(what);
+        let (_, ca) = X509Certificate::from_der(ca_cert.as_ref())
+            .map_err(|e| bad(format!("the CA certificate: {e}")))?;
+        let (rest, list) = CertificateRevocationList::from_der(crl.as_ref())
+            .map_err(|e| bad(format!("cannot be parsed: {e}")))?;
+        if !rest.is_empty() {
+            return Err(bad("trailing bytes after it".into()));
+        }
+        if list.issuer() != ca.subject() {
+            return Err(bad(format!("issued by {}, not by the CA", list.issuer())));
+        }
+        list.verify_signature(ca.public_key())
+            .map_err(|e| bad(format!("its signature does not verify: {e}")))?;
+        let revoked = list
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial().to_vec())
+            .collect();
+        Ok(RevokedSerialsVerifier { chain, revoked })
+    }
+}
+
+impl ClientCertVerifier for RevokedSerialsVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.chain.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.chain.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .chain
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let (_, leaf) = X509Certificate::from_der(end_entity.as_ref())
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        if self.revoked.contains(leaf.raw_serial()) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
 }
 
 /// The rustls configuration of the MQTT/TLS listener.
 ///
 /// Clients must present a certificate issued by `ca_cert` that `crl` does not revoke (the
-/// CRL is always checked: pass the CA's current one, even if it lists nothing). TLS 1.3 and
+/// CRL is always checked: pass the CA's current one, even if it lists nothing). The CRL must
+/// be `ca_cert`'s and its signature is verified here, once ([`TlsConfigError::Crl`]
+/// otherwise); each handshake then looks the client's serial up in it. TLS 1.3 and
 /// 1.2, ALPN `mqtt`, the server's `cert_chain` and `key`, no session resumption. When a
 /// revocation is added, build a new configuration with the new CRL for the next handshakes.
 pub fn mqtt_server_config(
@@ -75,9 +179,9 @@ pub fn mqtt_server_config(
     let provider = listener_provider();
     let mut roots = RootCertStore::empty();
     roots.add(ca_cert.clone())?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .with_crls([crl])
-        .build()?;
+    let chain =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let verifier = Arc::new(RevokedSerialsVerifier::new(chain, ca_cert, &crl)?);
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(verifier)
