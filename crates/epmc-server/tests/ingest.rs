@@ -40,6 +40,30 @@ fn config() -> IngestConfig {
     c
 }
 
+/// While the sink holds the commit, none of `acks` (PUBACKs of `a`'s messages) comes within
+/// `wait` and nothing of `a` is committed; then the sink is released and every one comes.
+async fn no_puback_until_released<F, T, E>(
+    s: &Server,
+    a: AgentId,
+    mut acks: Vec<std::pin::Pin<Box<F>>>,
+    wait: Duration,
+) where
+    F: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Debug,
+{
+    for ack in &mut acks {
+        assert!(
+            tokio::time::timeout(wait, ack.as_mut()).await.is_err(),
+            "a PUBACK came before its commit"
+        );
+    }
+    assert!(s.sink.payloads(a).is_empty());
+    s.sink.release();
+    for ack in acks {
+        within(ack).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn puback_only_after_the_commit_that_holds_the_message() {
     let mut s = Server::start(config()).await;
@@ -64,19 +88,7 @@ async fn puback_only_after_the_commit_that_holds_the_message() {
     }
     // The writer is inside a commit, held by the sink: no PUBACK may arrive.
     within(s.commits.recv()).await.unwrap();
-    for ack in &mut acks {
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), ack.as_mut())
-                .await
-                .is_err(),
-            "a PUBACK came before its commit"
-        );
-    }
-    assert!(s.sink.payloads(a).is_empty());
-    s.sink.release();
-    for ack in acks {
-        within(ack).await.unwrap();
-    }
+    no_puback_until_released(&s, a, acks, Duration::from_millis(300)).await;
     let got: Vec<Vec<u8>> = s.sink.payloads(a).iter().map(|b| b.to_vec()).collect();
     assert_eq!(got, vec![vec![0], vec![1], vec![2]]);
     let stats = s.endpoint.stats();
@@ -723,19 +735,7 @@ async fn what_arrives_during_a_commit_is_all_in_the_next_commit() {
         acks.push(Box::pin(send(n).await.acked()));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    for ack in &mut acks {
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), ack.as_mut())
-                .await
-                .is_err(),
-            "a PUBACK came before its commit"
-        );
-    }
-    assert!(s.sink.payloads(a).is_empty());
-    s.sink.release();
-    for ack in acks {
-        within(ack).await.unwrap();
-    }
+    no_puback_until_released(&s, a, acks, Duration::from_millis(100)).await;
     // The five that waited are one commit, the next one.
     assert_eq!(within(s.commits.recv()).await, Some(5));
     let got: Vec<u8> = s.sink.payloads(a).iter().map(|p| p[0]).collect();
