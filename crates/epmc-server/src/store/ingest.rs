@@ -227,12 +227,12 @@ impl IngestHandle {
 
     /// Marks an agent connected.
     pub async fn set_online(&self, agent: AgentId, at: Timestamp) -> Result<(), StoreError> {
-        set_state(&self.store, agent, AgentState::Online, at).await
+        self.set_one_state(agent, true, at).await
     }
 
     /// Marks an agent disconnected.
     pub async fn set_offline(&self, agent: AgentId, at: Timestamp) -> Result<(), StoreError> {
-        set_state(&self.store, agent, AgentState::Offline, at).await
+        self.set_one_state(agent, false, at).await
     }
 
     /// Records several connections and disconnections (`true`: online), in order, in one
@@ -263,6 +263,21 @@ impl IngestHandle {
         }
         tx.commit().await?;
         Ok(unknown)
+    }
+
+    /// [`IngestHandle::set_states`] of one change; [`StoreError::NotFound`] for an unknown
+    /// agent.
+    async fn set_one_state(
+        &self,
+        agent: AgentId,
+        online: bool,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        if self.set_states(&[(agent, online)], at).await?.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound)
+        }
     }
 
     /// Whether an agent may connect.
@@ -603,15 +618,13 @@ async fn apply_snapshots(
         return Ok(outcomes);
     }
 
-    // 2. The devices, once each: (agent, key) → newest time and last position in the run.
+    // 2. The devices, once each: (agent, key) → first time and last position in the run.
     struct Device<'a> {
         tenant: TenantId,
         agent: AgentId,
         key: &'a str,
         /// The time of its first snapshot in the run (a new row's `first_seen`).
         first: i64,
-        /// The newest time of its snapshots.
-        seen: i64,
         last: usize,
         row: Option<i64>,
     }
@@ -627,14 +640,12 @@ async fn apply_snapshots(
                 agent: s.agent,
                 key,
                 first: at,
-                seen: at,
                 last: pos,
                 row: None,
             });
             devices.len() - 1
         });
         let dev = &mut devices[d];
-        dev.seen = dev.seen.max(at);
         dev.last = pos;
         device_of.push(d);
     }
@@ -816,24 +827,6 @@ fn is_data_error(backend: Backend, e: &dyn sqlx::error::DatabaseError) -> bool {
             code.len() == 5 && (code.starts_with("22") || code.starts_with("23") || code == "54000")
         }
     }
-}
-
-async fn set_state(
-    store: &Store,
-    agent: AgentId,
-    state: AgentState,
-    at: Timestamp,
-) -> Result<(), StoreError> {
-    let r = sqlx::query("UPDATE agents SET state = $2, last_seen = $3 WHERE id = $1")
-        .bind(agent.to_string())
-        .bind(state.as_str())
-        .bind(at.unix())
-        .execute(store.writer())
-        .await?;
-    if r.rows_affected() == 0 {
-        return Err(StoreError::NotFound);
-    }
-    Ok(())
 }
 
 pub(super) async fn agent_access(

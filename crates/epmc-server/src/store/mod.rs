@@ -287,11 +287,6 @@ impl Store {
         &self.inner.pool
     }
 
-    /// The pool for writes outside a transaction (see [`Store::begin_write`]).
-    fn writer(&self) -> &AnyPool {
-        &self.inner.writer
-    }
-
     /// A write transaction. On SQLite it takes the write lock at once (`BEGIN IMMEDIATE`), so
     /// two writers queue on the busy timeout instead of failing on a lock upgrade.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
