@@ -363,15 +363,12 @@ impl Server {
         let (outlet, endpoint, broker, mqtt_addr, agent_port) = match &config.broker {
             None => {
                 let tls = pki.mqtt_config(&revoked)?;
-                let mut ingest = config.ingest.clone();
-                // SQLite connections are threads of their own, not sockets of a runtime.
-                ingest.own_writer_thread &= store.backend() == crate::store::Backend::Sqlite;
                 let endpoint = Endpoint::bind(
                     config.mqtt,
                     tls,
                     crate::ingest::agent_id_from_cn,
                     sink,
-                    ingest,
+                    config.ingest.clone(),
                 )
                 .await
                 .map_err(|source| ServeError::Bind {

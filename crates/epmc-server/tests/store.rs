@@ -105,6 +105,7 @@ both!(
     status_change_event_updates_latest_status,
     concurrent_batches_creating_the_same_device_both_store,
     a_batch_larger_than_one_statement_stores_every_row,
+    ingest_outlives_the_runtime_that_first_committed,
 );
 
 fn t(unix: i64) -> Timestamp {
@@ -495,21 +496,26 @@ async fn presence_changes_are_recorded_together_in_order(db: Db) {
     let (tenant, a) = tenant_with_agent(s, "acme").await;
     let b = s.admin().create_agent(tenant, "second").await.expect("b");
     let stranger = AgentId::new(uuid::Uuid::new_v4());
-    // a connects, b connects, a's connection is replaced (off, on), b leaves.
+    let other_stranger = AgentId::new(uuid::Uuid::new_v4());
+    // a connects, b connects, a's connection is replaced (off, on), b leaves; two agents
+    // the store does not know come and go.
     let changes = [
         (a, true),
         (b, true),
         (stranger, true),
+        (other_stranger, true),
         (a, false),
         (a, true),
         (b, false),
+        (stranger, false),
     ];
     let unknown = s
         .ingest()
         .set_states(&changes, t(1_800_000_100))
         .await
         .expect("states");
-    assert_eq!(unknown, vec![stranger]);
+    // Once each, in the order they first came.
+    assert_eq!(unknown, vec![stranger, other_stranger]);
     let agents = s.admin().agents(Some(tenant)).await.expect("agents");
     let state = |id: AgentId| {
         let x = agents.iter().find(|x| x.id == id).expect("listed");
@@ -2241,4 +2247,51 @@ async fn a_batch_larger_than_one_statement_stores_every_row(db: Db) {
         assert_eq!(dev.agent, agent);
     }
     assert_eq!(s.admin().rejected_count().await.expect("count"), 0);
+}
+
+/// The ingest path commits on the runtime of whoever calls it (the endpoint's writer thread);
+/// once that runtime has ended (the endpoint stopped), the next commit, on another runtime,
+/// still succeeds: the connection left behind is replaced, not used.
+async fn ingest_outlives_the_runtime_that_first_committed(db: Db) {
+    let s = db.store.clone();
+    let (_, agent) = tenant_with_agent(&s, "writer").await;
+    let batch = |n: i64| {
+        vec![item(
+            agent,
+            Channel::Telemetry,
+            json(snapshot("RUNTIME1", 1_800_000_000 + n, PowerState::On)),
+        )]
+    };
+    // A writer thread of its own: its runtime ends with it.
+    let first = batch(0);
+    let on_thread = s.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let out = on_thread
+                .ingest()
+                .ingest_batch(&first)
+                .await
+                .expect("first");
+            assert_eq!(out, vec![IngestOutcome::Stored]);
+            on_thread
+                .ingest()
+                .set_online(agent, now())
+                .await
+                .expect("online");
+        });
+    })
+    .join()
+    .expect("writer thread");
+    let out = tokio::time::timeout(Duration::from_secs(30), s.ingest().ingest_batch(&batch(1)))
+        .await
+        .expect("the second commit hangs")
+        .expect("the second commit");
+    assert_eq!(out, vec![IngestOutcome::Stored]);
+    s.ingest().set_offline(agent, now()).await.expect("offline");
+    let devices = s.admin().devices().await.expect("devices");
+    assert_eq!(devices.len(), 1);
 }

@@ -66,9 +66,9 @@ pub struct IngestConfig {
     /// runtime) instead of among the connection tasks. Each statement of a commit is a round
     /// trip to the database; on its own thread the writer is polled again as soon as the
     /// answer is there, instead of queueing behind hundreds of connection tasks: on a loaded
-    /// 2-core machine that made SQLite ingest ~20 % faster. Keep it off for a sink whose I/O
-    /// objects belong to the main runtime and outlive the endpoint (PostgreSQL sockets opened
-    /// on the writer's runtime would die with it).
+    /// 2-core machine that made SQLite ingest ~20 % faster. A sink's sockets opened on that
+    /// thread end with it: the store's PostgreSQL ingest pool opens its connections there and
+    /// replaces one whose runtime has ended before its next use.
     pub own_writer_thread: bool,
 }
 

@@ -148,7 +148,7 @@ impl IngestHandle {
         let backend = self.store.backend();
         let items = &batch.items;
         let decoded = &batch.decoded;
-        let mut tx = self.store.begin_write().await?;
+        let mut tx = self.store.begin_ingest().await?;
         let wanted: Vec<AgentId> = items
             .iter()
             .zip(decoded)
@@ -236,33 +236,61 @@ impl IngestHandle {
     }
 
     /// Records several connections and disconnections (`true`: online), in order, in one
-    /// transaction (one sync instead of one per change); all at `at`. Returns the agents
-    /// that are not in the store (nothing is recorded for them).
+    /// transaction (one sync instead of one per change); all at `at`. Only each agent's last
+    /// change matters (they all happen at `at`), so each agent is written once, with one
+    /// multi-row statement per [`MAX_ROWS`] agents. Returns the agents that are not in the
+    /// store, once each, in the order they first appear (nothing is recorded for them).
     pub async fn set_states(
         &self,
         changes: &[(AgentId, bool)],
         at: Timestamp,
     ) -> Result<Vec<AgentId>, StoreError> {
-        let mut unknown = Vec::new();
-        let mut tx = self.store.begin_write().await?;
-        for (agent, online) in changes {
-            let state = if *online {
-                AgentState::Online
-            } else {
-                AgentState::Offline
-            };
-            let r = sqlx::query("UPDATE agents SET state = $2, last_seen = $3 WHERE id = $1")
-                .bind(agent.to_string())
-                .bind(state.as_str())
-                .bind(at.unix())
-                .execute(&mut *tx)
-                .await?;
-            if r.rows_affected() == 0 {
-                unknown.push(*agent);
+        let backend = self.store.backend();
+        // Each agent once, in the order it first appears, with its last state.
+        let mut last: Vec<(AgentId, bool)> = Vec::with_capacity(changes.len());
+        let mut index: HashMap<AgentId, usize> = HashMap::with_capacity(changes.len());
+        for &(agent, online) in changes {
+            match index.get(&agent) {
+                Some(&i) => last[i].1 = online,
+                None => {
+                    index.insert(agent, last.len());
+                    last.push((agent, online));
+                }
+            }
+        }
+        let mut found: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut tx = self.store.begin_ingest().await?;
+        let mut rest = last.as_slice();
+        for n in pieces(last.len()) {
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            let sql = format!(
+                "UPDATE agents SET state = v.column2, last_seen = {} FROM (VALUES {}) AS v \
+                 WHERE agents.id = v.column1 RETURNING agents.id",
+                param(backend, 1),
+                placeholders(backend, 2, 2, n)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .persistent(persistent(n))
+                .bind(at.unix());
+            for (agent, online) in chunk {
+                let state = if *online {
+                    AgentState::Online
+                } else {
+                    AgentState::Offline
+                };
+                q = q.bind(agent.to_string()).bind(state.as_str());
+            }
+            for r in q.fetch_all(&mut *tx).await? {
+                found.insert(r.try_get::<String, _>(0)?);
             }
         }
         tx.commit().await?;
-        Ok(unknown)
+        Ok(last
+            .into_iter()
+            .map(|(agent, _)| agent)
+            .filter(|agent| !found.contains(&agent.to_string()))
+            .collect())
     }
 
     /// [`IngestHandle::set_states`] of one change; [`StoreError::NotFound`] for an unknown

@@ -100,6 +100,11 @@ struct Inner {
     pool: AnyPool,
     /// Where writes go: on SQLite a pool of one connection, on PostgreSQL `pool` itself.
     writer: AnyPool,
+    /// Where the ingest path's commits go ([`Store::begin_ingest`]): on SQLite `writer`; on
+    /// PostgreSQL a pool of its own whose connections are opened when first needed, on the
+    /// runtime of whoever needs them: the ingest writer's own thread
+    /// (`IngestConfig::own_writer_thread`), so that its sockets wake that thread directly.
+    ingest: AnyPool,
     backend: Backend,
     options: StoreOptions,
 }
@@ -174,7 +179,7 @@ impl Store {
                 // drop: no ping before each use (one round trip less per commit).
                 .test_before_acquire(backend == Backend::Postgres)
         };
-        let (pool, writer) = match backend {
+        let (pool, writer, ingest) = match backend {
             Backend::Sqlite => {
                 let busy_ms = options.busy_timeout.as_millis();
                 // WAL is a property of the file: set it once on a first connection, then every
@@ -195,17 +200,22 @@ impl Store {
                     .after_connect(move |conn, _meta| Box::pin(sqlite_setup(conn, busy_ms)))
                     .connect_with(connect)
                     .await?;
-                (pool, writer)
+                (pool, writer.clone(), writer)
             }
             Backend::Postgres => {
-                let pool = pool_options().connect_with(connect).await?;
-                (pool.clone(), pool)
+                let pool = pool_options().connect_with(connect.clone()).await?;
+                // Lazy: no connection is opened here, on the caller's runtime. A connection
+                // whose runtime has ended (an endpoint's writer thread, stopped) fails the
+                // ping before its next use and is replaced.
+                let ingest = pool_options().connect_lazy_with(connect);
+                (pool.clone(), pool, ingest)
             }
         };
         let store = Store {
             inner: Arc::new(Inner {
                 pool,
                 writer,
+                ingest,
                 backend,
                 options,
             }),
@@ -279,6 +289,7 @@ impl Store {
 
     /// Closes the pool, waiting for connections to return.
     pub async fn close(&self) {
+        self.inner.ingest.close().await;
         self.inner.writer.close().await;
         self.inner.pool.close().await;
     }
@@ -293,6 +304,14 @@ impl Store {
         Ok(match self.inner.backend {
             Backend::Sqlite => self.inner.writer.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.inner.writer.begin().await?,
+        })
+    }
+
+    /// [`Store::begin_write`] for the ingest path's commits (batches, presence).
+    async fn begin_ingest(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        Ok(match self.inner.backend {
+            Backend::Sqlite => self.inner.ingest.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.inner.ingest.begin().await?,
         })
     }
 }
