@@ -534,6 +534,92 @@ async fn postgres_raw(p: &Params, url: &str, batch: usize) -> (f64, f64) {
     (insert, copy)
 }
 
+/// The storage path alone on PostgreSQL, without MQTT or TLS: the same snapshots, decoded
+/// beforehand into batches of the endpoint's commit size (each holding about as many messages
+/// of every agent, as a saturated endpoint's commits do), committed one after the other through
+/// `IngestHandle::ingest_prepared` on a schema of its own. Returns the messages/s and the rows
+/// written per message (`pg_stat_user_tables`, as for the endpoint run).
+async fn postgres_store_alone(p: &Params, base: &str, batch: usize) -> (f64, Option<f64>) {
+    use epmc_proto::topic::Channel;
+    use epmc_server::store::{IngestItem, PreparedBatch, Store};
+    let (url, schema) = postgres_schema(base).await;
+    let store = Store::open(&url).await.expect("store opens");
+    let admin = store.admin();
+    let tenant = admin.add_tenant("bench").await.expect("tenant");
+    let mut per_agent = Vec::new();
+    for a in 0..p.agents {
+        let agent = admin
+            .create_agent(tenant, &format!("bench agent {a}"))
+            .await
+            .expect("agent");
+        per_agent.push((agent, payloads(p, a, p.messages)));
+    }
+    // Round robin over the agents, each agent's messages in its order.
+    let mut items = Vec::with_capacity(p.total());
+    for i in 0..p.messages {
+        for (agent, payloads) in &per_agent {
+            items.push(IngestItem::new(
+                *agent,
+                Channel::Telemetry,
+                payloads[i].clone(),
+            ));
+        }
+    }
+    let batches: Vec<PreparedBatch> = items
+        .chunks(batch)
+        .map(|c| PreparedBatch::new(c.to_vec()))
+        .collect();
+    let ingest = store.ingest();
+    let start = Instant::now();
+    for b in &batches {
+        let outcomes = ingest.ingest_prepared(b).await.expect("commit");
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| *o == epmc_server::store::IngestOutcome::Stored)
+        );
+    }
+    let rate = items.len() as f64 / start.elapsed().as_secs_f64();
+    store.close().await;
+    drop(store);
+    let per_message = postgres_rows_per_message(base, &schema, items.len()).await;
+    drop_schema(base, &schema).await;
+    (rate, per_message)
+}
+
+/// Rows the ingest wrote per message on PostgreSQL: inserts and updates of the message ids
+/// (`ingested_messages`) and of the devices' latest status (`device_status`), as
+/// `pg_stat_user_tables` counts them, divided by the messages committed. Called once the
+/// server has stopped: a backend's counts are flushed when its connection ends, so they are
+/// waited for (bounded) until the message rows are all counted and the sum holds still.
+async fn postgres_rows_per_message(base: &str, schema: &str, messages: usize) -> Option<f64> {
+    use sqlx::{Connection, Row};
+    let mut conn = sqlx::PgConnection::connect(base).await.ok()?;
+    async fn count(conn: &mut sqlx::PgConnection, schema: &str) -> Option<(i64, i64)> {
+        let r = sqlx::query(
+            "SELECT COALESCE(SUM(n_tup_ins) FILTER (WHERE relname = 'ingested_messages'), 0)::BIGINT, \
+             COALESCE(SUM(n_tup_ins + n_tup_upd), 0)::BIGINT FROM pg_stat_user_tables \
+             WHERE schemaname = $1 AND relname IN ('ingested_messages', 'device_status')",
+        )
+        .bind(schema)
+        .fetch_one(conn)
+        .await
+        .ok()?;
+        Some((r.get::<i64, _>(0), r.get::<i64, _>(1)))
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = None;
+    while Instant::now() < deadline {
+        let (ids, rows) = count(&mut conn, schema).await?;
+        if ids >= messages as i64 && last == Some(rows) {
+            return Some(rows as f64 / messages as f64);
+        }
+        last = Some(rows);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    None
+}
+
 /// A schema of its own on the test PostgreSQL server, as a URL.
 async fn postgres_schema(base: &str) -> (String, String) {
     use sqlx::Connection;
@@ -977,9 +1063,16 @@ fn main() {
                     "postgres",
                     server_ingest(&p, Some(url.clone())),
                 ));
+                let committed = p.total() + p.agents * p.paced_messages();
+                let per_message = rt.block_on(postgres_rows_per_message(&base, &schema, committed));
                 let batch = epmc_server::ingest::IngestConfig::default().max_batch;
                 let (insert, copy) =
                     rt.block_on(bounded(&p, "postgres", postgres_raw(&p, &url, batch)));
+                let (alone, alone_rows) = rt.block_on(bounded(
+                    &p,
+                    "postgres",
+                    postgres_store_alone(&p, &base, batch),
+                ));
                 rt.block_on(drop_schema(&base, &schema));
                 rows.push(Row {
                     what: format!(
@@ -990,6 +1083,34 @@ fn main() {
                     reference: format!(
                         "the same rows: multi-row INSERT {insert:.0} rows/s, COPY {copy:.0} rows/s \
                          ({batch} rows per transaction)"
+                    ),
+                });
+                rows.push(Row {
+                    what: "  rows written, saturated (message ids and device status, counted by pg_stat_user_tables)".into(),
+                    figure: match per_message {
+                        Some(r) => format!(
+                            "{:.0} rows/s ({r:.3} rows per message over both runs)",
+                            r * t.saturated.rate()
+                        ),
+                        None => "not counted (pg_stat_user_tables did not settle)".into(),
+                    },
+                    reference: format!(
+                        "the multi-row INSERT above writes one row per message: {insert:.0} rows/s"
+                    ),
+                });
+                rows.push(Row {
+                    what: format!(
+                        "  the storage path alone (no MQTT, no TLS): batches of {batch} decoded beforehand, committed one after the other"
+                    ),
+                    figure: match alone_rows {
+                        Some(r) => format!(
+                            "{alone:.0} msg/s, {:.0} rows/s ({r:.3} rows per message)",
+                            r * alone
+                        ),
+                        None => format!("{alone:.0} msg/s (rows not counted)"),
+                    },
+                    reference: format!(
+                        "multi-row INSERT of one row per message: {insert:.0} rows/s"
                     ),
                 });
                 rows.push(Row {
