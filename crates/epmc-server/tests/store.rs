@@ -106,6 +106,7 @@ both!(
     concurrent_batches_creating_the_same_device_both_store,
     a_batch_larger_than_one_statement_stores_every_row,
     ingest_outlives_the_runtime_that_first_committed,
+    latest_status_pages_leave_room_for_updates_in_place,
 );
 
 fn t(unix: i64) -> Timestamp {
@@ -2294,4 +2295,20 @@ async fn ingest_outlives_the_runtime_that_first_committed(db: Db) {
     s.ingest().set_offline(agent, now()).await.expect("offline");
     let devices = s.admin().devices().await.expect("devices");
     assert_eq!(devices.len(), 1);
+}
+
+/// On PostgreSQL the latest-status table keeps half of each page free, so that a snapshot's
+/// update stays on its row's page (migration 4); SQLite has no such setting.
+async fn latest_status_pages_leave_room_for_updates_in_place(db: Db) {
+    if db.store.backend() != Backend::Postgres {
+        return;
+    }
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let options: Option<Vec<String>> =
+        sqlx::query_scalar("SELECT reloptions FROM pg_class WHERE oid = 'device_status'::regclass")
+            .fetch_one(&mut conn)
+            .await
+            .expect("reloptions");
+    assert_eq!(options, Some(vec!["fillfactor=50".to_owned()]));
+    conn.close().await.expect("close");
 }

@@ -34,10 +34,16 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0003_service_certificates.sql"),
         postgres: include_str!("../../migrations/postgres/0003_service_certificates.sql"),
     },
+    Migration {
+        version: 4,
+        description: "room in the latest-status pages for updates in place",
+        sqlite: include_str!("../../migrations/sqlite/0004_status_fillfactor.sql"),
+        postgres: include_str!("../../migrations/postgres/0004_status_fillfactor.sql"),
+    },
 ];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS epmc_schema_version (
     version BIGINT PRIMARY KEY,
