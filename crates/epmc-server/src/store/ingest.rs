@@ -570,6 +570,50 @@ async fn flush_snapshots(
     }
 }
 
+/// Inserts the run's message ids, [`MAX_ROWS`] per statement. With `skip_repeats`, an id
+/// stored before is skipped and the ids inserted are returned; without, a repeat fails the
+/// statement (a unique violation) and nothing is returned.
+async fn insert_ids(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    run: &[Snap<'_>],
+    ids: &[&str],
+    agent_ids: &HashMap<AgentId, String>,
+    now: i64,
+    skip_repeats: bool,
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let mut fresh = std::collections::HashSet::new();
+    let mut offset = 0;
+    for n in pieces(run.len()) {
+        let sql = format!(
+            "INSERT INTO ingested_messages (id, agent_id, kind, received_at) VALUES {}{}",
+            placeholders(backend, 1, 4, n),
+            if skip_repeats {
+                " ON CONFLICT (id) DO NOTHING RETURNING id"
+            } else {
+                ""
+            }
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(persistent(n));
+        for (s, id) in run[offset..offset + n].iter().zip(&ids[offset..offset + n]) {
+            q = q
+                .bind(*id)
+                .bind(agent_ids[&s.agent].as_str())
+                .bind(Kind::Snapshot.as_str())
+                .bind(now);
+        }
+        if skip_repeats {
+            for r in q.fetch_all(&mut *conn).await? {
+                fresh.insert(r.try_get::<String, _>(0)?);
+            }
+        } else {
+            q.execute(&mut *conn).await?;
+        }
+        offset += n;
+    }
+    Ok(fresh)
+}
+
 /// Whether applying messages one by one may get further than applying them together.
 fn falls_back(backend: Backend, e: &StoreError) -> bool {
     match e {
@@ -593,31 +637,27 @@ async fn apply_snapshots(
     run: &[Snap<'_>],
     now: i64,
 ) -> Result<Vec<(usize, IngestOutcome)>, StoreError> {
-    // 1. The message ids: the ones the insert returns are new.
+    // 1. The message ids. Repeats are rare (an agent sending again what it was not sure
+    //    was stored), so the ids are first inserted plainly, under a savepoint; only when one
+    //    of them is already there is that undone and the insert made again skipping repeats
+    //    and returning the ids that are new. (The plain insert costs PostgreSQL a third less
+    //    than `ON CONFLICT … RETURNING`.)
     let ids: Vec<&str> = run.iter().map(|s| s.id).collect();
     let agent_ids: HashMap<AgentId, String> =
         run.iter().map(|s| (s.agent, s.agent.to_string())).collect();
-    let mut fresh: std::collections::HashSet<String> = std::collections::HashSet::new();
-    let mut offset = 0;
-    for n in pieces(run.len()) {
-        let sql = format!(
-            "INSERT INTO ingested_messages (id, agent_id, kind, received_at) VALUES {} \
-             ON CONFLICT (id) DO NOTHING RETURNING id",
-            placeholders(backend, 1, 4, n)
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(persistent(n));
-        for (s, id) in run[offset..offset + n].iter().zip(&ids[offset..offset + n]) {
-            q = q
-                .bind(*id)
-                .bind(agent_ids[&s.agent].as_str())
-                .bind(Kind::Snapshot.as_str())
-                .bind(now);
+    let mut sp = conn.begin().await?;
+    let plain = insert_ids(&mut sp, backend, run, &ids, &agent_ids, now, false).await;
+    let mut fresh: std::collections::HashSet<String> = match plain {
+        Ok(_) => {
+            sp.commit().await?;
+            ids.iter().map(|id| (*id).to_owned()).collect()
         }
-        for r in q.fetch_all(&mut *conn).await? {
-            fresh.insert(r.try_get::<String, _>(0)?);
+        Err(StoreError::Database(sqlx::Error::Database(e))) if e.is_unique_violation() => {
+            sp.rollback().await?;
+            insert_ids(conn, backend, run, &ids, &agent_ids, now, true).await?
         }
-        offset += n;
-    }
+        Err(e) => return Err(e),
+    };
     let mut outcomes = Vec::with_capacity(run.len());
     let mut stored: Vec<&Snap<'_>> = Vec::with_capacity(run.len());
     for (s, id) in run.iter().zip(&ids) {
