@@ -744,11 +744,11 @@ async fn apply_snapshots(
             }
         }
         for d in devices.iter_mut().filter(|d| d.tenant == tenant) {
-            if !d.key.starts_with(devices::IP_PREFIX) {
-                if let Some((row, agent)) = rows.get(d.key) {
-                    d.row = Some(*row);
-                    current_agent.insert(*row, agent.clone());
-                }
+            if !d.key.starts_with(devices::IP_PREFIX)
+                && let Some((row, agent)) = rows.get(d.key)
+            {
+                d.row = Some(*row);
+                current_agent.insert(*row, agent.clone());
             }
         }
     }
