@@ -2,11 +2,12 @@
 //! `account add|list|passwd`. The real binary, on a SQLite data directory and, when
 //! `EPMC_TEST_POSTGRES_URL` is set, on a PostgreSQL database (a schema of its own).
 
+mod pg;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
 use epmc_server::store::{AccountRole, FIRST_ADMIN, Store};
-use sqlx::Connection;
 
 fn epmc(data: &Path, database: Option<&str>, args: &[&str]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_epmc-server"));
@@ -44,25 +45,6 @@ fn printed_password(stdout: &str) -> String {
         .to_owned();
     assert!(password.len() >= 20, "{password:?}");
     password
-}
-
-async fn postgres_url() -> Option<String> {
-    let Ok(base) = std::env::var("EPMC_TEST_POSTGRES_URL") else {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("CI=true but EPMC_TEST_POSTGRES_URL is unset");
-        }
-        eprintln!("EPMC_TEST_POSTGRES_URL unset: PostgreSQL test skipped");
-        return None;
-    };
-    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&base).await.expect("connect");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&mut admin)
-        .await
-        .expect("create schema");
-    admin.close().await.expect("close");
-    let sep = if base.contains('?') { '&' } else { '?' };
-    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
 }
 
 async fn init_prints_a_password_once_and_accounts_work(database: Option<String>) {
@@ -181,7 +163,7 @@ async fn init_and_account_commands_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_and_account_commands_postgres() {
-    if let Some(url) = postgres_url().await {
+    if let Some(url) = pg::schema_url().await {
         init_prints_a_password_once_and_accounts_work(Some(url)).await;
     }
 }

@@ -16,6 +16,8 @@
 //!   broker crash (SIGKILL) before its autosave, what it had acknowledged since is measured and
 //!   printed (deploy/scale/README.md reports it).
 
+mod pg;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -294,28 +296,6 @@ impl Drop for Replica {
     }
 }
 
-/// A schema of its own on the test PostgreSQL server, as a URL.
-async fn postgres_url() -> Option<String> {
-    use sqlx::Connection;
-    let Ok(base) = std::env::var("EPMC_TEST_POSTGRES_URL") else {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI=true but EPMC_TEST_POSTGRES_URL is unset (scripts/test starts PostgreSQL)"
-        );
-        eprintln!("EPMC_TEST_POSTGRES_URL unset: the scale test is skipped");
-        return None;
-    };
-    let schema = format!("scale_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
-}
-
 struct Agent {
     id: AgentId,
     serial: String,
@@ -505,7 +485,7 @@ async fn wait_stored(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_behind_mosquitto_store_everything_once() {
-    let Some(db) = postgres_url().await else {
+    let Some(db) = pg::schema_url().await else {
         return;
     };
     epmc_server::ca::install_crypto_provider();
@@ -923,7 +903,7 @@ async fn wait_stored_for(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_commit_is_not_acknowledged_and_comes_again() {
     use sqlx::Connection;
-    let Some(db) = postgres_url().await else {
+    let Some(db) = pg::schema_url().await else {
         return;
     };
     let (dir, store, tenant, agents) = small_setup(&db).await;
@@ -1030,7 +1010,7 @@ fn paths(dir: &tempfile::TempDir) -> (PathBuf, PathBuf, PathBuf) {
 /// survives its crash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_crash_with_autosave_on_changes() {
-    let Some(db) = postgres_url().await else {
+    let Some(db) = pg::schema_url().await else {
         return;
     };
     let (dir, store, tenant, agents) = small_setup(&db).await;

@@ -3,6 +3,8 @@
 //! the commit). On SQLite in the data directory, and on PostgreSQL when
 //! `EPMC_TEST_POSTGRES_URL` is set (with `CI=true` it must be: `scripts/test` starts one).
 
+mod pg;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -93,28 +95,6 @@ async fn open_store(data: &Path, database: Option<&str>) -> Store {
     }
 }
 
-/// A schema of its own on the test PostgreSQL server, as a URL.
-async fn postgres_url() -> Option<String> {
-    use sqlx::Connection;
-    let Ok(base) = std::env::var("EPMC_TEST_POSTGRES_URL") else {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI=true but EPMC_TEST_POSTGRES_URL is unset (scripts/test starts PostgreSQL)"
-        );
-        eprintln!("EPMC_TEST_POSTGRES_URL unset: PostgreSQL crash test skipped");
-        return None;
-    };
-    let schema = format!("crash_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_nothing_acknowledged_sqlite() {
     crash_run(None).await;
@@ -122,7 +102,7 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_nothing_acknowledged_postgres() {
-    if let Some(url) = postgres_url().await {
+    if let Some(url) = pg::schema_url().await {
         crash_run(Some(&url)).await;
     }
 }

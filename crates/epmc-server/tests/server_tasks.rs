@@ -3,6 +3,8 @@
 //! queued orders; in scale mode one replica at a time holds the dispatch lease (PostgreSQL
 //! advisory lock, when `EPMC_TEST_POSTGRES_URL` is set).
 
+mod pg;
+
 use std::time::{Duration, Instant};
 
 use epmc_proto::bounded::Timestamp;
@@ -187,31 +189,9 @@ async fn dispatch_looks_only_at_agents_with_queued_orders_sqlite() {
     agents_with_queued_orders(store).await;
 }
 
-/// A schema of its own on the test PostgreSQL server, as a URL.
-async fn postgres_url() -> Option<String> {
-    use sqlx::Connection;
-    let Ok(base) = std::env::var("EPMC_TEST_POSTGRES_URL") else {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI=true but EPMC_TEST_POSTGRES_URL is unset (scripts/test starts PostgreSQL)"
-        );
-        eprintln!("EPMC_TEST_POSTGRES_URL unset: PostgreSQL test skipped");
-        return None;
-    };
-    let schema = format!("tasks_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
-}
-
 #[tokio::test]
 async fn dispatch_looks_only_at_agents_with_queued_orders_postgres() {
-    if let Some(url) = postgres_url().await {
+    if let Some(url) = pg::schema_url().await {
         agents_with_queued_orders(Store::open(&url).await.unwrap()).await;
     }
 }
@@ -220,7 +200,7 @@ async fn dispatch_looks_only_at_agents_with_queued_orders_postgres() {
 /// process dying, which closes its connection) lets the other take it.
 #[tokio::test]
 async fn one_replica_at_a_time_holds_the_dispatch_lease() {
-    let Some(url) = postgres_url().await else {
+    let Some(url) = pg::schema_url().await else {
         return;
     };
     let a = Store::open(&url).await.unwrap();

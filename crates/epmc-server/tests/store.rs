@@ -3,6 +3,8 @@
 //! than skip), each on a fresh database (SQLite: a file in a temporary directory; PostgreSQL: a
 //! schema of its own), so they run in parallel and keep the two migrations equal.
 
+mod pg;
+
 use std::time::Duration;
 
 use epmc_proto::bounded::{BoundedVec, Timestamp};
@@ -40,27 +42,7 @@ async fn sqlite_db() -> Db {
 }
 
 async fn postgres_db() -> Option<Db> {
-    let Ok(base) = std::env::var("EPMC_TEST_POSTGRES_URL") else {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!(
-                "CI=true but EPMC_TEST_POSTGRES_URL is unset: the PostgreSQL storage tests must run in CI (scripts/test starts a server with scripts/pg-test)"
-            );
-        }
-        eprintln!("EPMC_TEST_POSTGRES_URL unset: PostgreSQL storage test skipped");
-        return None;
-    };
-    // A schema of its own per test: the store's tables land in it through search_path.
-    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&base)
-        .await
-        .expect("connect to EPMC_TEST_POSTGRES_URL");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&mut admin)
-        .await
-        .expect("create schema");
-    admin.close().await.expect("close");
-    let sep = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+    let url = pg::schema_url().await?;
     let store = Store::open(&url).await.expect("open postgres store");
     assert_eq!(store.backend(), Backend::Postgres);
     Some(Db {
