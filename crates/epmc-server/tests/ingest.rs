@@ -816,6 +816,39 @@ async fn presence_changes_waiting_together_are_handed_over_together() {
     );
 }
 
+/// Presence changes that come while the writer lingers are one commit, and a message ends the
+/// linger: with a linger of an hour, three agents' connections wait together, and the first
+/// message (acknowledged only after its commit) hands them over with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_changes_linger_together_until_a_message_comes() {
+    let mut c = config();
+    c.presence_linger = Duration::from_secs(3600);
+    let s = Server::start(c).await;
+    let agents: Vec<_> = (0..3).map(|_| new_agent()).collect();
+    let mut clients = Vec::new();
+    for a in &agents {
+        clients.push(s.agent(*a).await);
+    }
+    let ack = clients[0]
+        .0
+        .send_publish(
+            &topic::telemetry(&agents[0]),
+            Bytes::from_static(b"m"),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await
+        .unwrap();
+    within(ack.acked()).await.unwrap();
+    s.sink
+        .until("every agent online", |r| r.states.len() == 3)
+        .await;
+    let log = s.sink.log.lock().unwrap();
+    let online: Vec<_> = log.states.iter().map(|(a, _)| *a).collect();
+    assert_eq!(online, agents);
+    assert_eq!(log.state_batches, vec![3]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_agents_share_commits() {
     const AGENTS: usize = 20;

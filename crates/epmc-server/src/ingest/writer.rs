@@ -11,6 +11,10 @@
 //! next one and waits for that one commit besides its own, instead of also waiting behind a
 //! batch prepared early and left one commit short (latency below capacity).
 //!
+//! A presence change (a connection or disconnection) waits up to
+//! [`IngestConfig::presence_linger`](super::IngestConfig::presence_linger) for others unless a
+//! message comes first, so that a burst of connections takes one commit.
+//!
 //! At most one prepared batch waits while one commits. Every message goes through one FIFO queue
 //! from its connection to the committer, so one connection's (and so one agent's) messages
 //! commit in the order they were received, and their answers come back in that order.
@@ -69,6 +73,7 @@ pub(crate) async fn run(
     sink: Arc<dyn IngestSink>,
     counters: Arc<Counters>,
     max_batch: usize,
+    presence_linger: std::time::Duration,
     mut data: mpsc::Receiver<Pending>,
     mut control: mpsc::UnboundedReceiver<Control>,
 ) {
@@ -85,8 +90,9 @@ pub(crate) async fn run(
         unfinished.clone(),
     )));
     let handed_over = || unfinished.send_modify(|n| *n += 1);
-    // A control item taken while gathering presence changes, handled next.
+    // A control item, or a message, taken while gathering presence changes, handled next.
     let mut peeked: Option<Control> = None;
+    let mut stashed: Option<Pending> = None;
     loop {
         // Gather only once the committer can take more, so that a batch holds everything
         // that arrived while the one before was committing.
@@ -94,9 +100,13 @@ pub(crate) async fn run(
             // The committer ended (it only does when this side is gone): nothing to do.
             return;
         };
-        let next = match peeked.take() {
-            Some(c) => Next::Control(Some(c)),
-            None => tokio::select! {
+        let next = match (peeked.take(), stashed.take()) {
+            (Some(c), stash) => {
+                stashed = stash;
+                Next::Control(Some(c))
+            }
+            (None, Some(p)) => Next::Data(Some(p)),
+            (None, None) => tokio::select! {
                 biased;
                 c = control.recv() => Next::Control(c),
                 first = data.recv() => Next::Data(first),
@@ -104,16 +114,35 @@ pub(crate) async fn run(
         };
         match next {
             Next::Control(Some(Control::State(agent, online))) => {
-                // And the ones waiting behind it: one commit for a burst of connections.
+                // And the ones waiting behind it, and those that come within the linger
+                // unless a message comes first: one commit for a burst of connections.
                 let mut changes = vec![(agent, online)];
+                let linger = tokio::time::sleep(presence_linger);
+                tokio::pin!(linger);
                 loop {
-                    match control.try_recv() {
-                        Ok(Control::State(agent, online)) => changes.push((agent, online)),
-                        Ok(other) => {
+                    let next = match control.try_recv() {
+                        Ok(c) => Some(c),
+                        Err(mpsc::error::TryRecvError::Disconnected) => break,
+                        Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
+                            biased;
+                            c = control.recv() => match c {
+                                Some(c) => Some(c),
+                                None => break,
+                            },
+                            p = data.recv() => {
+                                stashed = p;
+                                break;
+                            }
+                            () = &mut linger => break,
+                        },
+                    };
+                    match next {
+                        Some(Control::State(agent, online)) => changes.push((agent, online)),
+                        Some(other) => {
                             peeked = Some(other);
                             break;
                         }
-                        Err(_) => break,
+                        None => break,
                     }
                 }
                 handed_over();
@@ -127,7 +156,7 @@ pub(crate) async fn run(
             Next::Control(Some(Control::Stop) | None) => {
                 drop(slot);
                 // Bounded: the queue has a capacity and no connection adds to it any more.
-                while let Some(batch) = take_batch(&mut data, None, max_batch) {
+                while let Some(batch) = take_batch(&mut data, stashed.take(), max_batch) {
                     let work = prepare_batch(&sink, batch).await;
                     if work_tx.send(work).await.is_err() {
                         return;
