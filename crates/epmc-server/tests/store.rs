@@ -89,6 +89,7 @@ both!(
     a_batch_larger_than_one_statement_stores_every_row,
     ingest_outlives_the_runtime_that_first_committed,
     latest_status_pages_leave_room_for_updates_in_place,
+    snapshots_rewrite_an_agent_row_only_to_advance_its_last_seen,
 );
 
 fn t(unix: i64) -> Timestamp {
@@ -2293,4 +2294,94 @@ async fn latest_status_pages_leave_room_for_updates_in_place(db: Db) {
             .expect("reloptions");
     assert_eq!(options, Some(vec!["fillfactor=50".to_owned()]));
     conn.close().await.expect("close");
+}
+
+async fn snapshots_rewrite_an_agent_row_only_to_advance_its_last_seen(db: Db) {
+    // An agent sends many snapshots a second; its row (with its info) is rewritten only when
+    // its last-seen time moves forward, not once per commit. A trigger counts the writes.
+    let s = &db.store;
+    let (tenant, agent) = tenant_with_agent(s, "acme").await;
+    let ahead = now().unix() + 86_400;
+    raw_sql(
+        &db,
+        &format!("UPDATE agents SET last_seen = {ahead}; CREATE TABLE agent_writes (n INTEGER)"),
+    )
+    .await;
+    raw_sql(
+        &db,
+        match s.backend() {
+            Backend::Sqlite => {
+                "CREATE TRIGGER count_agent_writes AFTER UPDATE ON agents \
+                 BEGIN INSERT INTO agent_writes VALUES (1); END"
+            }
+            Backend::Postgres => {
+                "CREATE FUNCTION count_agent_write() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN INSERT INTO agent_writes VALUES (1); RETURN NEW; END $$; \
+                 CREATE TRIGGER count_agent_writes AFTER UPDATE ON agents \
+                 FOR EACH ROW EXECUTE FUNCTION count_agent_write()"
+            }
+        },
+    )
+    .await;
+    let writes = || async {
+        sqlx::any::install_default_drivers();
+        let mut conn = sqlx::AnyConnection::connect(&db.url)
+            .await
+            .expect("connect");
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM agent_writes")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count");
+        conn.close().await.expect("close");
+        n
+    };
+    let seen = || async {
+        let agents = s.tenant(tenant).agents().await.expect("agents");
+        agents[0].last_seen.map(|t| t.unix())
+    };
+    // Snapshots (applied together) and an event (applied alone): both paths.
+    let batch = |at: i64| {
+        vec![
+            item(
+                agent,
+                Channel::Telemetry,
+                json(snapshot("S1", at, PowerState::On)),
+            ),
+            item(
+                agent,
+                Channel::Telemetry,
+                json(snapshot("S2", at, PowerState::On)),
+            ),
+            item(agent, Channel::Events, json(event("S1", at))),
+        ]
+    };
+    for at in [1_800_000_000, 1_800_000_001] {
+        let out = s.ingest().ingest_batch(&batch(at)).await.expect("batch");
+        assert_eq!(out, vec![IngestOutcome::Stored; 3]);
+    }
+    assert_eq!(writes().await, 0, "last seen already ahead: no write");
+    assert_eq!(seen().await, Some(ahead));
+    let devices = s.tenant(tenant).devices().await.expect("devices");
+    assert_eq!(devices.len(), 2);
+    assert!(
+        devices
+            .iter()
+            .all(|d| d.status.as_ref().map(|(at, _)| at.unix()) == Some(1_800_000_001))
+    );
+
+    raw_sql(&db, "UPDATE agents SET last_seen = 1000").await;
+    let before = writes().await;
+    let out = s
+        .ingest()
+        .ingest_batch(&batch(1_800_000_002))
+        .await
+        .expect("batch");
+    assert_eq!(out, vec![IngestOutcome::Stored; 3]);
+    assert_eq!(
+        writes().await,
+        before + 1,
+        "one write for the batch's agent"
+    );
+    let last = seen().await.expect("last seen");
+    assert!(last >= now().unix() - 60 && last <= now().unix(), "{last}");
 }

@@ -840,7 +840,9 @@ async fn apply_snapshots(
         q.execute(&mut *conn).await?;
     }
 
-    // 4. The agents' last-seen time.
+    // 4. The agents' last-seen time (seconds): only rows it moves forward are written. An
+    //    agent's row, with its info, is rewritten once a second at most instead of once per
+    //    commit (SQLite would write the page again, PostgreSQL a new row version).
     let mut seen_agents: Vec<&str> = stored
         .iter()
         .map(|s| agent_ids[&s.agent].as_str())
@@ -852,20 +854,19 @@ async fn apply_snapshots(
         let (chunk, tail) = rest.split_at(n);
         rest = tail;
         let sql = format!(
-            "UPDATE agents SET last_seen = CASE WHEN last_seen IS NULL OR last_seen < {} THEN {} \
-             ELSE last_seen END FROM (VALUES {}) AS v WHERE agents.id = v.column1",
+            "UPDATE agents SET last_seen = {} FROM (VALUES {}) AS v WHERE agents.id = v.column1 \
+             AND (agents.last_seen IS NULL OR agents.last_seen < {})",
             param(backend, 1),
-            param(backend, 2),
-            placeholders(backend, 3, 1, n)
+            placeholders(backend, 2, 1, n),
+            param(backend, 2 + n),
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
             .persistent(persistent(n))
-            .bind(now)
             .bind(now);
         for agent in chunk {
             q = q.bind(*agent);
         }
-        q.execute(&mut *conn).await?;
+        q.bind(now).execute(&mut *conn).await?;
     }
     Ok(outcomes)
 }
@@ -963,8 +964,7 @@ async fn apply(
         }),
     };
     sqlx::query(
-        "UPDATE agents SET last_seen = CASE WHEN last_seen IS NULL OR last_seen < $2 THEN $2 \
-         ELSE last_seen END WHERE id = $1",
+        "UPDATE agents SET last_seen = $2 WHERE id = $1 AND (last_seen IS NULL OR last_seen < $2)",
     )
     .bind(agent.to_string())
     .bind(now)
