@@ -577,7 +577,6 @@ async fn insert_ids(
     conn: &mut AnyConnection,
     backend: Backend,
     run: &[Snap<'_>],
-    ids: &[&str],
     agent_ids: &HashMap<AgentId, String>,
     now: i64,
     skip_repeats: bool,
@@ -595,9 +594,9 @@ async fn insert_ids(
             }
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(persistent(n));
-        for (s, id) in run[offset..offset + n].iter().zip(&ids[offset..offset + n]) {
+        for s in &run[offset..offset + n] {
             q = q
-                .bind(*id)
+                .bind(s.id)
                 .bind(agent_ids[&s.agent].as_str())
                 .bind(Kind::Snapshot.as_str())
                 .bind(now);
@@ -642,27 +641,27 @@ async fn apply_snapshots(
     //    of them is already there is that undone and the insert made again skipping repeats
     //    and returning the ids that are new. (The plain insert costs PostgreSQL a third less
     //    than `ON CONFLICT … RETURNING`.)
-    let ids: Vec<&str> = run.iter().map(|s| s.id).collect();
     let agent_ids: HashMap<AgentId, String> =
         run.iter().map(|s| (s.agent, s.agent.to_string())).collect();
     let mut sp = conn.begin().await?;
-    let plain = insert_ids(&mut sp, backend, run, &ids, &agent_ids, now, false).await;
-    let mut fresh: std::collections::HashSet<String> = match plain {
+    let plain = insert_ids(&mut sp, backend, run, &agent_ids, now, false).await;
+    // `None`: every id is new (one twice in the run would have failed the plain insert too).
+    let mut fresh: Option<std::collections::HashSet<String>> = match plain {
         Ok(_) => {
             sp.commit().await?;
-            ids.iter().map(|id| (*id).to_owned()).collect()
+            None
         }
         Err(StoreError::Database(sqlx::Error::Database(e))) if e.is_unique_violation() => {
             sp.rollback().await?;
-            insert_ids(conn, backend, run, &ids, &agent_ids, now, true).await?
+            Some(insert_ids(conn, backend, run, &agent_ids, now, true).await?)
         }
         Err(e) => return Err(e),
     };
     let mut outcomes = Vec::with_capacity(run.len());
     let mut stored: Vec<&Snap<'_>> = Vec::with_capacity(run.len());
-    for (s, id) in run.iter().zip(&ids) {
+    for s in run {
         // An id twice in the run: the first is new, the second a duplicate.
-        if fresh.remove(*id) {
+        if fresh.as_mut().is_none_or(|f| f.remove(s.id)) {
             outcomes.push((s.index, IngestOutcome::Stored));
             stored.push(s);
         } else {
