@@ -56,7 +56,8 @@ pub struct ServeConfig {
     pub poll: Duration,
     /// Scale mode: consume from this external broker instead of listening on `mqtt`.
     pub broker: Option<BrokerConfig>,
-    /// History series and events older than this are deleted (`None`: kept for ever).
+    /// History series, events, records of message ids and rejected messages older than this,
+    /// and replicas' certificates expired for longer, are deleted (`None`: kept for ever).
     pub retention: Option<Duration>,
     /// How often retention is applied (and once at start).
     pub prune_every: Duration,
@@ -775,7 +776,8 @@ async fn watch_revocations(
     }
 }
 
-/// Deletes history series and events older than `retention`, at start and every `every`.
+/// Applies retention ([`AdminHandle::prune`](crate::store::AdminHandle::prune)) with the cut
+/// `retention` ago, at start and every `every`.
 async fn prune_periodically(
     store: Store,
     retention: Duration,
@@ -791,6 +793,9 @@ async fn prune_periodically(
                 Ok(report) => tracing::info!(
                     history = report.history,
                     events = report.events,
+                    message_ids = report.message_ids,
+                    rejected = report.rejected,
+                    service_certificates = report.service_certificates,
                     "retention applied"
                 ),
                 Err(e) => tracing::warn!(error = %e, "applying retention failed"),

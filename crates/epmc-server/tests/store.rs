@@ -83,6 +83,7 @@ both!(
     tenant_handle_cannot_see_another_tenants_device,
     order_lifecycle,
     prune_removes_old_history_and_events,
+    prune_removes_old_message_ids_rejected_messages_and_expired_replica_certificates,
     revoked_agent_is_refused,
     status_change_event_updates_latest_status,
     concurrent_batches_creating_the_same_device_both_store,
@@ -1144,6 +1145,84 @@ async fn prune_removes_old_history_and_events(db: Db) {
     assert_eq!((again.history, again.events), (0, 0));
 }
 
+async fn prune_removes_old_message_ids_rejected_messages_and_expired_replica_certificates(db: Db) {
+    let s = &db.store;
+    let (_, agent) = tenant_with_agent(s, "acme").await;
+    // A message received now, whose id must stay a duplicate after the prune.
+    let recent = json(snapshot("S1", 1_800_000_000, PowerState::On));
+    let out = s
+        .ingest()
+        .ingest_batch(&[item(agent, Channel::Telemetry, recent.clone())])
+        .await
+        .expect("batch");
+    assert_eq!(out, vec![IngestOutcome::Stored]);
+    // More old ids than two chunks, received at 1 000; one received at 3 000; the cut is 2 000.
+    let old = epmc_server::store::PRUNE_CHUNK * 2 + 345;
+    raw_sql(
+        &db,
+        &format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {old}) \
+             INSERT INTO ingested_messages (id, agent_id, kind, received_at) \
+             SELECT 'old-' || i, 'a', 'snapshot', 1000 FROM n; \
+             INSERT INTO ingested_messages (id, agent_id, kind, received_at) \
+             VALUES ('kept', 'a', 'snapshot', 3000); \
+             INSERT INTO rejected_messages (at, agent_id, topic, reason, raw, raw_len) \
+             VALUES (1999, 'a', 't', 'old', '', 0), (2000, 'a', 't', 'at the cut', '', 0)"
+        ),
+    )
+    .await;
+    let admin = s.admin();
+    admin
+        .record_service_certificate("epmc-server-1", "0a", t(1_999))
+        .await
+        .expect("expired certificate");
+    admin
+        .record_service_certificate("epmc-server-1", "0b", t(1_900_000_000))
+        .await
+        .expect("current certificate");
+
+    let report = admin.prune(t(2_000)).await.expect("prune");
+    assert_eq!(report.message_ids, u64::try_from(old).expect("count"));
+    assert_eq!(report.rejected, 1);
+    assert_eq!(report.service_certificates, 1);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM ingested_messages WHERE received_at < 2000"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM ingested_messages").await,
+        2
+    );
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM rejected_messages").await,
+        1
+    );
+    let serials: Vec<String> = admin
+        .service_certificates()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|c| c.serial)
+        .collect();
+    assert_eq!(serials, ["0b"]);
+    let out = s
+        .ingest()
+        .ingest_batch(&[item(agent, Channel::Telemetry, recent)])
+        .await
+        .expect("batch");
+    assert_eq!(
+        out,
+        vec![IngestOutcome::Duplicate],
+        "a recent id stays recorded"
+    );
+    let again = admin.prune(t(2_000)).await.expect("prune");
+    assert_eq!(again, epmc_server::store::PruneReport::default());
+}
+
 async fn revoked_agent_is_refused(db: Db) {
     let s = &db.store;
     let (tenant, agent) = tenant_with_agent(s, "acme").await;
@@ -1555,6 +1634,20 @@ both!(
     broken_schema_fails_the_batch_and_rejects_nothing,
     constraint_violation_rejects_the_message_alone,
 );
+
+/// One number from the test database, through a connection of its own.
+async fn count(db: &Db, sql: &str) -> i64 {
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&db.url)
+        .await
+        .expect("raw connect");
+    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    conn.close().await.expect("close");
+    n
+}
 
 /// Runs SQL on the test database through a connection of its own (not the store's pool).
 async fn raw_sql(db: &Db, sql: &str) {
@@ -2323,18 +2416,7 @@ async fn snapshots_rewrite_an_agent_row_only_to_advance_its_last_seen(db: Db) {
         },
     )
     .await;
-    let writes = || async {
-        sqlx::any::install_default_drivers();
-        let mut conn = sqlx::AnyConnection::connect(&db.url)
-            .await
-            .expect("connect");
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM agent_writes")
-            .fetch_one(&mut conn)
-            .await
-            .expect("count");
-        conn.close().await.expect("close");
-        n
-    };
+    let writes = || count(&db, "SELECT COUNT(*) FROM agent_writes");
     let seen = || async {
         let agents = s.tenant(tenant).agents().await.expect("agents");
         agents[0].last_seen.map(|t| t.unix())

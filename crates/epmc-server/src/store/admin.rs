@@ -28,6 +28,10 @@ pub struct ServiceCertificate {
     pub revoked_at: Option<Timestamp>,
 }
 
+/// Rows [`AdminHandle::prune`] deletes per transaction from the tables that grow with every
+/// message.
+pub const PRUNE_CHUNK: i64 = 10_000;
+
 /// The admin handle (operator commands on the local command line).
 #[derive(Clone, Debug)]
 pub struct AdminHandle {
@@ -299,21 +303,75 @@ impl AdminHandle {
         self.store.orders()
     }
 
-    /// Deletes history series that ended and events that happened before `older_than`.
+    /// Deletes what is older than `older_than`: history series that ended and events that
+    /// happened before it, the records of message ids received before it (a message repeated
+    /// after that is stored again), rejected messages, and replicas' certificates that expired
+    /// before it (an expired certificate needs no revocation-list entry either).
+    ///
+    /// Message ids and rejected messages go [`PRUNE_CHUNK`] rows per transaction (found by an
+    /// index on their time), so that a first prune of a large database never holds the
+    /// ingest's commits for long.
     pub async fn prune(&self, older_than: Timestamp) -> Result<PruneReport, StoreError> {
+        let cut = older_than.unix();
         let mut tx = self.store.begin_write().await?;
         let history = sqlx::query("DELETE FROM history WHERE end_at < $1")
-            .bind(older_than.unix())
+            .bind(cut)
             .execute(&mut *tx)
             .await?
             .rows_affected();
         let events = sqlx::query("DELETE FROM events WHERE at < $1")
-            .bind(older_than.unix())
+            .bind(cut)
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        let service_certificates =
+            sqlx::query("DELETE FROM service_certificates WHERE not_after < $1")
+                .bind(cut)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         tx.commit().await?;
-        Ok(PruneReport { history, events })
+        let message_ids = self
+            .prune_in_chunks(
+                "DELETE FROM ingested_messages WHERE id IN (SELECT id FROM ingested_messages \
+                 WHERE received_at < $1 LIMIT $2)",
+                cut,
+            )
+            .await?;
+        let rejected = self
+            .prune_in_chunks(
+                "DELETE FROM rejected_messages WHERE id IN (SELECT id FROM rejected_messages \
+                 WHERE at < $1 LIMIT $2)",
+                cut,
+            )
+            .await?;
+        Ok(PruneReport {
+            history,
+            events,
+            message_ids,
+            rejected,
+            service_certificates,
+        })
+    }
+
+    /// Runs `delete` (binding the cut and [`PRUNE_CHUNK`]) in its own transaction until it
+    /// deletes fewer rows than a chunk; the rows deleted.
+    async fn prune_in_chunks(&self, delete: &'static str, cut: i64) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let mut tx = self.store.begin_write().await?;
+            let n = sqlx::query(delete)
+                .bind(cut)
+                .bind(PRUNE_CHUNK)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+            total += n;
+            if n < PRUNE_CHUNK.unsigned_abs() {
+                return Ok(total);
+            }
+        }
     }
 
     /// How many messages were rejected.

@@ -40,10 +40,16 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0004_status_fillfactor.sql"),
         postgres: include_str!("../../migrations/postgres/0004_status_fillfactor.sql"),
     },
+    Migration {
+        version: 5,
+        description: "message ids pruned by arrival time",
+        sqlite: include_str!("../../migrations/sqlite/0005_prune_message_ids.sql"),
+        postgres: include_str!("../../migrations/postgres/0005_prune_message_ids.sql"),
+    },
 ];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS epmc_schema_version (
     version BIGINT PRIMARY KEY,

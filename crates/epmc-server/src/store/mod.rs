@@ -46,7 +46,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Connection, Executor};
 
 pub use accounts::{Account, AccountRole, AccountsHandle, FIRST_ADMIN, GeneratedPassword};
-pub use admin::{AdminHandle, ServiceCertificate};
+pub use admin::{AdminHandle, PRUNE_CHUNK, ServiceCertificate};
 pub use enroll::EnrollmentHandle;
 pub use error::StoreError;
 pub use ingest::{IngestHandle, IngestItem, IngestOutcome, PreparedBatch, RejectReason};

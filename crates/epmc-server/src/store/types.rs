@@ -283,6 +283,12 @@ pub struct PruneReport {
     pub history: u64,
     /// Events older.
     pub events: u64,
+    /// Records of message ids received before the cut.
+    pub message_ids: u64,
+    /// Rejected messages received before the cut.
+    pub rejected: u64,
+    /// Replicas' certificates that expired before the cut.
+    pub service_certificates: u64,
 }
 
 /// A message that was acknowledged but not applied.
