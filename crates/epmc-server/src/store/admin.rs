@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::types::{agent_id, opt_ts, tenant_id, ts};
 use super::{
-    AgentRecord, AgentState, DeviceDetails, DeviceSummary, ExceptionRecord, OrdersHandle,
+    AgentRecord, AgentState, Backend, DeviceDetails, DeviceSummary, ExceptionRecord, OrdersHandle,
     PruneReport, RejectedMessage, SecurityEvent, Store, StoreError, Tenant, TenantId, devices,
     now_unix,
 };
@@ -332,19 +332,9 @@ impl AdminHandle {
                 .rows_affected();
         tx.commit().await?;
         let message_ids = self
-            .prune_in_chunks(
-                "DELETE FROM ingested_messages WHERE id IN (SELECT id FROM ingested_messages \
-                 WHERE received_at < $1 LIMIT $2)",
-                cut,
-            )
+            .prune_in_chunks("ingested_messages", "received_at", cut)
             .await?;
-        let rejected = self
-            .prune_in_chunks(
-                "DELETE FROM rejected_messages WHERE id IN (SELECT id FROM rejected_messages \
-                 WHERE at < $1 LIMIT $2)",
-                cut,
-            )
-            .await?;
+        let rejected = self.prune_in_chunks("rejected_messages", "at", cut).await?;
         Ok(PruneReport {
             history,
             events,
@@ -354,13 +344,31 @@ impl AdminHandle {
         })
     }
 
-    /// Runs `delete` (binding the cut and [`PRUNE_CHUNK`]) in its own transaction until it
-    /// deletes fewer rows than a chunk; the rows deleted.
-    async fn prune_in_chunks(&self, delete: &'static str, cut: i64) -> Result<u64, StoreError> {
+    /// Deletes the rows of `table` whose `time` is before `cut`, [`PRUNE_CHUNK`] per
+    /// transaction, until a chunk comes back short; the rows deleted. Each chunk finds its
+    /// rows through the index on `time` and deletes them by their physical address (SQLite's
+    /// `rowid`, PostgreSQL's `ctid`): with `id IN (subquery)` PostgreSQL chose to hash the
+    /// chunk and read the whole table for every chunk (126 ms against 14 ms on 300,000 rows).
+    async fn prune_in_chunks(
+        &self,
+        table: &'static str,
+        time: &'static str,
+        cut: i64,
+    ) -> Result<u64, StoreError> {
+        let delete = match self.store.backend() {
+            Backend::Sqlite => format!(
+                "DELETE FROM {table} WHERE rowid IN \
+                 (SELECT rowid FROM {table} WHERE {time} < $1 LIMIT $2)"
+            ),
+            Backend::Postgres => format!(
+                "DELETE FROM {table} WHERE ctid = ANY \
+                 (ARRAY(SELECT ctid FROM {table} WHERE {time} < $1 LIMIT $2))"
+            ),
+        };
         let mut total = 0;
         loop {
             let mut tx = self.store.begin_write().await?;
-            let n = sqlx::query(delete)
+            let n = sqlx::query(sqlx::AssertSqlSafe(delete.as_str()))
                 .bind(cut)
                 .bind(PRUNE_CHUNK)
                 .execute(&mut *tx)
