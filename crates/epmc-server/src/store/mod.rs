@@ -100,17 +100,80 @@ struct Inner {
     pool: AnyPool,
     /// Where writes go: on SQLite a pool of one connection, on PostgreSQL `pool` itself.
     writer: AnyPool,
-    /// Where the ingest path's commits go ([`Store::begin_ingest`]): on SQLite `writer`; on
-    /// PostgreSQL a pool of its own whose connections are opened when first needed, on the
-    /// runtime of whoever needs them: the ingest writer's own thread
-    /// (`IngestConfig::own_writer_thread`), so that its sockets wake that thread directly.
-    ingest: AnyPool,
+    /// Where the ingest path's commits go ([`Store::begin_ingest`]).
+    ingest: IngestPool,
     backend: Backend,
     options: StoreOptions,
     /// SQLite: the background checkpoint copied the whole WAL as it found it, and the writer
     /// is to copy what was appended meanwhile before its next transaction, so that this one
     /// starts the WAL over (see [`Store::begin_on`]).
     wal_backfilled: std::sync::atomic::AtomicBool,
+}
+
+/// Where the ingest path's commits go.
+enum IngestPool {
+    /// SQLite: the writer's pool. A SQLite connection is a thread of its own that any runtime
+    /// can talk to.
+    Writer,
+    /// PostgreSQL: see [`RuntimePool`].
+    PerRuntime(Box<RuntimePool>),
+}
+
+/// PostgreSQL: a pool of the runtime that commits through it, normally the ingest writer's own
+/// thread (`IngestConfig::own_writer_thread`), so that its sockets wake that thread directly.
+/// Its connections are opened when first needed, on that runtime.
+///
+/// A socket belongs to the runtime it was opened on and fails once that runtime has ended (an
+/// endpoint's writer thread, stopped; another one starts). The ping before each use does not
+/// reliably tell: it succeeds while the socket's last known readiness still lets its write and
+/// read through without waiting, and a statement of the transaction after it then fails with
+/// "the Tokio context is being shut down". So a commit from another runtime than the pool's
+/// gets a new pool, opened on its own runtime.
+struct RuntimePool {
+    options: AnyPoolOptions,
+    connect: AnyConnectOptions,
+    current: std::sync::Mutex<Option<(tokio::runtime::Id, AnyPool)>>,
+    /// Set by [`Store::close`]: no new pool after it.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl RuntimePool {
+    /// The pool of the calling runtime; `None` once the store is closed.
+    fn get(&self) -> Option<AnyPool> {
+        let runtime = tokio::runtime::Handle::current().id();
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        Some(match &*current {
+            Some((id, pool)) if *id == runtime => pool.clone(),
+            _ => {
+                // Lazy: its connections are opened on this runtime, when first needed. The
+                // pool it replaces, with its connections, goes when its last user lets it go.
+                let pool = self.options.clone().connect_lazy_with(self.connect.clone());
+                *current = Some((runtime, pool.clone()));
+                pool
+            }
+        })
+    }
+
+    async fn close(&self) {
+        let pool = {
+            let mut current = self
+                .current
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.closed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            current.take()
+        };
+        if let Some((_, pool)) = pool {
+            pool.close().await;
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -204,14 +267,16 @@ impl Store {
                     .after_connect(move |conn, _meta| Box::pin(sqlite_setup(conn, busy_ms)))
                     .connect_with(connect)
                     .await?;
-                (pool, writer.clone(), writer)
+                (pool, writer, IngestPool::Writer)
             }
             Backend::Postgres => {
                 let pool = pool_options().connect_with(connect.clone()).await?;
-                // Lazy: no connection is opened here, on the caller's runtime. A connection
-                // whose runtime has ended (an endpoint's writer thread, stopped) fails the
-                // ping before its next use and is replaced.
-                let ingest = pool_options().connect_lazy_with(connect);
+                let ingest = IngestPool::PerRuntime(Box::new(RuntimePool {
+                    options: pool_options(),
+                    connect,
+                    current: std::sync::Mutex::new(None),
+                    closed: std::sync::atomic::AtomicBool::new(false),
+                }));
                 (pool.clone(), pool, ingest)
             }
         };
@@ -294,7 +359,9 @@ impl Store {
 
     /// Closes the pool, waiting for connections to return.
     pub async fn close(&self) {
-        self.inner.ingest.close().await;
+        if let IngestPool::PerRuntime(ingest) = &self.inner.ingest {
+            ingest.close().await;
+        }
         self.inner.writer.close().await;
         self.inner.pool.close().await;
     }
@@ -311,7 +378,14 @@ impl Store {
 
     /// [`Store::begin_write`] for the ingest path's commits (batches, presence).
     async fn begin_ingest(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
-        self.begin_on(&self.inner.ingest).await
+        let pool = match &self.inner.ingest {
+            IngestPool::Writer => self.inner.writer.clone(),
+            // Closed: the writer's pool, closed too, says so.
+            IngestPool::PerRuntime(ingest) => {
+                ingest.get().unwrap_or_else(|| self.inner.writer.clone())
+            }
+        };
+        self.begin_on(&pool).await
     }
 
     /// A write transaction on `pool`.
