@@ -572,7 +572,7 @@ async fn flush_snapshots(
 
 /// Inserts the run's message ids, [`MAX_ROWS`] per statement. With `skip_repeats`, an id
 /// stored before is skipped and the ids inserted are returned; without, a repeat fails the
-/// statement (a unique violation) and nothing is returned.
+/// statement (a unique violation) and `None` is returned.
 async fn insert_ids(
     conn: &mut AnyConnection,
     backend: Backend,
@@ -580,8 +580,8 @@ async fn insert_ids(
     agent_ids: &HashMap<AgentId, String>,
     now: i64,
     skip_repeats: bool,
-) -> Result<std::collections::HashSet<String>, StoreError> {
-    let mut fresh = std::collections::HashSet::new();
+) -> Result<Option<std::collections::HashSet<String>>, StoreError> {
+    let mut fresh = skip_repeats.then(std::collections::HashSet::new);
     let mut offset = 0;
     for n in pieces(run.len()) {
         let sql = format!(
@@ -601,12 +601,15 @@ async fn insert_ids(
                 .bind(Kind::Snapshot.as_str())
                 .bind(now);
         }
-        if skip_repeats {
-            for r in q.fetch_all(&mut *conn).await? {
-                fresh.insert(r.try_get::<String, _>(0)?);
+        match &mut fresh {
+            Some(fresh) => {
+                for r in q.fetch_all(&mut *conn).await? {
+                    fresh.insert(r.try_get::<String, _>(0)?);
+                }
             }
-        } else {
-            q.execute(&mut *conn).await?;
+            None => {
+                q.execute(&mut *conn).await?;
+            }
         }
         offset += n;
     }
@@ -653,7 +656,7 @@ async fn apply_snapshots(
         }
         Err(StoreError::Database(sqlx::Error::Database(e))) if e.is_unique_violation() => {
             sp.rollback().await?;
-            Some(insert_ids(conn, backend, run, &agent_ids, now, true).await?)
+            insert_ids(conn, backend, run, &agent_ids, now, true).await?
         }
         Err(e) => return Err(e),
     };
