@@ -132,9 +132,15 @@ enum IngestPool {
 struct RuntimePool {
     options: AnyPoolOptions,
     connect: AnyConnectOptions,
-    current: std::sync::Mutex<Option<(tokio::runtime::Id, AnyPool)>>,
+    current: std::sync::Mutex<RuntimeSlot>,
+}
+
+/// The pool of [`RuntimePool`] and the runtime it belongs to.
+#[derive(Default)]
+struct RuntimeSlot {
+    pool: Option<(tokio::runtime::Id, AnyPool)>,
     /// Set by [`Store::close`]: no new pool after it.
-    closed: std::sync::atomic::AtomicBool,
+    closed: bool,
 }
 
 impl RuntimePool {
@@ -145,16 +151,16 @@ impl RuntimePool {
             .current
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+        if current.closed {
             return None;
         }
-        Some(match &*current {
+        Some(match &current.pool {
             Some((id, pool)) if *id == runtime => pool.clone(),
             _ => {
                 // Lazy: its connections are opened on this runtime, when first needed. The
                 // pool it replaces, with its connections, goes when its last user lets it go.
                 let pool = self.options.clone().connect_lazy_with(self.connect.clone());
-                *current = Some((runtime, pool.clone()));
+                current.pool = Some((runtime, pool.clone()));
                 pool
             }
         })
@@ -166,9 +172,8 @@ impl RuntimePool {
                 .current
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            self.closed
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            current.take()
+            current.closed = true;
+            current.pool.take()
         };
         if let Some((_, pool)) = pool {
             pool.close().await;
@@ -274,8 +279,7 @@ impl Store {
                 let ingest = IngestPool::PerRuntime(Box::new(RuntimePool {
                     options: pool_options(),
                     connect,
-                    current: std::sync::Mutex::new(None),
-                    closed: std::sync::atomic::AtomicBool::new(false),
+                    current: std::sync::Mutex::default(),
                 }));
                 (pool.clone(), pool, ingest)
             }
