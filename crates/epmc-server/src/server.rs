@@ -32,9 +32,12 @@ use crate::store::{
 };
 
 mod enroll;
+mod security;
 mod update;
 
 pub use enroll::{EnrollRequest, EnrollResponse};
+use security::SecurityLog;
+pub use security::{SUPPRESSED, SecurityEventLimit};
 
 /// What [`Server::start`] needs.
 #[derive(Clone, Debug)]
@@ -61,6 +64,8 @@ pub struct ServeConfig {
     pub retention: Option<Duration>,
     /// How often retention is applied (and once at start).
     pub prune_every: Duration,
+    /// How many security events are recorded one by one; the rest are counted.
+    pub security_events: SecurityEventLimit,
 }
 
 impl ServeConfig {
@@ -76,6 +81,7 @@ impl ServeConfig {
             broker: None,
             retention: None,
             prune_every: Duration::from_secs(3600),
+            security_events: SecurityEventLimit::default(),
         }
     }
 }
@@ -112,6 +118,7 @@ pub struct Server {
     https_addr: SocketAddr,
     https: axum_server::Handle<SocketAddr>,
     orders_wake: Arc<Notify>,
+    security: Arc<SecurityLog>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -129,6 +136,7 @@ impl std::fmt::Debug for Server {
 /// The embedded endpoint and the broker consumer both write through it.
 struct StoreSink {
     store: Store,
+    security: Arc<SecurityLog>,
 }
 
 #[async_trait::async_trait]
@@ -207,15 +215,9 @@ impl IngestSink for StoreSink {
 
     async fn security_event(&self, event: SecurityEvent) {
         let (kind, agent, peer, detail) = describe(&event);
-        tracing::warn!(kind, ?agent, %peer, detail, "security event");
-        if let Err(e) = self
-            .store
-            .ingest()
-            .record_security_event(kind, agent, Some(&peer.to_string()), &detail)
-            .await
-        {
-            tracing::error!(error = %e, kind, "could not record a security event");
-        }
+        self.security
+            .record(kind, agent, Some(&peer.to_string()), &detail)
+            .await;
     }
 }
 
@@ -278,6 +280,12 @@ fn describe(event: &SecurityEvent) -> (&'static str, Option<AgentId>, SocketAddr
             *peer,
             "no CONNECT in time".into(),
         ),
+        SecurityEvent::TlsRefused {
+            reason,
+            agent,
+            peer,
+            detail,
+        } => (reason.kind(), *agent, *peer, detail.clone()),
     }
 }
 
@@ -356,8 +364,10 @@ impl Server {
             None => Store::open_data_dir(&config.data_dir, StoreOptions::default()).await?,
         };
         let revoked = store.admin().revoked_serials().await?;
+        let security = Arc::new(SecurityLog::new(store.clone(), config.security_events));
         let sink = Arc::new(StoreSink {
             store: store.clone(),
+            security: security.clone(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -432,6 +442,10 @@ impl Server {
             config.poll,
             stop_rx.clone(),
         )));
+        tasks.push(tokio::spawn({
+            let (security, stop) = (security.clone(), stop_rx.clone());
+            async move { security.summarize_periodically(stop).await }
+        }));
         if let Some(retention) = config.retention {
             tasks.push(tokio::spawn(prune_periodically(
                 store.clone(),
@@ -445,6 +459,7 @@ impl Server {
             config.https,
             pki.clone(),
             store.clone(),
+            security.clone(),
             agent_port,
             updates,
         )
@@ -464,6 +479,7 @@ impl Server {
             https_addr,
             https,
             orders_wake,
+            security,
             stop,
             tasks,
         })
@@ -510,6 +526,8 @@ impl Server {
         for task in self.tasks {
             let _ = task.await;
         }
+        // The counts of events over the rate, up to the last connection's.
+        self.security.flush().await;
         self.store.close().await;
         tracing::info!("server stopped");
     }

@@ -9,11 +9,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use epmc_proto::topic::{self, AgentId, Channel};
-use epmc_server::ingest::{IngestConfig, OrderError, SecurityEvent, SendOrderError};
+use epmc_server::ingest::{IngestConfig, OrderError, SecurityEvent, SendOrderError, TlsRefusal};
 use epmc_transport::client::{MqttClient, MqttError, PendingAck};
 use epmc_transport::mqtt::{
     Connect, ConnectReturn, Packet, Publish, QoS, TopicFilter, TopicName, Will,
 };
+use rustls::pki_types::pem::PemObject;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use support::{BOUND, Server, connect, new_agent, within};
 
@@ -205,8 +208,7 @@ async fn a_certificate_without_an_agent_id_or_from_another_ca_gets_no_session() 
         &s.sink.events()[0],
         SecurityEvent::BadIdentity { detail, .. } if detail.contains("agent-001")
     ));
-    // A certificate from another CA: refused inside the TLS handshake, the TLS layer's
-    // business (no security event from the endpoint).
+    // A certificate from another CA: refused inside the TLS handshake, and recorded.
     let a = new_agent();
     let foreign = support::Ca::new("Foreign CA");
     let mut config = (*s.ca.raw_client(&a.to_string())).clone();
@@ -218,9 +220,106 @@ async fn a_certificate_without_an_agent_id_or_from_another_ca_gets_no_session() 
         raw.send(&connect(&a.to_string(), 30)).await;
         assert_eq!(raw.read().await, None);
     }
+    s.sink
+        .until("the TLS refusal", |r| r.events.len() == 2)
+        .await;
+    assert!(
+        matches!(
+            &s.sink.events()[1],
+            SecurityEvent::TlsRefused { reason: TlsRefusal::Untrusted, agent: None, detail, .. }
+                if detail.contains("UnknownIssuer")
+        ),
+        "{:?}",
+        s.sink.events()
+    );
     assert!(!s.endpoint.is_connected(&a));
     assert_eq!(s.endpoint.stats().sessions, 0);
-    assert_eq!(s.sink.events().len(), 1);
+    assert_eq!(s.endpoint.stats().violations, 2);
+}
+
+#[tokio::test]
+async fn refused_tls_handshakes_are_recorded_a_port_probe_is_not_others_unaffected() {
+    let s = Server::start(config()).await;
+    let b = new_agent();
+    let (healthy, _) = s.agent(b).await;
+
+    // A port probe: TCP connect and close, no TLS error. Not an event.
+    drop(TcpStream::connect(s.addr()).await.unwrap());
+    within(async {
+        while s.endpoint.stats().connections != 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    // TLS without a client certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(s.ca.pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut no_cert = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    no_cert.alpn_protocols = vec![b"mqtt".to_vec()];
+    if let Some(mut raw) = s.raw_with(Arc::new(no_cert)).await {
+        raw.send(&connect(&new_agent().to_string(), 30)).await;
+        assert_eq!(raw.read().await, None);
+    }
+    s.sink
+        .until("no certificate", |r| r.events.len() == 1)
+        .await;
+    assert!(
+        matches!(
+            &s.sink.events()[0],
+            SecurityEvent::TlsRefused {
+                reason: TlsRefusal::NoCertificate,
+                agent: None,
+                ..
+            }
+        ),
+        "{:?}",
+        s.sink.events()
+    );
+
+    // Not TLS at all.
+    let mut plain = TcpStream::connect(s.addr()).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = within(plain.read_to_end(&mut rest)).await;
+    s.sink.until("not TLS", |r| r.events.len() == 2).await;
+    assert!(
+        matches!(
+            &s.sink.events()[1],
+            SecurityEvent::TlsRefused {
+                reason: TlsRefusal::Failed,
+                agent: None,
+                ..
+            }
+        ),
+        "{:?}",
+        s.sink.events()
+    );
+    assert_eq!(s.sink.events().len(), 2, "the probe is not an event");
+
+    // The healthy agent on its own connection keeps publishing.
+    healthy
+        .publish(
+            &topic::telemetry(&b),
+            Bytes::from_static(b"still here"),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await
+        .unwrap();
+    assert!(healthy.is_connected());
+    assert_eq!(s.sink.payloads(b).len(), 1);
 }
 
 #[tokio::test]

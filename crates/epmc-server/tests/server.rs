@@ -32,6 +32,10 @@ struct Fixture {
 }
 
 async fn start() -> Fixture {
+    start_with(|_| {}).await
+}
+
+async fn start_with(configure: impl FnOnce(&mut ServeConfig)) -> Fixture {
     epmc_server::ca::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -40,6 +44,7 @@ async fn start() -> Fixture {
     config.mqtt = "127.0.0.1:0".parse().unwrap();
     config.https = "127.0.0.1:0".parse().unwrap();
     config.poll = Duration::from_millis(100);
+    configure(&mut config);
     let server = Server::start(config).await.unwrap();
     let ca_pem = datadir::load(&data).unwrap().ca.cert_pem();
     let http = reqwest::Client::builder()
@@ -85,6 +90,29 @@ impl Fixture {
             .await
             .unwrap();
         token.to_token_string()
+    }
+
+    /// The latest security events, once `done` holds for them.
+    async fn security_events_until(
+        &self,
+        done: impl Fn(&[epmc_server::store::SecurityEvent]) -> bool,
+    ) -> Vec<epmc_server::store::SecurityEvent> {
+        within("security events", async {
+            loop {
+                let events = self
+                    .server
+                    .store()
+                    .admin()
+                    .security_events(500)
+                    .await
+                    .unwrap();
+                if done(&events) {
+                    return events;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
     }
 
     fn server_data(&self) -> std::path::PathBuf {
@@ -272,17 +300,20 @@ async fn enroll_connect_publish_order_and_revoke() {
         refused.is_err(),
         "a revoked certificate cannot connect again"
     );
-    // The kick is recorded as the connection task ends, which may be just after the close.
-    within("kick recorded", async {
-        loop {
-            let events = f.server.store().admin().security_events(50).await.unwrap();
-            if events.iter().any(|e| e.kind == "kicked") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    // The kick is recorded as the connection task ends, which may be just after the close;
+    // the refused handshake names the revoked agent (its certificate is the CA's).
+    let events = f
+        .security_events_until(|e| {
+            e.iter().any(|e| e.kind == "kicked")
+                && e.iter().any(|e| e.kind == "tls_revoked_certificate")
+        })
+        .await;
+    let refused = events
+        .iter()
+        .find(|e| e.kind == "tls_revoked_certificate")
+        .unwrap_or_else(|| panic!("the revoked certificate's attempt is recorded: {events:?}"));
+    assert_eq!(refused.agent.as_deref(), Some(answer.agent_id.as_str()));
+    assert!(refused.detail.contains("serial"), "{refused:?}");
     f.server.shutdown().await;
 }
 
@@ -360,5 +391,96 @@ async fn a_client_id_other_than_the_certificate_is_refused_and_recorded() {
     )
     .await;
     assert!(ok.is_ok());
+    f.server.shutdown().await;
+}
+
+/// A TLS handshake with the MQTT listener without a client certificate (refused by the server).
+async fn handshake_without_certificate(server: &Server, ca_pem: &str) {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::AsyncReadExt;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"mqtt".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(server.mqtt_addr().unwrap())
+        .await
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    // With TLS 1.3 the server's refusal shows on the client's first read.
+    if let Ok(mut tls) = within("handshake", connector.connect(name, tcp)).await {
+        let mut rest = Vec::new();
+        let _ = within("refusal", tls.read_to_end(&mut rest)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refusals_is_counted_not_recorded_one_by_one_and_agents_events_still_are() {
+    const FLOOD: usize = 20;
+    let f = start_with(|config| {
+        // Three at once and no refill: what is recorded does not depend on the machine's speed.
+        config.security_events.burst = 3;
+        config.security_events.per_second = 0.0;
+        config.security_events.summary_every = Duration::from_millis(200);
+    })
+    .await;
+    for _ in 0..FLOOD {
+        handshake_without_certificate(&f.server, &f.ca_pem).await;
+    }
+    // An agent's own violation has a bucket of its own: the anonymous flood does not hide it.
+    let token = f.token("acme", 3600).await;
+    let (csr, key) = make_csr();
+    let answer: EnrollResponse = f.enroll(&token, &csr).await.json().await.unwrap();
+    let tls = TlsIdentity::from_pem(
+        answer.ca.as_bytes(),
+        answer.certificate.as_bytes(),
+        key.as_bytes(),
+    )
+    .unwrap();
+    let wrong_id = uuid::Uuid::new_v4().to_string();
+    let refused = within(
+        "connect",
+        MqttClient::connect(&options(&f.server, &wrong_id), &tls),
+    )
+    .await;
+    assert!(refused.is_err());
+
+    let events = f
+        .security_events_until(|e| {
+            e.iter().any(|e| e.kind == "suppressed")
+                && e.iter().any(|e| e.kind == "client_id_mismatch")
+        })
+        .await;
+    let one_by_one = events
+        .iter()
+        .filter(|e| e.kind == "tls_no_certificate")
+        .count();
+    assert_eq!(one_by_one, 3, "the burst, then counted: {events:#?}");
+    let summary = events.iter().find(|e| e.kind == "suppressed").unwrap();
+    let counted = FLOOD - 3;
+    assert!(
+        summary.detail.starts_with(&format!("{counted} anonymous"))
+            && summary
+                .detail
+                .contains(&format!("tls_no_certificate {counted}"))
+            && summary.detail.contains("from 127.0.0.1"),
+        "{summary:?}"
+    );
+    let mismatch = events
+        .iter()
+        .find(|e| e.kind == "client_id_mismatch")
+        .unwrap();
+    assert_eq!(mismatch.agent.as_deref(), Some(answer.agent_id.as_str()));
+    // Every refusal still counts in the endpoint's statistics.
+    let stats = f.server.endpoint().unwrap().stats();
+    assert_eq!(stats.violations, FLOOD as u64 + 1);
     f.server.shutdown().await;
 }

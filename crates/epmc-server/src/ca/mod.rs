@@ -28,8 +28,8 @@ pub use authority::{
 };
 pub use csr::{CsrError, MAX_CSR_PEM_LEN, verify_csr};
 pub use tls::{
-    ALPN_MQTT, AgentIdentity, IdentityError, TlsConfigError, crypto_provider,
-    install_crypto_provider, mqtt_server_config,
+    ALPN_MQTT, AgentIdentity, IdentityError, RefusedCertificate, TlsConfigError, crypto_provider,
+    install_crypto_provider, mqtt_server_config, noting_refused_certificate,
 };
 pub use token::{
     EnrollmentToken, SecretHash, TOKEN_PREFIX, TokenError, TokenFormatError, constant_time_eq,

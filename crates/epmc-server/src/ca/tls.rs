@@ -1,8 +1,9 @@
 //! The MQTT/TLS listener's rustls configuration, and the identity a client certificate gives.
 
-use std::sync::Arc;
-
+use std::cell::RefCell;
 use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
@@ -109,6 +110,75 @@ impl RevokedSerialsVerifier {
     }
 }
 
+/// What the listener's verifier read from a client certificate it refused, for the security
+/// event the refusal becomes. The TLS error says only why; this says whose.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RefusedCertificate {
+    /// The subject's common name as the certificate states it: unverified unless `issued`
+    /// (anyone can write any name in a certificate of their own), at most 64 characters.
+    pub subject: Option<String>,
+    /// The serial number, hexadecimal.
+    pub serial: String,
+    /// Whether the chain verified up to the CA, i.e. the certificate is the CA's and was
+    /// refused for its revocation: then `subject` names the agent.
+    pub issued: bool,
+}
+
+/// The longest subject name kept from a refused certificate.
+const REFUSED_SUBJECT_MAX: usize = 64;
+
+impl RefusedCertificate {
+    fn read(cert: &X509Certificate<'_>, issued: bool) -> RefusedCertificate {
+        let subject = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(|cn| cn.chars().take(REFUSED_SUBJECT_MAX).collect());
+        RefusedCertificate {
+            subject,
+            serial: CertSerial::from_der_bytes(cert.raw_serial()).to_hex(),
+            issued,
+        }
+    }
+}
+
+thread_local! {
+    /// The certificate the verifier refused during the current poll of a handshake on this
+    /// thread (see [`noting_refused_certificate`]).
+    static REFUSED: RefCell<Option<RefusedCertificate>> = const { RefCell::new(None) };
+}
+
+fn note_refused(certificate: RefusedCertificate) {
+    REFUSED.with(|r| *r.borrow_mut() = Some(certificate));
+}
+
+fn take_refused() -> Option<RefusedCertificate> {
+    REFUSED.with(|r| r.borrow_mut().take())
+}
+
+/// Runs `handshake` (a TLS accept on a configuration from [`mqtt_server_config`]) and returns,
+/// with its output, the certificate its verifier refused, if any. rustls calls the verifier
+/// inside a poll of the handshake, on the polling thread; the note is cleared before and taken
+/// after each poll, so a note can only come from this handshake.
+pub async fn noting_refused_certificate<F: Future>(
+    handshake: F,
+) -> (F::Output, Option<RefusedCertificate>) {
+    let mut handshake = std::pin::pin!(handshake);
+    let mut refused = None;
+    let output = std::future::poll_fn(|cx| {
+        take_refused();
+        let poll = handshake.as_mut().poll(cx);
+        if let Some(note) = take_refused() {
+            refused = Some(note);
+        }
+        poll
+    })
+    .await;
+    (output, refused)
+}
+
 impl ClientCertVerifier for RevokedSerialsVerifier {
     fn offer_client_auth(&self) -> bool {
         self.chain.offer_client_auth()
@@ -128,12 +198,23 @@ impl ClientCertVerifier for RevokedSerialsVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
+        let verified = match self
             .chain
-            .verify_client_cert(end_entity, intermediates, now)?;
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            Ok(verified) => verified,
+            Err(e) => {
+                // Only on refusal: what the certificate claims, for the security event.
+                if let Ok((_, cert)) = X509Certificate::from_der(end_entity.as_ref()) {
+                    note_refused(RefusedCertificate::read(&cert, false));
+                }
+                return Err(e);
+            }
+        };
         let (_, leaf) = X509Certificate::from_der(end_entity.as_ref())
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         if self.revoked.contains(leaf.raw_serial()) {
+            note_refused(RefusedCertificate::read(&leaf, true));
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
         Ok(verified)

@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
-use super::sink::{Inbound, SecurityEvent};
+use super::sink::{Inbound, SecurityEvent, TlsRefusal};
 use super::writer::{CommitResult, Control, Pending};
 use super::{CloseReason, OrderError, Registered, Shared};
 
@@ -64,6 +64,47 @@ fn packet_event(e: &PacketError, agent: Option<AgentId>, peer: SocketAddr) -> Se
             detail: other.to_string(),
         },
     }
+}
+
+/// The security event of a failed TLS handshake; `None` when the peer only went away (a TCP
+/// probe, a client that gave up): no TLS error, nothing to record.
+fn tls_refusal(
+    e: &std::io::Error,
+    certificate: Option<crate::ca::RefusedCertificate>,
+    peer: SocketAddr,
+) -> Option<SecurityEvent> {
+    use rustls::{CertificateError as C, Error as E};
+    let error = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    let reason = match error {
+        E::NoCertificatesPresented => TlsRefusal::NoCertificate,
+        E::InvalidCertificate(C::Revoked) => TlsRefusal::Revoked,
+        E::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+        ) => TlsRefusal::Expired,
+        E::InvalidCertificate(_) => TlsRefusal::Untrusted,
+        _ => TlsRefusal::Failed,
+    };
+    let mut detail = error.to_string();
+    let mut agent = None;
+    if let Some(c) = certificate {
+        // A name is an agent's only in a certificate the CA issued (refused as revoked).
+        agent = c
+            .issued
+            .then(|| c.subject.as_deref().and_then(|s| AgentId::parse(s).ok()))
+            .flatten();
+        detail.push_str(&format!("; certificate serial {}", c.serial));
+        match &c.subject {
+            Some(subject) if c.issued => detail.push_str(&format!(", subject {subject:?}")),
+            Some(subject) => detail.push_str(&format!(", claimed subject {subject:?}")),
+            None => {}
+        }
+    }
+    Some(SecurityEvent::TlsRefused {
+        reason,
+        agent,
+        peer,
+        detail,
+    })
 }
 
 enum ReadError {
@@ -121,11 +162,14 @@ async fn handshake(
 ) -> Option<(Tls, Vec<u8>, AgentId, Connect)> {
     let cfg = &shared.config;
     let deadline = Instant::now() + cfg.connect_timeout;
-    let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            // No certificate, a foreign CA, not TLS: the TLS layer's refusal.
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+    let accept = crate::ca::noting_refused_certificate(acceptor.accept(tcp));
+    let mut tls = match tokio::time::timeout_at(deadline, accept).await {
+        Ok((Ok(tls), _)) => tls,
+        Ok((Err(e), refused)) => {
+            match tls_refusal(&e, refused, peer) {
+                Some(event) => shared.violation(event).await,
+                None => tracing::debug!(%peer, error = %e, "TLS handshake ended"),
+            }
             return None;
         }
         Err(_) => {

@@ -36,7 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use identity::{IdentityError, IdentityFn, agent_id_from_cn};
-pub use sink::{Inbound, IngestSink, Outcome, Prepared, SecurityEvent, SinkError};
+pub use sink::{Inbound, IngestSink, Outcome, Prepared, SecurityEvent, SinkError, TlsRefusal};
 
 /// Limits and timeouts of the endpoint.
 #[derive(Clone, Debug)]
@@ -226,7 +226,8 @@ impl Shared {
 
     pub(crate) async fn violation(&self, event: SecurityEvent) {
         self.counters.violations.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(?event, "ingest security event");
+        // The sink logs what it records (the server's at a bounded rate).
+        tracing::debug!(?event, "ingest security event");
         self.sink.security_event(event).await;
     }
 }

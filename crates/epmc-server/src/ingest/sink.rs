@@ -36,9 +36,8 @@ pub enum Outcome {
 #[error("ingest sink failed: {0}")]
 pub struct SinkError(pub String);
 
-/// A violation of the identity or topic rules, or a limit reached: recorded, never
-/// acknowledged. Refusals inside the TLS handshake (no certificate, a certificate from
-/// another CA) are the TLS layer's and do not appear here.
+/// A violation of the identity or topic rules, a refused TLS handshake, or a limit reached:
+/// recorded, never acknowledged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SecurityEvent {
@@ -117,6 +116,49 @@ pub enum SecurityEvent {
         /// Remote address.
         peer: SocketAddr,
     },
+    /// The TLS handshake failed: no client certificate, one the CA did not issue, an expired
+    /// or revoked one, or a peer that does not speak TLS or refused the server. A peer that
+    /// only goes away during the handshake (a port probe) is not an event.
+    TlsRefused {
+        /// Why.
+        reason: TlsRefusal,
+        /// The agent, when its certificate is the CA's (refused for its revocation).
+        agent: Option<AgentId>,
+        /// Remote address.
+        peer: SocketAddr,
+        /// What TLS said, and the refused certificate's serial and stated subject.
+        detail: String,
+    },
+}
+
+/// Why a TLS handshake was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TlsRefusal {
+    /// The client presented no certificate.
+    NoCertificate,
+    /// The CA revoked the certificate.
+    Revoked,
+    /// The certificate is expired or not valid yet.
+    Expired,
+    /// The CA did not issue the certificate, or it is unusable (bad signature or encoding,
+    /// wrong purpose).
+    Untrusted,
+    /// Anything else: not TLS, no common protocol version or suite, the client's own alert.
+    Failed,
+}
+
+impl TlsRefusal {
+    /// The refusal as a short machine-readable kind, e.g. `tls_revoked_certificate`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            TlsRefusal::NoCertificate => "tls_no_certificate",
+            TlsRefusal::Revoked => "tls_revoked_certificate",
+            TlsRefusal::Expired => "tls_expired_certificate",
+            TlsRefusal::Untrusted => "tls_untrusted_certificate",
+            TlsRefusal::Failed => "tls_failed",
+        }
+    }
 }
 
 /// A batch as [`IngestSink::prepare`] left it: what the sink made of its messages, opaque to

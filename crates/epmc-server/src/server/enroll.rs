@@ -10,21 +10,21 @@
 //!   "name": "optional"}` returns `{"agent_id", "certificate", "ca", "mqtt_port"}`. The server
 //!   chooses the agent id; only the request's public key is used. A token for another CA, an
 //!   unknown, used or expired token, and a bad request are refused with a message, and a
-//!   refused token is recorded as a security event.
+//!   refused token is recorded as a security event with the peer's address (at a bounded
+//!   rate, see [`super::SecurityEventLimit`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use epmc_proto::bounded::Timestamp;
-use epmc_proto::topic::AgentId;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use super::{Pki, ServeError};
+use super::{Pki, SecurityLog, ServeError};
 use crate::ca::{self, EnrollmentToken};
 use crate::store::{Store, StoreError};
 
@@ -57,6 +57,7 @@ pub struct EnrollResponse {
 struct App {
     pki: Arc<Pki>,
     store: Store,
+    security: Arc<SecurityLog>,
     mqtt_port: u16,
 }
 
@@ -72,12 +73,13 @@ async fn get_ca(State(app): State<Arc<App>>) -> String {
 
 async fn enroll(
     State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Json(req): Json<EnrollRequest>,
 ) -> Result<Json<EnrollResponse>, Refusal> {
     let token = EnrollmentToken::parse(&req.token)
         .map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("token: {e}")))?;
     if let Err(e) = token.verify_ca(app.pki.ca.cert_der()) {
-        record(&app.store, "enroll_wrong_ca", &e.to_string()).await;
+        record(&app, peer, "enroll_wrong_ca", &e.to_string()).await;
         return Err(refuse(StatusCode::BAD_REQUEST, format!("token: {e}")));
     }
     // Check the request before using the token, so a bad request costs no token.
@@ -98,7 +100,8 @@ async fn enroll(
         Ok(t) => t,
         Err(StoreError::TokenRefused) => {
             record(
-                &app.store,
+                &app,
+                peer,
                 "enroll_token_refused",
                 &format!("token id {}", token.id()),
             )
@@ -142,15 +145,10 @@ fn internal(e: impl std::fmt::Display) -> Refusal {
     )
 }
 
-async fn record(store: &Store, kind: &str, detail: &str) {
-    tracing::warn!(kind, detail, "enrollment refused");
-    if let Err(e) = store
-        .ingest()
-        .record_security_event(kind, None::<AgentId>, None, detail)
-        .await
-    {
-        tracing::error!(error = %e, "could not record a security event");
-    }
+async fn record(app: &App, peer: SocketAddr, kind: &str, detail: &str) {
+    app.security
+        .record(kind, None, Some(&peer.to_string()), detail)
+        .await;
 }
 
 /// Starts the HTTPS listener with the enrollment routes and `more` (the update routes);
@@ -159,6 +157,7 @@ pub(super) async fn serve(
     addr: SocketAddr,
     pki: Arc<Pki>,
     store: Store,
+    security: Arc<SecurityLog>,
     mqtt_port: u16,
     more: Router,
 ) -> Result<(axum_server::Handle<SocketAddr>, SocketAddr), ServeError> {
@@ -173,6 +172,7 @@ pub(super) async fn serve(
     let app = Arc::new(App {
         pki,
         store,
+        security,
         mqtt_port,
     });
     let router = Router::new()
@@ -197,7 +197,10 @@ pub(super) async fn serve(
     .map_err(|source| ServeError::Bind { addr, source })?
     .handle(handle.clone());
     tokio::spawn(async move {
-        if let Err(e) = server.serve(router.into_make_service()).await {
+        if let Err(e) = server
+            .serve(router.into_make_service_with_connect_info::<SocketAddr>())
+            .await
+        {
             tracing::error!(error = %e, "HTTPS listener stopped");
         }
     });
