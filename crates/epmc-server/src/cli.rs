@@ -127,6 +127,17 @@ pub enum Command {
         #[command(subcommand)]
         command: OrderCommand,
     },
+    /// Lists the latest security events, newest first: refused connections and handshakes,
+    /// rule violations, refused enrollment tokens, and the counts of those over the rate
+    /// (kind `suppressed`).
+    SecurityEvents {
+        /// How many.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        limit: u32,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Agent releases: signing key, signed manifests, publishing (see `release --help`).
     Release {
         #[command(subcommand)]
@@ -663,14 +674,51 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                         "{}\t{}\t{}\t{}\t{}\t{}",
                         d.id,
                         d.key,
-                        d.name.as_deref().unwrap_or("-"),
-                        d.address.as_deref().unwrap_or("-"),
+                        d.name.as_deref().map_or("-".into(), one_line),
+                        d.address.as_deref().map_or("-".into(), one_line),
                         power,
                         fmt_ts(d.last_contact)
                     );
                 }
             }
             store.close().await;
+            Ok(())
+        }
+        Command::SecurityEvents { limit, json } => {
+            let store = open_store(&cli).await?;
+            let events = store.admin().security_events(*limit).await;
+            store.close().await;
+            let events = events.map_err(|e| e.to_string())?;
+            if *json {
+                let list: Vec<serde_json::Value> = events
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({
+                            "at": e.at,
+                            "kind": e.kind,
+                            "agent": e.agent,
+                            "peer": e.peer,
+                            "detail": e.detail,
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!("at\tkind\tagent\tpeer\tdetail");
+                for e in events {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        fmt_ts(e.at),
+                        one_line(&e.kind),
+                        e.agent.as_deref().map_or("-".into(), one_line),
+                        e.peer.as_deref().map_or("-".into(), one_line),
+                        one_line(&e.detail)
+                    );
+                }
+            }
             Ok(())
         }
         Command::Order {
@@ -796,6 +844,20 @@ async fn account_command(store: &Store, command: &AccountCommand) -> Result<(), 
 }
 
 /// RFC 3339, as the JSON contract writes it.
+/// `s` for one cell of a tab-separated line on a terminal: control characters (tabs, line
+/// breaks, escape sequences a device or a peer could put in a name) escaped.
+fn one_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn fmt_ts(t: Timestamp) -> String {
     serde_json::to_value(t)
         .ok()
@@ -823,4 +885,15 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn a_cell_keeps_text_and_escapes_control_characters() {
+        assert_eq!(one_line("Room 1 – Beamer"), "Room 1 – Beamer");
+        assert_eq!(one_line("a\tb\nc\u{1b}[31mred"), "a\\tb\\nc\\u{1b}[31mred");
+    }
 }
