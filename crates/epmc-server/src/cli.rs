@@ -559,9 +559,9 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                         println!(
                             "{}\t{}\t{:?}\t{}\t{}",
                             a.id,
-                            a.name,
+                            one_line(&a.name),
                             a.state,
-                            a.version.as_deref().unwrap_or("-"),
+                            a.version.as_deref().map_or("-".into(), one_line),
                             a.last_seen.map(fmt_ts).unwrap_or("-".into())
                         );
                     }
