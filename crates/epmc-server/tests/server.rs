@@ -92,6 +92,20 @@ impl Fixture {
         token.to_token_string()
     }
 
+    /// A new agent of tenant `acme`, enrolled with a token: the answer and its TLS identity.
+    async fn enrolled(&self) -> (EnrollResponse, TlsIdentity) {
+        let token = self.token("acme", 3600).await;
+        let (csr, key) = make_csr();
+        let answer: EnrollResponse = self.enroll(&token, &csr).await.json().await.unwrap();
+        let tls = TlsIdentity::from_pem(
+            answer.ca.as_bytes(),
+            answer.certificate.as_bytes(),
+            key.as_bytes(),
+        )
+        .unwrap();
+        (answer, tls)
+    }
+
     /// The latest security events, once `done` holds for them.
     async fn security_events_until(
         &self,
@@ -363,15 +377,7 @@ async fn enrollment_refuses_forged_expired_and_foreign_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_id_other_than_the_certificate_is_refused_and_recorded() {
     let f = start().await;
-    let token = f.token("acme", 3600).await;
-    let (csr, key) = make_csr();
-    let answer: EnrollResponse = f.enroll(&token, &csr).await.json().await.unwrap();
-    let tls = TlsIdentity::from_pem(
-        answer.ca.as_bytes(),
-        answer.certificate.as_bytes(),
-        key.as_bytes(),
-    )
-    .unwrap();
+    let (answer, tls) = f.enrolled().await;
     let other = uuid::Uuid::new_v4().to_string();
     let refused = within(
         "connect",
@@ -436,15 +442,7 @@ async fn a_flood_of_refusals_is_counted_not_recorded_one_by_one_and_agents_event
         handshake_without_certificate(&f.server, &f.ca_pem).await;
     }
     // An agent's own violation has a bucket of its own: the anonymous flood does not hide it.
-    let token = f.token("acme", 3600).await;
-    let (csr, key) = make_csr();
-    let answer: EnrollResponse = f.enroll(&token, &csr).await.json().await.unwrap();
-    let tls = TlsIdentity::from_pem(
-        answer.ca.as_bytes(),
-        answer.certificate.as_bytes(),
-        key.as_bytes(),
-    )
-    .unwrap();
+    let (answer, tls) = f.enrolled().await;
     let wrong_id = uuid::Uuid::new_v4().to_string();
     let refused = within(
         "connect",
