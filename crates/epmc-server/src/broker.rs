@@ -41,7 +41,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
 use crate::ca::{CertSerial, CertificateAuthority};
-use crate::ingest::{Inbound, IngestSink};
+use crate::ingest::{Inbound, IngestSink, stated_presence};
 use crate::store::Store;
 
 /// The agent → server channels a replica subscribes to.
@@ -414,20 +414,14 @@ enum Item {
 fn classify(message: &epmc_transport::InboundMessage) -> Item {
     match topic::parse(&message.topic) {
         Some((_, Channel::Orders)) | None => Item::Foreign(message.topic.clone()),
-        Some((agent, Channel::State)) => match message.payload.trim_ascii() {
-            b"online" => Item::Presence(agent, true),
-            b"offline" => Item::Presence(agent, false),
-            _ => Item::Data(Inbound {
+        Some((agent, channel)) => match stated_presence(channel, &message.payload) {
+            Some(online) => Item::Presence(agent, online),
+            None => Item::Data(Inbound {
                 agent,
-                channel: Channel::State,
+                channel,
                 payload: message.payload.clone(),
             }),
         },
-        Some((agent, channel)) => Item::Data(Inbound {
-            agent,
-            channel,
-            payload: message.payload.clone(),
-        }),
     }
 }
 

@@ -25,6 +25,7 @@ use crate::ca::{self, CertSerial, CertificateAuthority, RevokedCert};
 use crate::datadir::{self, DataDirError};
 use crate::ingest::{
     Endpoint, Inbound, IngestConfig, IngestSink, Outcome, Prepared, SecurityEvent, SinkError,
+    stated_presence,
 };
 use crate::store::{
     DispatchLease, IngestItem, IngestOutcome, PreparedBatch, QueuedAgent, Store, StoreError,
@@ -132,6 +133,13 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// A batch as [`StoreSink::prepare`] leaves it: the messages to store, decoded, and the
+/// positions of the presence messages among all of them.
+struct SinkBatch {
+    data: PreparedBatch,
+    presence: Vec<usize>,
+}
+
 /// The agents' side of the store: commits batches, records presence and security events.
 /// The embedded endpoint and the broker consumer both write through it.
 struct StoreSink {
@@ -145,36 +153,67 @@ impl IngestSink for StoreSink {
         self.commit_prepared(self.prepare(batch)).await
     }
 
-    /// Decodes the batch and computes what its statements bind, off the commit's path.
+    /// Decodes the batch and computes what its statements bind, off the commit's path. An
+    /// agent's `online`/`offline` on its `state` channel is presence, not data: the endpoint
+    /// already records presence from the connection itself (and sends the last will only when
+    /// the agent's current connection ends without DISCONNECT), so it is acknowledged and
+    /// nothing more.
     fn prepare(&self, batch: Vec<Inbound>) -> Prepared {
+        let len = batch.len();
+        let mut presence = Vec::new();
         let items: Vec<IngestItem> = batch
             .into_iter()
-            .map(|m| IngestItem {
-                agent: m.agent,
-                channel: m.channel,
-                payload: m.payload,
+            .enumerate()
+            .filter_map(|(i, m)| {
+                if stated_presence(m.channel, &m.payload).is_some() {
+                    presence.push(i);
+                    return None;
+                }
+                Some(IngestItem {
+                    agent: m.agent,
+                    channel: m.channel,
+                    payload: m.payload,
+                })
             })
             .collect();
-        let prepared = PreparedBatch::new(items);
-        Prepared::new(prepared.len(), prepared)
+        Prepared::new(
+            len,
+            SinkBatch {
+                data: PreparedBatch::new(items),
+                presence,
+            },
+        )
     }
 
     async fn commit_prepared(&self, batch: Prepared) -> Result<Vec<Outcome>, SinkError> {
-        let batch = batch.take::<PreparedBatch>()?;
-        let outcomes = self
-            .store
-            .ingest()
-            .ingest_prepared(&batch)
-            .await
-            .map_err(|e| SinkError(e.to_string()))?;
-        Ok(outcomes
-            .into_iter()
-            .map(|o| match o {
-                IngestOutcome::Stored => Outcome::Stored,
-                IngestOutcome::Duplicate => Outcome::Duplicate,
-                IngestOutcome::Rejected(reason) => Outcome::Rejected(reason.to_string()),
+        let len = batch.len();
+        let SinkBatch { data, presence } = batch.take::<SinkBatch>()?;
+        let stored = if data.is_empty() {
+            Vec::new()
+        } else {
+            self.store
+                .ingest()
+                .ingest_prepared(&data)
+                .await
+                .map_err(|e| SinkError(e.to_string()))?
+        };
+        let mut stored = stored.into_iter().map(|o| match o {
+            IngestOutcome::Stored => Outcome::Stored,
+            IngestOutcome::Duplicate => Outcome::Duplicate,
+            IngestOutcome::Rejected(reason) => Outcome::Rejected(reason.to_string()),
+        });
+        let mut presence = presence.into_iter().peekable();
+        (0..len)
+            .map(|i| {
+                if presence.next_if_eq(&i).is_some() {
+                    Ok(Outcome::Stored)
+                } else {
+                    stored
+                        .next()
+                        .ok_or_else(|| SinkError("the store returned too few outcomes".into()))
+                }
             })
-            .collect())
+            .collect()
     }
 
     async fn agent_state(&self, agent: AgentId, online: bool) {
@@ -827,5 +866,62 @@ async fn prune_periodically(
         if *stop.borrow() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Presence messages among data in one batch: acknowledged in their places, never
+    /// stored or rejected; the data around them keeps its own outcomes, in order.
+    #[tokio::test]
+    async fn presence_in_a_batch_keeps_every_outcome_in_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}", dir.path().join("t.db").display()))
+            .await
+            .unwrap();
+        let tenant = store.admin().add_tenant("acme").await.unwrap();
+        let agent = store.admin().create_agent(tenant, "a").await.unwrap();
+        let sink = StoreSink {
+            store: store.clone(),
+            security: Arc::new(SecurityLog::new(
+                store.clone(),
+                SecurityEventLimit::default(),
+            )),
+        };
+        let Message::Hello(mut hello) = epmc_proto::sample::sample(epmc_proto::Kind::Hello).message
+        else {
+            unreachable!()
+        };
+        hello.agent_id = agent.uuid();
+        let hello = Envelope::new(Message::Hello(hello)).to_json().unwrap();
+        let item = |channel, payload: &[u8]| Inbound {
+            agent,
+            channel,
+            payload: Bytes::copy_from_slice(payload),
+        };
+        let batch = vec![
+            item(epmc_proto::topic::Channel::State, b"online"),
+            item(epmc_proto::topic::Channel::Hello, &hello),
+            item(epmc_proto::topic::Channel::State, b"bogus"),
+            item(epmc_proto::topic::Channel::State, b" offline\n"),
+            item(epmc_proto::topic::Channel::Hello, &hello),
+        ];
+        let outcomes = sink.commit(batch).await.unwrap();
+        assert_eq!(outcomes.len(), 5);
+        assert_eq!(outcomes[0], Outcome::Stored);
+        assert_eq!(outcomes[1], Outcome::Stored);
+        assert!(matches!(&outcomes[2], Outcome::Rejected(_)), "{outcomes:?}");
+        assert_eq!(outcomes[3], Outcome::Stored);
+        assert_eq!(outcomes[4], Outcome::Duplicate);
+        assert_eq!(store.admin().rejected_count().await.unwrap(), 1);
+        // Only presence: no store call at all, every message acknowledged.
+        let outcomes = sink
+            .commit(vec![item(epmc_proto::topic::Channel::State, b"offline")])
+            .await
+            .unwrap();
+        assert_eq!(outcomes, vec![Outcome::Stored]);
+        store.close().await;
     }
 }

@@ -500,3 +500,60 @@ async fn a_flood_of_refusals_is_counted_not_recorded_one_by_one_and_agents_event
     assert_eq!(stats.violations, FLOOD as u64 + 1);
     f.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_online_and_last_will_are_its_presence_not_rejected_messages() {
+    use epmc_server::store::AgentState;
+    use epmc_transport::mqtt::{TopicName, Will};
+    let f = start().await;
+    let (answer, tls) = f.enrolled().await;
+    let agent = AgentId::parse(&answer.agent_id).unwrap();
+    let state_of = || async {
+        let agents = f.server.store().admin().agents(None).await.unwrap();
+        agents.iter().find(|a| a.id == agent).unwrap().state
+    };
+    let mut o = options(&f.server, &answer.agent_id);
+    o.will = Some(Will {
+        topic: TopicName::new(topic::state(&agent)).unwrap(),
+        payload: bytes::Bytes::from_static(b"offline"),
+        qos: QoS::AtLeastOnce,
+        retain: true,
+    });
+    let (client, _, _orders) = within("connect", MqttClient::connect(&o, &tls))
+        .await
+        .unwrap();
+    within(
+        "online",
+        client.publish(
+            &topic::state(&agent),
+            bytes::Bytes::from_static(b"online"),
+            QoS::AtLeastOnce,
+            true,
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(state_of().await, AgentState::Online);
+
+    // Ended without DISCONNECT (closed by the server, as for a revocation): the endpoint hands
+    // the will over, then the agent is offline.
+    let endpoint = f.server.endpoint().unwrap();
+    assert!(endpoint.kick(&agent));
+    within("closed", client.closed()).await;
+    within("the will handled", async {
+        while endpoint.stats().committed < 2 || state_of().await != AgentState::Offline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let rejected = f
+        .server
+        .store()
+        .admin()
+        .rejected_messages(10)
+        .await
+        .unwrap();
+    assert!(rejected.is_empty(), "{rejected:?}");
+    assert_eq!(endpoint.stats().rejected, 0);
+    f.server.shutdown().await;
+}

@@ -36,7 +36,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use identity::{IdentityError, IdentityFn, agent_id_from_cn};
-pub use sink::{Inbound, IngestSink, Outcome, Prepared, SecurityEvent, SinkError, TlsRefusal};
+pub use sink::{
+    Inbound, IngestSink, Outcome, Prepared, SecurityEvent, SinkError, TlsRefusal, stated_presence,
+};
 
 /// Limits and timeouts of the endpoint.
 #[derive(Clone, Debug)]

@@ -18,6 +18,17 @@ pub struct Inbound {
     pub payload: Bytes,
 }
 
+/// The presence an agent states on its `state` channel: `online` (published, retained, when it
+/// connects) is `Some(true)`, `offline` (its last will) `Some(false)`; anything else, or another
+/// channel, `None`. Surrounding ASCII white space is ignored.
+pub fn stated_presence(channel: Channel, payload: &[u8]) -> Option<bool> {
+    match (channel, payload.trim_ascii()) {
+        (Channel::State, b"online") => Some(true),
+        (Channel::State, b"offline") => Some(false),
+        _ => None,
+    }
+}
+
 /// What the sink did with one message of a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
