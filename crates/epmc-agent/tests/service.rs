@@ -322,6 +322,14 @@ async fn a_fleet_is_reported_and_orders_run_on_the_projectors() {
     for needle in ["Room 1", "Room 2", "Hall", p[0].serial(), "on", "connected"] {
         assert!(out.contains(needle), "{needle:?} missing from:\n{out}");
     }
+    // Everything the agent sent was taken, its `online` on the state channel included (the
+    // session's birth message, acknowledged before the session reports connected).
+    let server = env.server();
+    let stats = server.endpoint().unwrap().stats();
+    assert!(stats.committed > 0);
+    assert_eq!(stats.rejected, 0, "{stats:?}");
+    let rejected = server.store().admin().rejected_messages(10).await.unwrap();
+    assert!(rejected.is_empty(), "{rejected:?}");
     service.stop().await;
 }
 

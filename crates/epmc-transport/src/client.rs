@@ -180,6 +180,11 @@ pub struct MqttOptions {
     pub clean_session: bool,
     /// Last will.
     pub will: Option<Will>,
+    /// Published by an [`crate::session::MqttSession`] after each connection is up and
+    /// subscribed, before the session reports it connected: e.g. a retained `online` on the
+    /// agent's state topic, which the broker replaces with the last will's `offline` when the
+    /// connection dies. A plain [`MqttClient::connect`] does not send it.
+    pub birth: Option<Will>,
     /// Most QoS 1 publishes awaiting PUBACK at once.
     pub in_flight: usize,
     /// Most incoming QoS 1 publishes handed over and not yet acknowledged; one more ends the
@@ -212,6 +217,7 @@ impl MqttOptions {
             keep_alive: Duration::from_secs(30),
             clean_session: false,
             will: None,
+            birth: None,
             in_flight: 32,
             incoming_window: 1000,
             max_packet: DEFAULT_MAX_PACKET,

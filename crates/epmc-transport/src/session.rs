@@ -223,8 +223,24 @@ async fn supervise(
                 Err(_) => Err("no SUBACK in time".to_owned()),
             }
         };
+        let subscribed = match (subscribed, &options.birth) {
+            (Ok(()), Some(birth)) => {
+                let sent = client.publish(
+                    birth.topic.as_str(),
+                    birth.payload.clone(),
+                    birth.qos,
+                    birth.retain,
+                );
+                match tokio::time::timeout(options.connect_timeout, sent).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(format!("the birth message: {e}")),
+                    Err(_) => Err("the birth message: no PUBACK in time".to_owned()),
+                }
+            }
+            (result, _) => result,
+        };
         if let Err(e) = subscribed {
-            tracing::warn!(error = %e, "MQTT subscribe failed");
+            tracing::warn!(error = %e, "MQTT session set-up failed");
             failures = failures.saturating_add(1);
             shared.update(|s| {
                 s.failures += 1;

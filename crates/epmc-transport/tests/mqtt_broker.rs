@@ -536,3 +536,74 @@ async fn a_revoked_certificate_is_refused() {
     let (b, _, _) = connect_as(&broker, B, B, true).await;
     assert!(b.is_connected());
 }
+
+/// A session's birth message goes out after every connection: the retained `online` is there
+/// again after the broker restarted with no saved state, and the last will replaces it when
+/// the connection dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_says_online_after_each_connection_and_its_will_says_offline() {
+    let mut broker = Broker::start();
+    let state = t(A, "state");
+    let proxy = Proxy::start(broker.addr).await;
+    let mut opts = broker.options(A);
+    opts.addr = proxy.addr;
+    let message = |payload: &'static [u8]| Will {
+        topic: TopicName::new(state.clone()).unwrap(),
+        payload: Bytes::from_static(payload),
+        qos: QoS::AtLeastOnce,
+        retain: true,
+    };
+    opts.will = Some(message(b"offline"));
+    opts.birth = Some(message(b"online"));
+    let session = MqttSession::start(opts, broker.ca.identity(A), &[]).unwrap();
+    assert!(session.wait_connected(BOUND).await);
+    // What a subscriber to the state topic finds (retained) now.
+    let server_id = broker.ca.identity(SERVER);
+    let retained = |addr| {
+        let (id, state) = (server_id.clone(), state.clone());
+        async move {
+            let mut o = epmc_transport::client::MqttOptions::new(addr, "localhost", SERVER);
+            o.clean_session = true;
+            let (server, _, mut incoming) = MqttClient::connect(&o, &id).await.unwrap();
+            server
+                .subscribe(&[(&state, QoS::AtLeastOnce)])
+                .await
+                .unwrap();
+            let got = next_acked(&mut incoming).await;
+            assert_eq!(got.0, state);
+            got.1
+        }
+    };
+    assert_eq!(&within(retained(broker.addr)).await[..], b"online");
+
+    // The broker dies and comes back with nothing retained; the session reconnects and says
+    // `online` again.
+    broker = tokio::task::spawn_blocking(move || {
+        broker.restart_forgetting();
+        broker
+    })
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while !(session.stats().connects >= 2 && session.client().is_some()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            session.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(&within(retained(broker.addr)).await[..], b"online");
+
+    // The connection dies without DISCONNECT: the will replaces it.
+    proxy.cut();
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        let now = within(retained(broker.addr)).await;
+        if &now[..] == b"offline" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still {now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -40,7 +40,7 @@ use epmc_proto::topic::{self, AgentId};
 use epmc_proto::{Envelope, Message};
 use epmc_transport::client::{MqttOptions, TlsIdentity};
 use epmc_transport::forward::{Forwarder, Running};
-use epmc_transport::mqtt::QoS;
+use epmc_transport::mqtt::{QoS, TopicName, Will};
 use epmc_transport::outbox::{Limits, Outbox};
 use epmc_transport::session::MqttSession;
 use epmc_transport::{OrderSource, Uplink};
@@ -658,6 +658,19 @@ impl Service {
         let restart_orders = journal.pending();
 
         mqtt.keep_alive = options.keep_alive;
+        // Presence for a server behind a broker (scale mode): a retained `online` after each
+        // connection, replaced by the last will's `offline` when the connection dies.
+        let presence = |payload: &'static [u8]| -> Result<Will, ServiceError> {
+            Ok(Will {
+                topic: TopicName::new(topic::state(&agent))
+                    .map_err(|e| ServiceError::Mqtt(e.to_string()))?,
+                payload: bytes::Bytes::from_static(payload),
+                qos: QoS::AtLeastOnce,
+                retain: true,
+            })
+        };
+        mqtt.will = Some(presence(b"offline")?);
+        mqtt.birth = Some(presence(b"online")?);
         let route = match &mqtt.proxy {
             Some(proxy) => format!("{} via proxy {}", mqtt.tunnel_target(), proxy.authority()),
             None => mqtt.addr.to_string(),
