@@ -278,14 +278,18 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = n
         .parse()
         .map_err(|_| format!("{s:?}: expected a number and a unit (s, m, h, d)"))?;
-    let secs = match unit {
-        "s" | "" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
+    let unit = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
         _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
     };
-    Ok(Duration::from_secs(secs))
+    // At most 100 years: a later instant is not a time an order or a token can have.
+    n.checked_mul(unit)
+        .filter(|secs| *secs <= 100 * 365 * 86_400)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?}: longer than 100 years"))
 }
 
 fn parse_action(action: &str, value: Option<&str>) -> Result<OrderAction, String> {
@@ -349,7 +353,24 @@ async fn copy_settings_action(
     .map_err(|e| format!("copy_settings: {e}"))
 }
 
+/// The database of an initialised data directory (or `--database`): opening a missing SQLite
+/// file would create an empty database in a mistyped directory, so that is refused.
 async fn open_store(cli: &Cli) -> Result<Store, String> {
+    if cli.database.is_none() {
+        let file = cli.data.join(datadir::DATABASE);
+        if !file.is_file() {
+            return Err(format!(
+                "{}: no database here; --data (or EPMC_DATA) must be a directory made by \
+                 `epmc-server init` (or give --database)",
+                file.display()
+            ));
+        }
+    }
+    open_or_create_store(cli).await
+}
+
+/// The database, created (and migrated) when missing: for `init`.
+async fn open_or_create_store(cli: &Cli) -> Result<Store, String> {
     let store = match &cli.database {
         Some(url) => Store::open(url).await,
         None => Store::open_data_dir(&cli.data, StoreOptions::default()).await,
@@ -396,7 +417,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                     );
                 }
             }
-            let store = open_store(&cli).await?;
+            let store = open_or_create_store(&cli).await?;
             let first = store.accounts().create_first_admin().await;
             store.close().await;
             match first.map_err(|e| format!("the first admin account: {e}"))? {
@@ -529,6 +550,8 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             match command {
                 AgentCommand::Issue { tenant, out, name } => {
                     let pki = datadir::load(&cli.data).map_err(|e| e.to_string())?;
+                    // Before the agent is created: a refused --out leaves no agent behind.
+                    datadir::check_agent_bundle_target(out).map_err(|e| e.to_string())?;
                     let tenant = tenant_by_name(&store, tenant).await?;
                     let admin = store.admin();
                     let agent = admin
@@ -890,6 +913,26 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::one_line;
+
+    #[test]
+    fn durations_have_a_unit_and_a_bound() {
+        use super::parse_duration;
+        use std::time::Duration;
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
+        assert!(parse_duration("5x").unwrap_err().contains("\"5x\""));
+        assert!(parse_duration("h").unwrap_err().contains("a number"));
+        // Overflowed before (u64 multiplication).
+        assert!(
+            parse_duration("999999999999999999d")
+                .unwrap_err()
+                .contains("100 years")
+        );
+        assert!(parse_duration("36501d").is_err());
+        assert!(parse_duration("36500d").is_ok());
+    }
 
     #[test]
     fn a_cell_keeps_text_and_escapes_control_characters() {

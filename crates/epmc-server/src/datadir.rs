@@ -37,6 +37,8 @@ pub const SERVER_CERT: &str = "server.crt";
 pub const AGENT_CERT: &str = "agent.crt";
 /// In an agent bundle directory: the agent's private key.
 pub const AGENT_KEY: &str = "agent.key";
+/// The SQLite database, when no `--database` is given.
+pub const DATABASE: &str = "epmc.db";
 
 /// Every file of an initialised data directory, in the order [`init`] writes them.
 const FILES: [&str; 5] = [CA_KEY, CA_KEY_HASH, CA_CERT, SERVER_KEY, SERVER_CERT];
@@ -287,6 +289,7 @@ fn check_server_cert(
 /// Writes an agent bundle (`ca.crt`, `agent.crt`, `agent.key` with mode 0600) into `out`,
 /// creating it if needed. Refuses, before writing anything, if any of the files exists.
 pub fn write_agent_bundle(out: &Path, bundle: &AgentBundle) -> Result<(), DataDirError> {
+    check_agent_bundle_target(out)?;
     if !out.exists() {
         create_private_dir(out)?;
     }
@@ -295,13 +298,21 @@ pub fn write_agent_bundle(out: &Path, bundle: &AgentBundle) -> Result<(), DataDi
         (AGENT_CERT, bundle.certificate.pem.as_bytes(), false),
         (AGENT_KEY, bundle.key_pem.as_bytes(), true),
     ];
-    if let Some((name, _, _)) = files.iter().find(|(name, _, _)| out.join(name).exists()) {
-        return Err(DataDirError::new(out.join(name), Problem::AlreadyExists));
-    }
     for (name, content, private) in files {
         write_new(&out.join(name), content, private)?;
     }
     Ok(())
+}
+
+/// Whether [`write_agent_bundle`] could write to `out`: none of its files is there yet.
+pub fn check_agent_bundle_target(out: &Path) -> Result<(), DataDirError> {
+    match [CA_CERT, AGENT_CERT, AGENT_KEY]
+        .iter()
+        .find(|name| out.join(name).exists())
+    {
+        Some(name) => Err(DataDirError::new(out.join(name), Problem::AlreadyExists)),
+        None => Ok(()),
+    }
 }
 
 fn read_text(path: &Path) -> Result<String, DataDirError> {

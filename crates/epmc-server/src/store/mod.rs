@@ -217,7 +217,7 @@ impl Store {
         data_dir: &Path,
         options: StoreOptions,
     ) -> Result<Store, StoreError> {
-        let path = data_dir.join("epmc.db");
+        let path = data_dir.join(crate::datadir::DATABASE);
         let path = path
             .to_str()
             .ok_or_else(|| StoreError::Invalid("the data directory path is not UTF-8".into()))?;

@@ -1,0 +1,156 @@
+//! The operator's commands as the real binary runs them, on a SQLite data directory: `init
+//! --hostname`, `tenant add`, `token create`, `agent issue|list|revoke`, `devices`, and the
+//! errors that name the file, flag or value at fault.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use rustls_pki_types::pem::PemObject;
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+fn epmc(data: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_epmc-server"))
+        .arg("--data")
+        .arg(data)
+        .env_remove("EPMC_DATABASE")
+        .env_remove("EPMC_DATA")
+        .args(args)
+        .output()
+        .expect("run epmc-server")
+}
+
+fn ok(data: &Path, args: &[&str]) -> String {
+    let out = epmc(data, args);
+    assert!(
+        out.status.success(),
+        "{args:?}: exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+fn refused(data: &Path, args: &[&str]) -> String {
+    let out = epmc(data, args);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn init_tenant_token_agent_and_devices_commands() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+
+    // A directory `init` did not make is refused by name, and left as it was.
+    let err = refused(&data, &["tenant", "list"]);
+    assert!(
+        err.contains(&data.join("epmc.db").display().to_string()) && err.contains("init"),
+        "{err}"
+    );
+    assert!(!data.exists(), "nothing created in a mistyped directory");
+
+    // init --hostname: the server certificate carries the name, besides localhost and
+    // 127.0.0.1; a second init changes nothing and says so.
+    let first = ok(&data, &["init", "--hostname", "epmc.example.com"]);
+    assert!(first.contains("created"), "{first}");
+    let pem = std::fs::read(data.join("server.crt")).expect("server.crt");
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem).expect("PEM");
+    let (_, cert) = X509Certificate::from_der(&der).expect("DER");
+    let san = cert
+        .subject_alternative_name()
+        .expect("extension")
+        .expect("a SAN");
+    let names: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            GeneralName::DNSName(d) => d.to_string(),
+            GeneralName::IPAddress(ip) => format!("{ip:?}"),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "epmc.example.com") && names.iter().any(|n| n == "localhost"),
+        "{names:?}"
+    );
+    let again = ok(&data, &["init", "--hostname", "other.example.com"]);
+    assert!(
+        again.contains("already initialized; nothing changed"),
+        "{again}"
+    );
+    assert_eq!(std::fs::read(data.join("server.crt")).unwrap(), pem);
+
+    ok(&data, &["tenant", "add", "acme"]);
+    assert!(ok(&data, &["tenant", "list"]).contains("\tacme"));
+
+    // A token carries the CA's fingerprint (the agent pins the CA with it).
+    let token = ok(
+        &data,
+        &["token", "create", "--tenant", "acme", "--expires", "1h"],
+    );
+    let token = token.trim();
+    let fingerprint = epmc_server::datadir::load(&data)
+        .expect("load")
+        .ca
+        .fingerprint()
+        .to_hex();
+    assert!(
+        token.starts_with("epmc1.") && token.ends_with(&fingerprint),
+        "{token}"
+    );
+    let err = refused(
+        &data,
+        &["token", "create", "--tenant", "acme", "--expires", "5x"],
+    );
+    assert!(err.contains("\"5x\"") && err.contains("--expires"), "{err}");
+    let err = refused(&data, &["token", "create", "--tenant", "nope"]);
+    assert!(err.contains("--tenant \"nope\""), "{err}");
+
+    // agent issue writes the three files and prints the new agent's id.
+    let out = dir.path().join("agent1");
+    let id = ok(
+        &data,
+        &[
+            "agent",
+            "issue",
+            "--tenant",
+            "acme",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let id = id.trim();
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "{id:?}");
+    for file in ["ca.crt", "agent.crt", "agent.key"] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+    // The same --out again: refused by file name, and no second agent is left behind.
+    let err = refused(
+        &data,
+        &[
+            "agent",
+            "issue",
+            "--tenant",
+            "acme",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("ca.crt") || err.contains("agent."), "{err}");
+    let list = ok(&data, &["agent", "list"]);
+    assert_eq!(list.lines().count(), 1, "{list}");
+    assert!(list.starts_with(id) && list.contains("Never"), "{list}");
+
+    let revoked = ok(&data, &["agent", "revoke", id]);
+    assert!(revoked.contains("revoked 1 certificate(s)"), "{revoked}");
+    let err = refused(&data, &["agent", "revoke", "not-an-id"]);
+    assert!(err.contains("\"not-an-id\""), "{err}");
+
+    assert_eq!(
+        ok(&data, &["devices", "--tenant", "acme", "--json"]).trim(),
+        "[]"
+    );
+    let err = refused(&data, &["devices", "--tenant", "nope"]);
+    assert!(err.contains("--tenant \"nope\""), "{err}");
+}
