@@ -135,10 +135,28 @@ async fn a_failed_commit_sends_no_puback_and_closes() {
     );
 }
 
+/// A healthy agent on its own connection publishes once more: it was not affected.
+async fn still_publishes(s: &Server, healthy: &MqttClient, h: AgentId) {
+    let before = s.sink.payloads(h).len();
+    healthy
+        .publish(
+            &topic::telemetry(&h),
+            Bytes::from_static(b"still here"),
+            QoS::AtLeastOnce,
+            false,
+        )
+        .await
+        .unwrap();
+    assert!(healthy.is_connected());
+    assert_eq!(s.sink.payloads(h).len(), before + 1);
+}
+
 #[tokio::test]
 async fn client_id_must_equal_the_certificate_cn() {
     let s = Server::start(config()).await;
     let (a, b) = (new_agent(), new_agent());
+    let h = new_agent();
+    let (healthy, _) = s.agent(h).await;
     let mut raw = s.raw(&a.to_string()).await;
     raw.send(&connect(&b.to_string(), 30)).await;
     assert_eq!(
@@ -165,7 +183,7 @@ async fn client_id_must_equal_the_certificate_cn() {
         other => panic!("{other:?}"),
     }
     assert!(!s.endpoint.is_connected(&a) && !s.endpoint.is_connected(&b));
-    assert_eq!(s.endpoint.stats().sessions, 0);
+    assert_eq!(s.endpoint.stats().sessions, 1, "the healthy agent's only");
     // A will outside the agent's own state topic is refused too.
     let mut raw = s.raw(&a.to_string()).await;
     raw.send(&Packet::Connect(Connect {
@@ -194,6 +212,7 @@ async fn client_id_must_equal_the_certificate_cn() {
         Some(SecurityEvent::PublishOutsidePrefix { agent, topic, .. })
             if *agent == a && *topic == topic::state(&b)
     ));
+    still_publishes(&s, &healthy, h).await;
 }
 
 #[tokio::test]
@@ -373,6 +392,8 @@ async fn publish_outside_the_own_prefix_closes_unacknowledged_others_unaffected(
 async fn subscribe_only_to_the_own_orders_topic() {
     let s = Server::start(config()).await;
     let (a, b) = (new_agent(), new_agent());
+    let h = new_agent();
+    let (healthy, _) = s.agent(h).await;
     let mut raw = s.raw_connected(&a.to_string(), 30).await;
     let own = TopicFilter::new(topic::orders(&a)).unwrap();
     raw.send(&Packet::Subscribe(3, vec![(own, QoS::AtLeastOnce)]))
@@ -406,6 +427,7 @@ async fn subscribe_only_to_the_own_orders_topic() {
             Some(SecurityEvent::SubscribeOutsideOrders { agent, filter, .. })
                 if *agent == a && filter == bad
         ));
+        still_publishes(&s, &healthy, h).await;
     }
 }
 
@@ -413,6 +435,8 @@ async fn subscribe_only_to_the_own_orders_topic() {
 async fn malformed_or_out_of_place_packets_close_with_an_event() {
     let s = Server::start(config()).await;
     let a = new_agent();
+    let h = new_agent();
+    let (healthy, _) = s.agent(h).await;
     let cases: [(&str, Vec<u8>); 5] = [
         ("reserved packet type", vec![0x00, 0x00]),
         ("QoS 3 publish", vec![0x36, 0x03, 0x00, 0x01, b'a']),
@@ -447,6 +471,7 @@ async fn malformed_or_out_of_place_packets_close_with_an_event() {
             "{what}: {:?}",
             s.sink.events()
         );
+        still_publishes(&s, &healthy, h).await;
     }
     // Anything but CONNECT first.
     let mut raw = s.raw(&a.to_string()).await;
@@ -457,6 +482,7 @@ async fn malformed_or_out_of_place_packets_close_with_an_event() {
         s.sink.events().last(),
         Some(SecurityEvent::MalformedPacket { detail, .. }) if detail.contains("expected CONNECT")
     ));
+    still_publishes(&s, &healthy, h).await;
 }
 
 #[tokio::test]
