@@ -557,3 +557,134 @@ async fn an_agents_online_and_last_will_are_its_presence_not_rejected_messages()
     assert_eq!(endpoint.stats().rejected, 0);
     f.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_for_an_offline_agent_wait_for_it_and_expired_ones_are_never_sent() {
+    use epmc_server::store::AgentState;
+    let f = start().await;
+    let (answer, tls) = f.enrolled().await;
+    let agent = AgentId::parse(&answer.agent_id).unwrap();
+    let opts = options(&f.server, &answer.agent_id);
+
+    // The agent reports a device, then goes away.
+    let (client, _, _) = within("connect", MqttClient::connect(&opts, &tls))
+        .await
+        .unwrap();
+    let Message::Hello(mut hello) = sample::sample(epmc_proto::Kind::Hello).message else {
+        unreachable!()
+    };
+    hello.agent_id = agent.uuid();
+    let Message::Snapshot(snapshot) = sample::sample(epmc_proto::Kind::Snapshot).message else {
+        unreachable!()
+    };
+    for (channel, message) in [
+        (Channel::Hello, Message::Hello(hello)),
+        (Channel::Telemetry, Message::Snapshot(snapshot)),
+    ] {
+        let json = Envelope::new(message).to_json().unwrap();
+        within(
+            "publish",
+            client.publish(
+                &topic::topic(&agent, channel),
+                json.into(),
+                QoS::AtLeastOnce,
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    drop(client);
+    let store = f.server.store();
+    within("offline", async {
+        loop {
+            let agents = store.admin().agents(None).await.unwrap();
+            if agents
+                .iter()
+                .any(|a| a.id == agent && a.state == AgentState::Offline)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    // Two orders while it is offline: one with time to wait, one that expires first.
+    let device = store.admin().devices().await.unwrap()[0].id;
+    let in_secs = |s: i64| {
+        epmc_proto::bounded::Timestamp::from_unix(epmc_proto::bounded::Timestamp::now().unix() + s)
+            .unwrap()
+    };
+    let waits = store
+        .orders()
+        .create(
+            OrderTarget::Device(device),
+            &OrderAction::PowerOn,
+            "test",
+            in_secs(600),
+        )
+        .await
+        .unwrap();
+    let expires = store
+        .orders()
+        .create(
+            OrderTarget::Device(device),
+            &OrderAction::PowerOff,
+            "test",
+            in_secs(1),
+        )
+        .await
+        .unwrap();
+    f.server.notify_orders();
+    within("expired", async {
+        while store.orders().get(expires).await.unwrap().state != OrderState::Expired {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        store.orders().get(waits).await.unwrap().state,
+        OrderState::Queued
+    );
+
+    // The agent comes back and subscribes: the waiting order arrives, the expired one never.
+    let (client, _, mut orders) = within("reconnect", MqttClient::connect(&opts, &tls))
+        .await
+        .unwrap();
+    within(
+        "subscribe",
+        client.subscribe(&[(&topic::orders(&agent), QoS::AtLeastOnce)]),
+    )
+    .await
+    .unwrap();
+    let received = within("the queued order", orders.recv())
+        .await
+        .expect("an order");
+    let Message::Order(order) = Envelope::from_json(&received.message.payload)
+        .unwrap()
+        .message
+    else {
+        panic!("not an order")
+    };
+    assert_eq!(order.order_id, waits);
+    received.ack();
+    within("delivered", async {
+        while store.orders().get(waits).await.unwrap().state != OrderState::Delivered {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // Nothing else comes.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), orders.recv())
+            .await
+            .is_err(),
+        "the expired order was sent"
+    );
+    assert_eq!(
+        store.orders().get(expires).await.unwrap().state,
+        OrderState::Expired
+    );
+    f.server.shutdown().await;
+}
