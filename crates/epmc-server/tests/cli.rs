@@ -109,34 +109,22 @@ fn init_tenant_token_agent_and_devices_commands() {
 
     // agent issue writes the three files and prints the new agent's id.
     let out = dir.path().join("agent1");
-    let id = ok(
-        &data,
-        &[
-            "agent",
-            "issue",
-            "--tenant",
-            "acme",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-    );
+    let issue: &[&str] = &[
+        "agent",
+        "issue",
+        "--tenant",
+        "acme",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let id = ok(&data, issue);
     let id = id.trim();
     assert!(uuid::Uuid::parse_str(id).is_ok(), "{id:?}");
     for file in ["ca.crt", "agent.crt", "agent.key"] {
         assert!(out.join(file).is_file(), "{file}");
     }
     // The same --out again: refused by file name, and no second agent is left behind.
-    let err = refused(
-        &data,
-        &[
-            "agent",
-            "issue",
-            "--tenant",
-            "acme",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-    );
+    let err = refused(&data, issue);
     assert!(err.contains("ca.crt") || err.contains("agent."), "{err}");
     let list = ok(&data, &["agent", "list"]);
     assert_eq!(list.lines().count(), 1, "{list}");

@@ -328,17 +328,7 @@ async fn refused_tls_handshakes_are_recorded_a_port_probe_is_not_others_unaffect
     assert_eq!(s.sink.events().len(), 2, "the probe is not an event");
 
     // The healthy agent on its own connection keeps publishing.
-    healthy
-        .publish(
-            &topic::telemetry(&b),
-            Bytes::from_static(b"still here"),
-            QoS::AtLeastOnce,
-            false,
-        )
-        .await
-        .unwrap();
-    assert!(healthy.is_connected());
-    assert_eq!(s.sink.payloads(b).len(), 1);
+    still_publishes(&s, &healthy, b).await;
 }
 
 #[tokio::test]

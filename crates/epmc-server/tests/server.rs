@@ -143,6 +143,37 @@ impl Fixture {
     }
 }
 
+/// The agent says hello and reports one device (the sample snapshot); each PUBACK comes after
+/// its commit.
+async fn report_a_device(client: &MqttClient, agent: AgentId) {
+    let Message::Hello(mut hello) = sample::sample(epmc_proto::Kind::Hello).message else {
+        unreachable!()
+    };
+    hello.agent_id = agent.uuid();
+    let hello: AgentHello = hello;
+    let Message::Snapshot(snapshot) = sample::sample(epmc_proto::Kind::Snapshot).message else {
+        unreachable!()
+    };
+    let snapshot: DeviceSnapshot = snapshot;
+    for (channel, message) in [
+        (Channel::Hello, Message::Hello(hello)),
+        (Channel::Telemetry, Message::Snapshot(snapshot)),
+    ] {
+        let json = Envelope::new(message).to_json().unwrap();
+        within(
+            "publish",
+            client.publish(
+                &topic::topic(&agent, channel),
+                json.into(),
+                QoS::AtLeastOnce,
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    }
+}
+
 fn make_csr() -> (String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let csr = rcgen::CertificateParams::new(vec!["ignored".into()])
@@ -205,32 +236,7 @@ async fn enroll_connect_publish_order_and_revoke() {
     )
     .await
     .unwrap();
-    let Message::Hello(mut hello) = sample::sample(epmc_proto::Kind::Hello).message else {
-        unreachable!()
-    };
-    hello.agent_id = agent.uuid();
-    let hello: AgentHello = hello;
-    let Message::Snapshot(snapshot) = sample::sample(epmc_proto::Kind::Snapshot).message else {
-        unreachable!()
-    };
-    let snapshot: DeviceSnapshot = snapshot;
-    for (channel, message) in [
-        (Channel::Hello, Message::Hello(hello)),
-        (Channel::Telemetry, Message::Snapshot(snapshot)),
-    ] {
-        let json = Envelope::new(message).to_json().unwrap();
-        within(
-            "publish",
-            client.publish(
-                &topic::topic(&agent, channel),
-                json.into(),
-                QoS::AtLeastOnce,
-                false,
-            ),
-        )
-        .await
-        .unwrap();
-    }
+    report_a_device(&client, agent).await;
     // PUBACK came after the commit: the device is in the database now.
     let devices = f.server.store().admin().devices().await.unwrap();
     assert_eq!(devices.len(), 1, "{devices:?}");
@@ -570,30 +576,7 @@ async fn orders_for_an_offline_agent_wait_for_it_and_expired_ones_are_never_sent
     let (client, _, _) = within("connect", MqttClient::connect(&opts, &tls))
         .await
         .unwrap();
-    let Message::Hello(mut hello) = sample::sample(epmc_proto::Kind::Hello).message else {
-        unreachable!()
-    };
-    hello.agent_id = agent.uuid();
-    let Message::Snapshot(snapshot) = sample::sample(epmc_proto::Kind::Snapshot).message else {
-        unreachable!()
-    };
-    for (channel, message) in [
-        (Channel::Hello, Message::Hello(hello)),
-        (Channel::Telemetry, Message::Snapshot(snapshot)),
-    ] {
-        let json = Envelope::new(message).to_json().unwrap();
-        within(
-            "publish",
-            client.publish(
-                &topic::topic(&agent, channel),
-                json.into(),
-                QoS::AtLeastOnce,
-                false,
-            ),
-        )
-        .await
-        .unwrap();
-    }
+    report_a_device(&client, agent).await;
     drop(client);
     let store = f.server.store();
     within("offline", async {
