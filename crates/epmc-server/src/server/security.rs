@@ -201,15 +201,15 @@ impl SecurityLog {
         }
     }
 
-    /// Records one event, or counts it when its class is over the rate; returns whether it
-    /// was recorded. `peer` is `ip:port` (or an IP).
+    /// Records one event, or counts it when its class is over the rate. `peer` is `ip:port`
+    /// (or an IP).
     pub(crate) async fn record(
         &self,
         kind: &str,
         agent: Option<AgentId>,
         peer: Option<&str>,
         detail: &str,
-    ) -> bool {
+    ) {
         if !self.limiter.admit(Instant::now(), kind, agent, peer) {
             tracing::debug!(
                 kind,
@@ -218,11 +218,10 @@ impl SecurityLog {
                 detail,
                 "security event over the rate, counted"
             );
-            return false;
+            return;
         }
         tracing::warn!(kind, ?agent, peer, detail, "security event");
         self.insert(kind, agent, peer, detail).await;
-        true
     }
 
     /// Records the counts since the last summary: one event per class that counted any.
