@@ -75,9 +75,10 @@ pub enum Command {
         /// Where to write the CA's revocation list for the broker (Mosquitto's crlfile).
         #[arg(long, value_name = "FILE", requires = "broker")]
         broker_crl: Option<PathBuf>,
-        /// Delete history series, events, records of message ids and rejected messages older
-        /// than this many days, and replicas' certificates expired for longer (checked hourly);
-        /// kept for ever when not given.
+        /// Delete history series, events, agents' exception-log entries, records of message
+        /// ids and rejected messages older than this many days, and replicas' certificates
+        /// expired for longer (checked hourly); kept for ever when not given. Orders and
+        /// security events are kept.
         #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..=36_500))]
         retention_days: Option<u32>,
     },

@@ -850,6 +850,7 @@ async fn prune_periodically(
                 Ok(report) => tracing::info!(
                     history = report.history,
                     events = report.events,
+                    exception_logs = report.exception_logs,
                     message_ids = report.message_ids,
                     rejected = report.rejected,
                     service_certificates = report.service_certificates,

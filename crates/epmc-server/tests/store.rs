@@ -82,7 +82,7 @@ both!(
     expired_token_is_refused,
     tenant_handle_cannot_see_another_tenants_device,
     order_lifecycle,
-    prune_removes_old_history_and_events,
+    prune_removes_old_history_events_and_exception_logs,
     prune_removes_old_message_ids_rejected_messages_and_expired_replica_certificates,
     revoked_agent_is_refused,
     status_change_event_updates_latest_status,
@@ -1069,7 +1069,7 @@ async fn order_lifecycle(db: Db) {
     ));
 }
 
-async fn prune_removes_old_history_and_events(db: Db) {
+async fn prune_removes_old_history_events_and_exception_logs(db: Db) {
     let s = &db.store;
     let (tenant, agent) = tenant_with_agent(s, "acme").await;
     let day = 86_400;
@@ -1117,6 +1117,25 @@ async fn prune_removes_old_history_and_events(db: Db) {
             ),
             item(agent, Channel::Events, json(event("X1", base + 5 * day))),
             item(agent, Channel::Events, json(event("X1", base + 10 * day))),
+            // The agent's own exception log, on the events channel: the same cut.
+            item(
+                agent,
+                Channel::Events,
+                json(Message::ExceptionLog(AgentExceptionLog {
+                    entries: BoundedVec::new(
+                        [base, base + 5 * day - 1, base + 5 * day, base + 10 * day]
+                            .into_iter()
+                            .map(|at| ExceptionEntry {
+                                at: t(at),
+                                severity: Severity::Warning,
+                                component: "collector".try_into().expect("name"),
+                                message: "projector 10.0.0.5 timed out".try_into().expect("text"),
+                            })
+                            .collect(),
+                    )
+                    .expect("entries"),
+                })),
+            ),
         ])
         .await
         .expect("batch");
@@ -1126,6 +1145,12 @@ async fn prune_removes_old_history_and_events(db: Db) {
     let report = s.admin().prune(t(base + 5 * day)).await.expect("prune");
     assert_eq!(report.history, 2, "the old series and the old error list");
     assert_eq!(report.events, 2);
+    assert_eq!(report.exception_logs, 2);
+    let logs = s.admin().exception_logs(agent, 10).await.expect("logs");
+    assert_eq!(
+        logs.iter().map(|l| l.at).collect::<Vec<_>>(),
+        [t(base + 10 * day), t(base + 5 * day)]
+    );
     let history = s.tenant(tenant).history(device).await.expect("history");
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].series, "temperature_celsius");
@@ -1142,7 +1167,10 @@ async fn prune_removes_old_history_and_events(db: Db) {
             .is_some()
     );
     let again = s.admin().prune(t(base + 5 * day)).await.expect("prune");
-    assert_eq!((again.history, again.events), (0, 0));
+    assert_eq!(
+        (again.history, again.events, again.exception_logs),
+        (0, 0, 0)
+    );
 }
 
 async fn prune_removes_old_message_ids_rejected_messages_and_expired_replica_certificates(db: Db) {

@@ -304,13 +304,14 @@ impl AdminHandle {
     }
 
     /// Deletes what is older than `older_than`: history series that ended and events that
-    /// happened before it, the records of message ids received before it (a message repeated
-    /// after that is stored again), rejected messages, and replicas' certificates that expired
-    /// before it (an expired certificate needs no revocation-list entry either).
+    /// happened before it, agents' exception-log entries from before it, the records of
+    /// message ids received before it (a message repeated after that is stored again),
+    /// rejected messages, and replicas' certificates that expired before it (an expired
+    /// certificate needs no revocation-list entry either). Orders and security events stay.
     ///
-    /// Message ids and rejected messages go [`PRUNE_CHUNK`] rows per transaction (found by an
-    /// index on their time), so that a first prune of a large database never holds the
-    /// ingest's commits for long.
+    /// Exception-log entries, message ids and rejected messages go [`PRUNE_CHUNK`] rows per
+    /// transaction (found by an index on their time), so that a first prune of a large
+    /// database never holds the ingest's commits for long.
     pub async fn prune(&self, older_than: Timestamp) -> Result<PruneReport, StoreError> {
         let cut = older_than.unix();
         let mut tx = self.store.begin_write().await?;
@@ -331,6 +332,7 @@ impl AdminHandle {
                 .await?
                 .rows_affected();
         tx.commit().await?;
+        let exception_logs = self.prune_in_chunks("exception_logs", "at", cut).await?;
         let message_ids = self
             .prune_in_chunks("ingested_messages", "received_at", cut)
             .await?;
@@ -338,6 +340,7 @@ impl AdminHandle {
         Ok(PruneReport {
             history,
             events,
+            exception_logs,
             message_ids,
             rejected,
             service_certificates,

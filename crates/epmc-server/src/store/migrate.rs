@@ -46,10 +46,16 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0005_prune_message_ids.sql"),
         postgres: include_str!("../../migrations/postgres/0005_prune_message_ids.sql"),
     },
+    Migration {
+        version: 6,
+        description: "agents' exception logs pruned by time",
+        sqlite: include_str!("../../migrations/sqlite/0006_prune_exception_logs.sql"),
+        postgres: include_str!("../../migrations/postgres/0006_prune_exception_logs.sql"),
+    },
 ];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS epmc_schema_version (
     version BIGINT PRIMARY KEY,

@@ -283,6 +283,8 @@ pub struct PruneReport {
     pub history: u64,
     /// Events older.
     pub events: u64,
+    /// Agents' exception-log entries older (they arrive on the events channel).
+    pub exception_logs: u64,
     /// Records of message ids received before the cut.
     pub message_ids: u64,
     /// Rejected messages received before the cut.
