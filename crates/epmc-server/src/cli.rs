@@ -471,9 +471,25 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 (None, None) => {}
             }
             shutdown_signal().await;
-            let stats = server.broker().map(|b| b.stats());
+            // The counters are read after the shutdown, so they hold its last commits.
+            let endpoint = server.endpoint().cloned();
+            let broker = server.broker().cloned();
             server.shutdown().await;
-            if let Some(stats) = stats {
+            if let Some(endpoint) = endpoint {
+                let stats = endpoint.stats();
+                println!(
+                    "stopped: {} message(s) committed in {} batch(es) ({} rejected, {} duplicate(s)) over {} connection(s); {} refused over the limit, {} closed for a violation",
+                    stats.committed,
+                    stats.batches,
+                    stats.rejected,
+                    stats.duplicates,
+                    stats.sessions,
+                    stats.refused,
+                    stats.violations
+                );
+            }
+            if let Some(broker) = broker {
+                let stats = broker.stats();
                 println!(
                     "stopped: {} message(s) committed in {} batch(es) over {} connection(s)",
                     stats.committed, stats.batches, stats.connections

@@ -1,15 +1,17 @@
 //! The `epmc-server` binary killed with SIGKILL while an agent publishes: every message the
 //! server acknowledged is in the database after the restart, exactly once (PUBACK only after
-//! the commit). On SQLite in the data directory, and on PostgreSQL when
+//! the commit). Stopped with SIGTERM instead: it exits cleanly and promptly, and every message
+//! it committed was acknowledged before its connection closed (its last commits finish and
+//! are answered). On SQLite in the data directory, and on PostgreSQL when
 //! `EPMC_TEST_POSTGRES_URL` is set (with `CI=true` it must be: `scripts/test` starts one).
 
 mod pg;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Lines};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use epmc_proto::bounded::Timestamp;
@@ -32,8 +34,23 @@ fn free_port() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// How the server is stopped mid-stream.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stop {
+    /// SIGKILL: a power cut for the process.
+    Kill,
+    /// SIGTERM: the operator's stop.
+    Term,
+}
+
+/// A running `epmc-server serve`; its standard output stays open (it prints on stop).
+struct ServerProcess {
+    child: Child,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
 /// Starts `epmc-server serve` and waits for its "listening" line.
-fn spawn_server(data: &Path, database: Option<&str>, mqtt: SocketAddr) -> Child {
+fn spawn_server(data: &Path, database: Option<&str>, mqtt: SocketAddr) -> ServerProcess {
     let mut command = Command::new(env!("CARGO_BIN_EXE_epmc-server"));
     command.arg("--data").arg(data);
     if let Some(url) = database {
@@ -52,11 +69,50 @@ fn spawn_server(data: &Path, database: Option<&str>, mqtt: SocketAddr) -> Child 
         .stderr(Stdio::inherit())
         .spawn()
         .expect("the epmc-server binary starts");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = stdout.next().expect("a first line").unwrap();
     assert!(line.starts_with("listening"), "server said {line:?}");
-    child
+    ServerProcess { child, stdout }
+}
+
+impl ServerProcess {
+    /// Stops it the way `stop` says. With SIGTERM it must exit successfully within 30 s;
+    /// returns how many messages it said it committed.
+    fn stop(mut self, stop: Stop) -> Option<u64> {
+        if stop == Stop::Kill {
+            self.child.kill().unwrap();
+            self.child.wait().unwrap();
+            return None;
+        }
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("the server did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "exit after SIGTERM: {status}");
+        let line = self
+            .stdout
+            .next()
+            .expect("a line on stop")
+            .expect("readable");
+        let committed = line
+            .strip_prefix("stopped: ")
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok());
+        Some(committed.unwrap_or_else(|| panic!("server said on stop: {line:?}")))
+    }
 }
 
 fn event(n: u64) -> bytes::Bytes {
@@ -97,17 +153,29 @@ async fn open_store(data: &Path, database: Option<&str>) -> Store {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_nothing_acknowledged_sqlite() {
-    crash_run(None).await;
+    crash_run(None, Stop::Kill).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_nothing_acknowledged_postgres() {
     if let Some(url) = pg::schema_url().await {
-        crash_run(Some(&url)).await;
+        crash_run(Some(&url), Stop::Kill).await;
     }
 }
 
-async fn crash_run(database: Option<&str>) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_acknowledges_every_commit_and_exits_cleanly_sqlite() {
+    crash_run(None, Stop::Term).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_acknowledges_every_commit_and_exits_cleanly_postgres() {
+    if let Some(url) = pg::schema_url().await {
+        crash_run(Some(&url), Stop::Term).await;
+    }
+}
+
+async fn crash_run(database: Option<&str>, stop: Stop) {
     epmc_server::ca::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -132,7 +200,7 @@ async fn crash_run(database: Option<&str>) {
     let mut options = MqttOptions::new(mqtt, "localhost", &agent.to_string());
     options.keep_alive = Duration::from_secs(5);
 
-    let mut server = spawn_server(&data, database, mqtt);
+    let mut server = Some(spawn_server(&data, database, mqtt));
     let mut client = connect(&options, &tls).await;
     let snapshot = sample::sample(Kind::Snapshot).to_json().unwrap();
     client
@@ -144,6 +212,10 @@ async fn crash_run(database: Option<&str>) {
         )
         .await
         .unwrap();
+    // PUBACKs from the server process running now (the snapshot's, so far).
+    let mut acked_here = 1u64;
+    // A stopped server's count of what it committed (SIGTERM only).
+    let mut stopped_count = None;
 
     let events = topic::topic(&agent, Channel::Events);
     // One envelope (one id) per message, resent unchanged, as the agent's outbox does.
@@ -151,7 +223,7 @@ async fn crash_run(database: Option<&str>) {
     // n → how often the server acknowledged it.
     let mut acked: BTreeMap<u64, u32> = BTreeMap::new();
     let mut next = 0u64;
-    let mut killed = false;
+    let mut stopped = false;
     let mut restarts = 0;
     while acked.len() < TOTAL as usize {
         let mut in_flight: VecDeque<(u64, PendingAck)> = VecDeque::new();
@@ -184,31 +256,58 @@ async fn crash_run(database: Option<&str>) {
                 break;
             };
             match pending.acked().await {
-                Ok(()) => *acked.entry(n).or_default() += 1,
+                Ok(()) => {
+                    *acked.entry(n).or_default() += 1;
+                    acked_here += 1;
+                }
                 Err(_) => failed = true,
             }
-            if !killed && acked.len() >= KILL_AFTER {
-                // Power cut for the server process, with publishes in flight.
-                server.kill().unwrap();
-                server.wait().unwrap();
-                killed = true;
+            if !stopped && acked.len() >= KILL_AFTER {
+                // With publishes in flight: a power cut for the process, or the operator's
+                // stop (which waits until the process has exited).
+                let process = server.take().unwrap();
+                stopped_count = tokio::task::block_in_place(|| process.stop(stop));
+                stopped = true;
             }
         }
+        if let Some(committed) = stopped_count.take() {
+            eprintln!("stopped mid-stream: {committed} committed, {acked_here} acknowledged");
+            // Everything it committed was acknowledged before the connection closed: the
+            // PUBACKs of the last commits went out.
+            assert_eq!(
+                committed, acked_here,
+                "messages committed by the stopped server, against PUBACKs received from it"
+            );
+        }
         if acked.len() < TOTAL as usize {
-            assert!(killed, "publishing failed without the kill");
+            assert!(stopped, "publishing failed without the stop");
             restarts += 1;
             assert!(restarts <= 3, "too many restarts");
-            server = spawn_server(&data, database, mqtt);
+            server = Some(spawn_server(&data, database, mqtt));
             client = connect(&options, &tls).await;
+            acked_here = 0;
         }
     }
     assert!(
-        killed && restarts >= 1,
+        stopped && restarts >= 1,
         "the run was interrupted and resumed"
     );
     drop(client);
-    server.kill().unwrap();
-    server.wait().unwrap();
+    let process = server.take().unwrap();
+    if let Some(committed) = tokio::task::block_in_place(|| process.stop(stop)) {
+        assert_eq!(
+            committed, acked_here,
+            "the last server's commits and PUBACKs"
+        );
+    }
+    if stop == Stop::Term {
+        // Nothing was committed without its PUBACK, so nothing was stored twice.
+        assert!(
+            acked.values().all(|n| *n == 1),
+            "each message acknowledged once: {:?}",
+            acked.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
+        );
+    }
 
     // Every acknowledged message is stored exactly once.
     let store = open_store(&data, database).await;
