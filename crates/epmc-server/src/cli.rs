@@ -14,6 +14,7 @@ use crate::store::{
 };
 use clap::{Parser, Subcommand};
 use epmc_proto::bounded::Timestamp;
+use epmc_proto::model::DeviceStatus;
 use epmc_proto::order::OrderAction;
 use epmc_proto::topic::AgentId;
 use time::OffsetDateTime;
@@ -293,28 +294,102 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?}: longer than 100 years"))
 }
 
+/// The actions `order send` takes, as `--help` lists them.
+const ACTIONS: &str = "collect_now, power_on, power_off, av_mute, source_change, change_setting, \
+                       copy_settings, check_agent_update";
+
 fn parse_action(action: &str, value: Option<&str>) -> Result<OrderAction, String> {
     let json = match (action, value) {
         ("collect_now" | "power_on" | "power_off" | "check_agent_update", None) => {
             serde_json::json!({ "action": action })
         }
+        ("collect_now" | "power_on" | "power_off" | "check_agent_update", Some(v)) => {
+            return Err(format!("{action} takes no value (got {v:?})"));
+        }
         ("av_mute", Some(v @ ("on" | "off"))) => {
             serde_json::json!({ "action": action, "on": v == "on" })
         }
+        ("av_mute", Some(v)) => return Err(format!("av_mute takes on or off (got {v:?})")),
+        ("av_mute", None) => return Err("av_mute takes on or off".into()),
         ("source_change", Some(v)) => serde_json::json!({ "action": action, "source": v }),
+        ("source_change", None) => {
+            return Err(
+                "source_change takes the input's SOURCE code, two hex digits (e.g. 30, \
+                 the HDMI1 of most models; `devices --json` shows each device's current one)"
+                    .into(),
+            );
+        }
         ("change_setting", Some(v)) => {
             let (name, value) = v
                 .split_once('=')
                 .ok_or_else(|| format!("{v:?}: change_setting takes NAME=VALUE"))?;
             serde_json::json!({ "action": action, "name": name, "value": value })
         }
-        _ => {
-            return Err(format!(
-                "{action:?} {value:?}: not an action with that value (see --help)"
-            ));
-        }
+        ("change_setting", None) => return Err("change_setting takes NAME=VALUE".into()),
+        _ => return Err(format!("{action:?}: not an action; one of {ACTIONS}")),
     };
-    serde_json::from_value(json).map_err(|e| format!("{action}: {e}"))
+    serde_json::from_value(json).map_err(|e| format!("{action} {}: {e}", value.unwrap_or("")))
+}
+
+/// A device's latest status as the `devices` table shows it: the wire's names (as in
+/// `--json` and the agent's screen), `-` where nothing was reported.
+struct StatusCells {
+    power: String,
+    source: String,
+    av_mute: String,
+    state: String,
+}
+
+impl StatusCells {
+    fn of(status: Option<&DeviceStatus>) -> StatusCells {
+        let Some(s) = status else {
+            let none = || "-".to_owned();
+            return StatusCells {
+                power: none(),
+                source: none(),
+                av_mute: none(),
+                state: none(),
+            };
+        };
+        let mut problems = Vec::new();
+        if let Some(code) = s.error_code
+            && code.get() != 0
+        {
+            problems.push(format!("error {:02X}", code.get()));
+        }
+        for w in s.warnings.iter().flat_map(|w| w.as_slice()) {
+            problems.push(wire_name(w));
+        }
+        for a in s.alarms.iter().flat_map(|a| a.as_slice()) {
+            problems.push(format!("ALARM {}", wire_name(a)));
+        }
+        StatusCells {
+            power: s.power.as_ref().map_or("-".into(), wire_name),
+            source: s.source.as_ref().map_or("-".into(), |src| {
+                src.name.as_ref().map_or_else(
+                    || format!("{:02X}", src.code.get()),
+                    |n| one_line(n.as_str()),
+                )
+            }),
+            av_mute: s
+                .av_mute
+                .map_or("-", |on| if on { "on" } else { "off" })
+                .into(),
+            state: if problems.is_empty() {
+                "ok".into()
+            } else {
+                problems.join(", ")
+            },
+        }
+    }
+}
+
+/// The name a unit enum variant has on the wire (`standby_network_on`).
+fn wire_name<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "?".into(),
+    }
 }
 
 /// `copy_settings SOURCE=PROFILE`: SOURCE is a device number from `devices`, reported by the
@@ -702,21 +777,20 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                     serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?
                 );
             } else {
-                println!("id\tkey\tname\taddress\tpower\tlast contact");
+                println!("id\tkey\tname\taddress\tpower\tsource\tA/V mute\tstate\tlast contact");
                 for d in devices {
-                    let power = d
-                        .status
-                        .as_ref()
-                        .and_then(|(_, s)| s.power)
-                        .map(|p| format!("{p:?}"))
-                        .unwrap_or("-".into());
+                    let status = d.status.as_ref().map(|(_, s)| s);
+                    let cells = StatusCells::of(status);
                     println!(
-                        "{}\t{}\t{}\t{}\t{}\t{}",
+                        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                         d.id,
                         d.key,
                         d.name.as_deref().map_or("-".into(), one_line),
                         d.address.as_deref().map_or("-".into(), one_line),
-                        power,
+                        cells.power,
+                        cells.source,
+                        cells.av_mute,
+                        cells.state,
                         fmt_ts(d.last_contact)
                     );
                 }
@@ -949,6 +1023,74 @@ mod tests {
         );
         assert!(parse_duration("36501d").is_err());
         assert!(parse_duration("36500d").is_ok());
+    }
+
+    #[test]
+    fn actions_and_their_values_are_parsed_or_refused_by_name() {
+        use super::parse_action;
+        use epmc_proto::order::OrderAction;
+        assert_eq!(parse_action("power_on", None), Ok(OrderAction::PowerOn));
+        assert_eq!(
+            parse_action("av_mute", Some("off")),
+            Ok(OrderAction::AvMute { on: false })
+        );
+        match parse_action("source_change", Some("A0")) {
+            Ok(OrderAction::SourceChange { source }) => assert_eq!(source.get(), 0xA0),
+            other => panic!("{other:?}"),
+        }
+        let refused = |action: &str, value: Option<&str>| {
+            let e = parse_action(action, value).unwrap_err();
+            assert!(!e.contains("None") && !e.contains("Some("), "{e}");
+            e
+        };
+        // An unknown action: the list of the known ones.
+        assert!(refused("source", None).contains("source_change, change_setting"));
+        assert!(refused("power_on", Some("x")).contains("takes no value"));
+        assert!(refused("av_mute", None).contains("on or off"));
+        assert!(refused("av_mute", Some("maybe")).contains("\"maybe\""));
+        assert!(refused("source_change", None).contains("two hex digits"));
+        let e = refused("source_change", Some("zz"));
+        assert!(e.starts_with("source_change zz:"), "{e}");
+        assert!(refused("change_setting", None).contains("NAME=VALUE"));
+    }
+
+    #[test]
+    fn the_devices_table_shows_status_by_its_wire_names() {
+        use super::StatusCells;
+        use epmc_proto::bounded::{BoundedVec, HexCode};
+        use epmc_proto::model::{Alarm, DeviceStatus, PowerState, SourceRef, Warning};
+        let none = StatusCells::of(None);
+        assert_eq!(
+            [none.power, none.source, none.av_mute, none.state],
+            ["-", "-", "-", "-"]
+        );
+        let mut status = DeviceStatus {
+            power: Some(PowerState::StandbyNetworkOn),
+            source: Some(SourceRef {
+                code: HexCode::new(0xA0),
+                name: None,
+            }),
+            av_mute: Some(true),
+            ..Default::default()
+        };
+        let cells = StatusCells::of(Some(&status));
+        assert_eq!(
+            [cells.power, cells.source, cells.av_mute, cells.state],
+            ["standby_network_on", "A0", "on", "ok"]
+        );
+        status.source = Some(SourceRef {
+            code: HexCode::new(0x30),
+            name: Some("HDMI\t1".try_into().expect("name")),
+        });
+        status.error_code = Some(HexCode::new(0x04));
+        status.warnings = Some(BoundedVec::new(vec![Warning::AirFilter]).expect("warnings"));
+        status.alarms = Some(BoundedVec::new(vec![Alarm::HighTemperature]).expect("alarms"));
+        let cells = StatusCells::of(Some(&status));
+        assert_eq!(
+            cells.source, "HDMI\\t1",
+            "a name from the network is escaped"
+        );
+        assert_eq!(cells.state, "error 04, air_filter, ALARM high_temperature");
     }
 
     #[test]

@@ -4,18 +4,25 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use epmc_server::ca;
-use epmc_server::cli::{self, Cli};
+use epmc_server::cli::{self, Cli, Command};
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `serve` logs what it does; a one-shot command prints its answer and logs only warnings
+    // (RUST_LOG overrides both).
+    let default_level = if matches!(cli.command, Command::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
     ca::install_crypto_provider();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

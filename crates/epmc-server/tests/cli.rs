@@ -14,6 +14,7 @@ fn epmc(data: &Path, args: &[&str]) -> Output {
         .arg(data)
         .env_remove("EPMC_DATABASE")
         .env_remove("EPMC_DATA")
+        .env_remove("RUST_LOG")
         .args(args)
         .output()
         .expect("run epmc-server")
@@ -141,4 +142,9 @@ fn init_tenant_token_agent_and_devices_commands() {
     );
     let err = refused(&data, &["devices", "--tenant", "nope"]);
     assert!(err.contains("--tenant \"nope\""), "{err}");
+
+    // A one-shot command prints its answer and no log lines (`serve` logs at info).
+    let out = epmc(&data, &["tenant", "list"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
 }
