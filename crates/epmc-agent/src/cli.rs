@@ -446,6 +446,19 @@ fn write_human(out: &mut impl Write, c: &Collected) -> std::io::Result<()> {
             })),
         ),
         (
+            "inputs",
+            opt(col.info.sources.as_ref().map(|list| {
+                list.as_slice()
+                    .iter()
+                    .map(|s| match &s.name {
+                        Some(n) => format!("{n} ({:02X})", s.code.get()),
+                        None => format!("{:02X}", s.code.get()),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })),
+        ),
+        (
             "a/v mute",
             opt(st.av_mute.map(|m| if m { "on" } else { "off" }.into())),
         ),

@@ -14,6 +14,7 @@
 //! | light-up time | `LAMP?` | `DeviceStatus::light_up_time_hours` |
 //! | total operation time | `ONTIME?` | `DeviceStatus::total_operation_time_hours` |
 //! | source (name from `SOURCELIST?`) | `SOURCE?` | `DeviceStatus::source` |
+//! | inputs (full collection) | `SOURCELIST?` | `DeviceInfo::sources` |
 //! | A/V mute | `MUTE?` | `DeviceStatus::av_mute` |
 //! | signal | `SIGNAL?` | `DeviceStatus::signal` |
 //! | projector name | `NWPNAME?` | `DeviceSettings::projector_name` |
@@ -595,6 +596,22 @@ pub(crate) async fn read_full<R: Items>(
         info.firmware_version = name(fw.as_str(), FirmwareVersion::NAME, &mut report);
     }
     let status = status(r, &mut report).await?;
+    // The inputs a `source_change` order can select (status() read them if SOURCE? answered).
+    if r.sources_mut().is_none() {
+        *r.sources_mut() = r.get::<SourceListProperty>(&mut report).await?;
+    }
+    info.sources = r.sources_mut().as_ref().and_then(|list| {
+        let refs: Vec<SourceRef> = list
+            .entries()
+            .iter()
+            .take(epmc_proto::model::MAX_SOURCES)
+            .map(|(code, name)| SourceRef {
+                code: HexCode::new(code.get()),
+                name: BoundedString::new(name.as_str()).ok(),
+            })
+            .collect();
+        BoundedVec::new(refs).ok()
+    });
     let mut settings = DeviceSettings {
         ip_address: Some(r.addr().ip()),
         ..DeviceSettings::default()

@@ -135,6 +135,7 @@ async fn collect_once_prints_text() {
         "  firmware         -\n",
         "  power            On (01)\n",
         "  source           HDMI1 (30)\n",
+        "  inputs           HDMI1 (30), HDMI2 (A0), Computer1 (10), LAN (53)\n",
         "  light hours      321\n",
         "  volume           120\n",
         "  not supported    VER NWPNAME\n",

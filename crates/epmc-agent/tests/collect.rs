@@ -128,6 +128,23 @@ async fn healthy_projector_is_collected_completely_and_exactly() {
             col.info.model.as_ref().map(|s| s.as_str()),
             Some("EB-L1755U")
         );
+        // Its inputs, as SOURCELIST? gives them: what a source_change order can select.
+        let sources: Vec<(u8, Option<&str>)> = col
+            .info
+            .sources
+            .iter()
+            .flat_map(|s| s.as_slice())
+            .map(|s| (s.code.get(), s.name.as_ref().map(|n| n.as_str())))
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                (0x30, Some("HDMI1")),
+                (0xA0, Some("HDMI2")),
+                (0x10, Some("Computer1")),
+                (0x53, Some("LAN"))
+            ]
+        );
         // The emulator has no VER? nor NWPNAME?: absent, and listed.
         assert_eq!(col.info.firmware_version, None);
         assert_eq!(col.settings.projector_name, None);
@@ -275,6 +292,16 @@ async fn items_refused_in_standby_are_absent_not_zero() {
         );
         assert_eq!(st.total_operation_time_hours, Some(5021));
         assert_eq!(st.error_code.map(|c| c.get()), Some(0x00));
+        // The emulator lists its inputs in standby too (SOURCE? is refused, SOURCELIST? is
+        // asked by the full collection itself).
+        assert_eq!(
+            c.collection
+                .info
+                .sources
+                .as_ref()
+                .map(|s| s.as_slice().len()),
+            Some(4)
+        );
         // Refused in standby: absent.
         assert_eq!(st.source, None);
         assert_eq!(st.av_mute, None);

@@ -30,6 +30,8 @@ pub const MAX_HISTORY_RECORDS: usize = 2000;
 pub const MAX_SENSORS: usize = 16;
 /// Most exception-log entries in one message.
 pub const MAX_LOG_ENTRIES: usize = 200;
+/// Most inputs one projector lists (`SOURCELIST?`).
+pub const MAX_SOURCES: usize = 64;
 
 // ---- agent ---------------------------------------------------------------------------------
 
@@ -123,6 +125,10 @@ pub struct DeviceInfo {
     /// Temperature limit of the operating environment, °C.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature_limit_celsius: Option<Real>,
+    /// The inputs it has (`SOURCELIST?`), each with its `SOURCE` code and name: what a
+    /// `source_change` order can select.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources: Option<BoundedVec<SourceRef, MAX_SOURCES>>,
 }
 
 /// Device logs (counters and dates kept by the projector).

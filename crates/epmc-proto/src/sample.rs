@@ -92,6 +92,23 @@ pub fn collection(days: usize) -> FullCollection {
             firmware_version: Some(s("1.07")),
             lens_type: Some(s("ELPLM15")),
             temperature_limit_celsius: Some(real(45.0)),
+            sources: Some(
+                BoundedVec::new(vec![
+                    SourceRef {
+                        code: HexCode::new(0x30),
+                        name: Some(s("HDMI1")),
+                    },
+                    SourceRef {
+                        code: HexCode::new(0xA0),
+                        name: Some(s("HDMI2")),
+                    },
+                    SourceRef {
+                        code: HexCode::new(0x53),
+                        name: Some(s("LAN")),
+                    },
+                ])
+                .expect("sources"),
+            ),
         },
         logs: DeviceLogs {
             initial_power_on_at: Some(ts(-200 * 86400)),

@@ -19,6 +19,35 @@ use epmc_proto::order::OrderAction;
 use epmc_proto::topic::AgentId;
 use time::OffsetDateTime;
 
+/// What [`run`] returns when standard output was closed under it (`epmc-server devices |
+/// head`): the binary then ends quietly, as Unix tools do, instead of failing on the next line.
+pub const STDOUT_CLOSED: &str = "standard output closed";
+
+/// `println!` for a command's answer: a closed standard output ends the command with
+/// [`STDOUT_CLOSED`] instead of panicking as `println!` does.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        print_line(format_args!($($arg)*))?
+    };
+}
+
+/// `println!` for what `serve` says while it runs: a closed standard output does not stop it.
+macro_rules! shout {
+    ($($arg:tt)*) => {{
+        let _ = print_line(format_args!($($arg)*));
+    }};
+}
+
+fn print_line(args: std::fmt::Arguments<'_>) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(STDOUT_CLOSED.into()),
+        Err(e) => Err(format!("standard output: {e}")),
+    }
+}
+
 /// The command line of `epmc-server`.
 #[derive(Parser)]
 #[command(
@@ -260,9 +289,10 @@ pub enum OrderCommand {
         /// The device (its number in `devices`).
         #[arg(long)]
         device: i64,
-        /// collect_now, power_on, power_off, av_mute (VALUE on|off), source_change (VALUE hex
-        /// code), change_setting (VALUE NAME=VALUE), copy_settings (VALUE SOURCE=PROFILE,
-        /// SOURCE a device number of the same agent).
+        /// collect_now, power_on, power_off, av_mute (VALUE on|off), source_change (VALUE an
+        /// input's name as the device lists it, or its hex code), change_setting (VALUE
+        /// NAME=VALUE), copy_settings (VALUE SOURCE=PROFILE, SOURCE a device number of the same
+        /// agent).
         action: String,
         /// The action's value.
         value: Option<String>,
@@ -314,8 +344,8 @@ fn parse_action(action: &str, value: Option<&str>) -> Result<OrderAction, String
         ("source_change", Some(v)) => serde_json::json!({ "action": action, "source": v }),
         ("source_change", None) => {
             return Err(
-                "source_change takes the input's SOURCE code, two hex digits (e.g. 30, \
-                 the HDMI1 of most models; `devices --json` shows each device's current one)"
+                "source_change takes an input: its name as the device lists it (e.g. HDMI2) \
+                 or its SOURCE code, two hex digits (e.g. A0)"
                     .into(),
             );
         }
@@ -390,6 +420,53 @@ fn wire_name<T: serde::Serialize>(value: &T) -> String {
         Ok(serde_json::Value::String(s)) => s,
         _ => "?".into(),
     }
+}
+
+fn is_hex_code(s: &str) -> bool {
+    s.len() == 2 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// `source_change NAME`: the code of the input the device listed under that name in its
+/// latest full collection (`SOURCELIST?`), compared without regard to case.
+async fn source_change_by_name(
+    store: &Store,
+    device: i64,
+    name: &str,
+) -> Result<OrderAction, String> {
+    let details = store
+        .admin()
+        .device_details(device)
+        .await
+        .map_err(|e| format!("--device {device}: {e}"))?;
+    let listed = details
+        .info
+        .and_then(|i| i.sources)
+        .map(|s| s.as_slice().to_vec())
+        .unwrap_or_default();
+    if let Some(found) = listed.iter().find(|s| {
+        s.name
+            .as_ref()
+            .is_some_and(|n| n.as_str().eq_ignore_ascii_case(name))
+    }) {
+        return Ok(OrderAction::SourceChange { source: found.code });
+    }
+    if listed.is_empty() {
+        return Err(format!(
+            "source_change {name:?}: device {device} has not listed its inputs yet (no full \
+             collection with SOURCELIST?); give the SOURCE code, two hex digits"
+        ));
+    }
+    let inputs: Vec<String> = listed
+        .iter()
+        .map(|s| match &s.name {
+            Some(n) => format!("{} ({:02X})", one_line(n.as_str()), s.code.get()),
+            None => format!("{:02X}", s.code.get()),
+        })
+        .collect();
+    Err(format!(
+        "source_change {name:?}: not an input of device {device}; it has {}",
+        inputs.join(", ")
+    ))
 }
 
 /// `copy_settings SOURCE=PROFILE`: SOURCE is a device number from `devices`, reported by the
@@ -479,14 +556,14 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::Init { hostnames } => {
             match datadir::init(&cli.data, hostnames).map_err(|e| e.to_string())? {
                 InitOutcome::Created { ca_fingerprint } => {
-                    println!(
+                    say!(
                         "created {} (CA fingerprint {})",
                         cli.data.display(),
                         ca_fingerprint.to_hex()
                     );
                 }
                 InitOutcome::AlreadyInitialized { ca_fingerprint } => {
-                    println!(
+                    say!(
                         "{} is already initialized; nothing changed (CA fingerprint {})",
                         cli.data.display(),
                         ca_fingerprint.to_hex()
@@ -497,12 +574,12 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             let first = store.accounts().create_first_admin().await;
             store.close().await;
             match first.map_err(|e| format!("the first admin account: {e}"))? {
-                Some(password) => println!(
+                Some(password) => say!(
                     "created the admin account {:?}; its password, shown only now: {}",
                     crate::store::FIRST_ADMIN,
                     password.expose()
                 ),
-                None => println!("accounts exist already; none created"),
+                None => say!("accounts exist already; none created"),
             }
             Ok(())
         }
@@ -535,11 +612,11 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             }
             let server = Server::start(config).await.map_err(|e| e.to_string())?;
             match (server.mqtt_addr(), broker) {
-                (Some(addr), _) => println!(
+                (Some(addr), _) => shout!(
                     "listening: agents on mqtts://{addr} , enrollment on https://{}",
                     server.https_addr()
                 ),
-                (None, Some(url)) => println!(
+                (None, Some(url)) => shout!(
                     "consuming: agents through {url} as {broker_client_id} (group {broker_group}), enrollment on https://{}",
                     server.https_addr()
                 ),
@@ -552,7 +629,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             server.shutdown().await;
             if let Some(endpoint) = endpoint {
                 let stats = endpoint.stats();
-                println!(
+                shout!(
                     "stopped: {} message(s) committed in {} batch(es) ({} rejected, {} duplicate(s)) over {} connection(s); {} refused over the limit, {} closed for a violation",
                     stats.committed,
                     stats.batches,
@@ -565,9 +642,11 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             }
             if let Some(broker) = broker {
                 let stats = broker.stats();
-                println!(
+                shout!(
                     "stopped: {} message(s) committed in {} batch(es) over {} connection(s)",
-                    stats.committed, stats.batches, stats.connections
+                    stats.committed,
+                    stats.batches,
+                    stats.connections
                 );
             }
             Ok(())
@@ -593,7 +672,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 })
                 .collect::<Result<_, _>>()?;
             crate::broker::write_crl(&pki.ca, &list, out)?;
-            println!("{}: {} revoked certificate(s)", out.display(), list.len());
+            say!("{}: {} revoked certificate(s)", out.display(), list.len());
             Ok(())
         }
         Command::Tenant { command } => {
@@ -605,11 +684,11 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                         .add_tenant(name)
                         .await
                         .map_err(|e| format!("tenant {name:?}: {e}"))?;
-                    println!("{id}");
+                    say!("{id}");
                 }
                 TenantCommand::List => {
                     for t in store.admin().tenants().await.map_err(|e| e.to_string())? {
-                        println!("{}\t{}", t.id, t.name);
+                        say!("{}\t{}", t.id, t.name);
                     }
                 }
             }
@@ -633,7 +712,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 )
                 .await
                 .map_err(|e| e.to_string())?;
-            println!("{}", token.to_token_string());
+            say!("{}", token.to_token_string());
             store.close().await;
             Ok(())
         }
@@ -662,7 +741,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                         .record_certificate(agent, &bundle.certificate.serial.to_hex(), not_after)
                         .await
                         .map_err(|e| e.to_string())?;
-                    println!("{agent}");
+                    say!("{agent}");
                 }
                 AgentCommand::List => {
                     for a in store
@@ -671,7 +750,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                         .await
                         .map_err(|e| e.to_string())?
                     {
-                        println!(
+                        say!(
                             "{}\t{}\t{:?}\t{}\t{}",
                             a.id,
                             one_line(&a.name),
@@ -689,7 +768,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                         .revoke_agent(agent, reason)
                         .await
                         .map_err(|e| format!("agent {id}: {e}"))?;
-                    println!(
+                    say!(
                         "revoked {} certificate(s) of {agent}; a running server closes its connection",
                         serials.len()
                     );
@@ -706,9 +785,9 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                     .service_certificates()
                     .await
                     .map_err(|e| e.to_string())
-                    .map(|list| {
+                    .and_then(|list| {
                     for c in list {
-                        println!(
+                        say!(
                             "{}\t{}\t{}\t{}\t{}",
                             c.serial,
                             c.name,
@@ -717,6 +796,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                             c.revoked_at.map(fmt_ts).unwrap_or("-".into())
                         );
                     }
+                    Ok(())
                 }),
                 ReplicaCommand::Revoke { name, reason } => admin
                     .revoke_service(name, reason)
@@ -725,15 +805,22 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                         StoreError::NotFound => format!("no certificate was ever issued to {name:?} (see `replica list`)"),
                         e => e.to_string(),
                     })
-                    .map(|serials| {
-                        println!(
+                    .and_then(|serials| {
+                        say!(
                             "revoked {} certificate(s) of replica {name}; write the broker's CRL (`crl`) or let a running replica rewrite it",
                             serials.len()
                         );
+                        Ok(())
                     }),
             };
             store.close().await;
-            result.map_err(|e| format!("replica: {e}"))
+            result.map_err(|e| {
+                if e == STDOUT_CLOSED {
+                    e
+                } else {
+                    format!("replica: {e}")
+                }
+            })
         }
         Command::Account { command } => {
             let store = open_store(&cli).await?;
@@ -772,16 +859,16 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                         })
                     })
                     .collect();
-                println!(
+                say!(
                     "{}",
                     serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?
                 );
             } else {
-                println!("id\tkey\tname\taddress\tpower\tsource\tA/V mute\tstate\tlast contact");
+                say!("id\tkey\tname\taddress\tpower\tsource\tA/V mute\tstate\tlast contact");
                 for d in devices {
                     let status = d.status.as_ref().map(|(_, s)| s);
                     let cells = StatusCells::of(status);
-                    println!(
+                    say!(
                         "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                         d.id,
                         d.key,
@@ -816,14 +903,14 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                         })
                     })
                     .collect();
-                println!(
+                say!(
                     "{}",
                     serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?
                 );
             } else {
-                println!("at\tkind\tagent\tpeer\tdetail");
+                say!("at\tkind\tagent\tpeer\tdetail");
                 for e in events {
-                    println!(
+                    say!(
                         "{}\t{}\t{}\t{}\t{}",
                         fmt_ts(e.at),
                         one_line(&e.kind),
@@ -848,6 +935,10 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             let store = open_store(&cli).await?;
             let action = if action == "copy_settings" {
                 copy_settings_action(&store, *device, value.as_deref()).await?
+            } else if let ("source_change", Some(name)) = (action.as_str(), value.as_deref())
+                && !is_hex_code(name)
+            {
+                source_change_by_name(&store, *device, name).await?
             } else {
                 parse_action(action, value.as_deref())?
             };
@@ -861,13 +952,13 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 )
                 .await
                 .map_err(|e| format!("--device {device}: {e}"))?;
-            println!("order {id} queued");
+            say!("order {id} queued");
             let deadline = tokio::time::Instant::now() + *wait;
             let mut last = OrderState::Queued;
             loop {
                 let order = orders.get(id).await.map_err(|e| e.to_string())?;
                 if order.state != last {
-                    println!("{}", order.state.as_str());
+                    say!("{}", order.state.as_str());
                     last = order.state;
                 }
                 match order.state {
@@ -876,7 +967,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                     | OrderState::TimedOut
                     | OrderState::Expired => {
                         if let Some(result) = order.result {
-                            println!("{result}");
+                            say!("{result}");
                         }
                         store.close().await;
                         return if order.state == OrderState::Done {
@@ -916,7 +1007,7 @@ async fn account_command(store: &Store, command: &AccountCommand) -> Result<(), 
                             .map_or_else(|| t.to_string(), |x| x.name.clone()),
                     ),
                 };
-                println!(
+                say!(
                     "{}\t{role}\t{tenant}\t{}",
                     a.name,
                     fmt_ts(a.password_changed_at)
@@ -938,7 +1029,7 @@ async fn account_command(store: &Store, command: &AccountCommand) -> Result<(), 
                 .create(name, role)
                 .await
                 .map_err(|e| format!("account {name:?}: {e}"))?;
-            println!(
+            say!(
                 "created account {name:?}; its password, shown only now: {}",
                 password.expose()
             );
@@ -948,7 +1039,7 @@ async fn account_command(store: &Store, command: &AccountCommand) -> Result<(), 
                 .set_password(name)
                 .await
                 .map_err(|e| format!("account {name:?}: {e}"))?;
-            println!(
+            say!(
                 "new password of {name:?}, shown only now: {}",
                 password.expose()
             );

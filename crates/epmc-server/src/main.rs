@@ -32,6 +32,8 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // `epmc-server devices | head`: the reader has what it wanted.
+        Err(e) if e == cli::STDOUT_CLOSED => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("epmc-server: {e}");
             ExitCode::FAILURE

@@ -147,4 +147,148 @@ fn init_tenant_token_agent_and_devices_commands() {
     let out = epmc(&data, &["tenant", "list"]);
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+
+    // Its reader gone (`| head`): it ends quietly, without a panic.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_epmc-server"))
+        .arg("--data")
+        .arg(&data)
+        .args(["tenant", "list"])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run epmc-server");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    assert!(out.status.success(), "{:?}", out.status);
+}
+
+/// `order send … source_change NAME` takes the code from the inputs the device listed in its
+/// latest full collection; an unknown name lists them, and a device that listed none asks for
+/// the code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_change_takes_an_input_by_the_name_the_device_lists() {
+    use epmc_proto::model::{DeviceSnapshot, DeviceStatus, FullCollection};
+    use epmc_proto::order::OrderAction;
+    use epmc_proto::topic::Channel;
+    use epmc_proto::{Envelope, Message, sample};
+    use epmc_server::store::{IngestItem, OrderState, Store, StoreOptions};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    ok(&data, &["init"]);
+    let store = Store::open_data_dir(&data, StoreOptions::default())
+        .await
+        .expect("store");
+    let tenant = store.admin().add_tenant("acme").await.expect("tenant");
+    let agent = store
+        .admin()
+        .create_agent(tenant, "hall")
+        .await
+        .expect("agent");
+    // One device with a full collection (its inputs: HDMI1 30, HDMI2 A0, LAN 53), one with
+    // only a snapshot.
+    let listed: FullCollection = sample::collection(1);
+    let bare = Message::Snapshot(DeviceSnapshot {
+        device_id: "X8JK0000002".try_into().expect("id"),
+        observed_at: epmc_proto::bounded::Timestamp::now(),
+        status: DeviceStatus::default(),
+    });
+    let items = [Message::Collection(Box::new(listed)), bare].map(|m| {
+        IngestItem::new(
+            agent,
+            Channel::Telemetry,
+            Envelope::new(m).to_json().expect("json"),
+        )
+    });
+    store.ingest().ingest_batch(&items).await.expect("ingest");
+    let devices = store.admin().devices().await.expect("devices");
+    let id_of = |key: &str| {
+        devices
+            .iter()
+            .find(|d| d.key == key)
+            .map(|d| d.id.to_string())
+            .expect("device")
+    };
+    let (with_inputs, without) = (id_of("X8JK0000001"), id_of("X8JK0000002"));
+    store.close().await;
+
+    // By name, in any case: queued with the listed code (no agent runs, so no result).
+    let out = epmc(
+        &data,
+        &[
+            "order",
+            "send",
+            "--device",
+            &with_inputs,
+            "source_change",
+            "hdmi2",
+            "--wait",
+            "1s",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let order: uuid::Uuid = stdout
+        .strip_prefix("order ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let store = Store::open_data_dir(&data, StoreOptions::default())
+        .await
+        .expect("store");
+    let record = store.orders().get(order).await.expect("order");
+    store.close().await;
+    match record.action {
+        OrderAction::SourceChange { source } => assert_eq!(source.get(), 0xA0),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(record.state, OrderState::Queued);
+
+    // A name the device does not list: refused, with what it has.
+    let err = refused(
+        &data,
+        &[
+            "order",
+            "send",
+            "--device",
+            &with_inputs,
+            "source_change",
+            "HDMI9",
+        ],
+    );
+    assert!(
+        err.contains("\"HDMI9\"") && err.contains("HDMI1 (30), HDMI2 (A0), LAN (53)"),
+        "{err}"
+    );
+    // A device that listed no inputs: the code is needed, and it still works.
+    let err = refused(
+        &data,
+        &[
+            "order",
+            "send",
+            "--device",
+            &without,
+            "source_change",
+            "HDMI2",
+        ],
+    );
+    assert!(err.contains("has not listed its inputs"), "{err}");
+    let out = epmc(
+        &data,
+        &[
+            "order",
+            "send",
+            "--device",
+            &without,
+            "source_change",
+            "A0",
+            "--wait",
+            "1s",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("order "),
+        "{out:?}"
+    );
 }
