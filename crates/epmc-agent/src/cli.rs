@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use epmc_proto::{Envelope, Message};
+use epmc_proto::{Envelope, Message, wire_name};
 use escvp::net::Password;
 
 use crate::collect::{CollectOptions, Collected, Interface, collect_all_observed};
@@ -414,6 +414,15 @@ async fn run_collect(
     Ok(u8::from(failed > 0))
 }
 
+/// Wire names, comma-separated; `none` for an empty list.
+fn names<T: serde::Serialize>(items: &[T]) -> String {
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.iter().map(wire_name).collect::<Vec<_>>().join(", ")
+    }
+}
+
 fn write_human(out: &mut impl Write, c: &Collected) -> std::io::Result<()> {
     let col = &c.collection;
     let st = &col.status;
@@ -436,7 +445,7 @@ fn write_human(out: &mut impl Write, c: &Collected) -> std::io::Result<()> {
             opt(st
                 .power
                 .zip(st.power_code)
-                .map(|(p, c)| format!("{p:?} ({:02X})", c.get()))),
+                .map(|(p, c)| format!("{} ({:02X})", wire_name(&p), c.get()))),
         ),
         (
             "source",
@@ -462,7 +471,7 @@ fn write_human(out: &mut impl Write, c: &Collected) -> std::io::Result<()> {
             "a/v mute",
             opt(st.av_mute.map(|m| if m { "on" } else { "off" }.into())),
         ),
-        ("signal", opt(st.signal.map(|s| format!("{s:?}")))),
+        ("signal", opt(st.signal.map(|s| wire_name(&s)))),
         (
             "light hours",
             opt(st.light_up_time_hours.as_ref().map(|h| {
@@ -483,11 +492,11 @@ fn write_human(out: &mut impl Write, c: &Collected) -> std::io::Result<()> {
         ),
         (
             "warnings",
-            opt(st.warnings.as_ref().map(|w| format!("{:?}", w.as_slice()))),
+            opt(st.warnings.as_ref().map(|w| names(w.as_slice()))),
         ),
         (
             "alarms",
-            opt(st.alarms.as_ref().map(|a| format!("{:?}", a.as_slice()))),
+            opt(st.alarms.as_ref().map(|a| names(a.as_slice()))),
         ),
         (
             "projector name",
@@ -887,10 +896,10 @@ pub fn write_status(
                 problems.push(format!("error {:02X}", code.get()));
             }
             for w in st.warnings.iter().flat_map(|w| w.as_slice()) {
-                problems.push(format!("{w:?}"));
+                problems.push(wire_name(w));
             }
             for a in st.alarms.iter().flat_map(|a| a.as_slice()) {
-                problems.push(format!("ALARM {a:?}"));
+                problems.push(format!("ALARM {}", wire_name(a)));
             }
         }
         let state = if problems.is_empty() {

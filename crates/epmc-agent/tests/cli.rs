@@ -133,7 +133,8 @@ async fn collect_once_prints_text() {
     for line in [
         "  model            EB-CLI\n",
         "  firmware         -\n",
-        "  power            On (01)\n",
+        "  power            on (01)\n",
+        "  warnings         none\n",
         "  source           HDMI1 (30)\n",
         "  inputs           HDMI1 (30), HDMI2 (A0), Computer1 (10), LAN (53)\n",
         "  light hours      321\n",

@@ -319,6 +319,22 @@ impl Envelope {
     }
 }
 
+/// The name a unit enum variant has on the wire (`PowerState::StandbyNetworkOn` is
+/// `standby_network_on`), for people-facing output that should say what `--json` says; `?` for
+/// a value that is not a bare name.
+///
+/// ```
+/// use epmc_proto::model::PowerState;
+/// assert_eq!(epmc_proto::wire_name(&PowerState::StandbyNetworkOn), "standby_network_on");
+/// assert_eq!(epmc_proto::wire_name(&42), "?");
+/// ```
+pub fn wire_name<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "?".into(),
+    }
+}
+
 /// The JSON Schemas generated from the types: `(file name, schema)` for the envelope and for
 /// each body kind. The committed copies live in `crates/epmc-proto/schema/`.
 ///

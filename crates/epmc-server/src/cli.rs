@@ -17,6 +17,7 @@ use epmc_proto::bounded::Timestamp;
 use epmc_proto::model::DeviceStatus;
 use epmc_proto::order::OrderAction;
 use epmc_proto::topic::AgentId;
+use epmc_proto::wire_name;
 use time::OffsetDateTime;
 
 /// What [`run`] returns when standard output was closed under it (`epmc-server devices |
@@ -411,14 +412,6 @@ impl StatusCells {
                 problems.join(", ")
             },
         }
-    }
-}
-
-/// The name a unit enum variant has on the wire (`standby_network_on`).
-fn wire_name<T: serde::Serialize>(value: &T) -> String {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => "?".into(),
     }
 }
 
