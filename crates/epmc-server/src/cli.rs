@@ -10,7 +10,7 @@ use crate::ca::{CertSerial, EnrollmentToken, RevokedCert};
 use crate::datadir::{self, InitOutcome};
 use crate::server::{ServeConfig, Server};
 use crate::store::{
-    AccountRole, OrderState, OrderTarget, Store, StoreError, StoreOptions, TenantId,
+    AccountRole, AgentState, OrderState, OrderTarget, Store, StoreError, StoreOptions, TenantId,
 };
 use clap::{Parser, Subcommand};
 use epmc_proto::bounded::Timestamp;
@@ -219,8 +219,13 @@ pub enum AgentCommand {
         #[arg(long, default_value = "")]
         name: String,
     },
-    /// Lists agents.
-    List,
+    /// Lists agents: id, tenant, name, state (online, offline, never connected, revoked),
+    /// version, last seen.
+    List {
+        /// Only this tenant's agents (its name).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// Revokes an agent's certificates; a running server closes its connection.
     Revoke {
         /// The agent id.
@@ -736,18 +741,38 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                         .map_err(|e| e.to_string())?;
                     say!("{agent}");
                 }
-                AgentCommand::List => {
-                    for a in store
+                AgentCommand::List { tenant } => {
+                    let only = match tenant {
+                        Some(name) => Some(tenant_by_name(&store, name).await?),
+                        None => None,
+                    };
+                    let tenants = store.admin().tenants().await.map_err(|e| e.to_string())?;
+                    let agents = store
                         .admin()
-                        .agents(None)
+                        .agents(only)
                         .await
-                        .map_err(|e| e.to_string())?
-                    {
+                        .map_err(|e| e.to_string())?;
+                    say!("id\ttenant\tname\tstate\tversion\tlast seen");
+                    for a in agents {
+                        let tenant = tenants
+                            .iter()
+                            .find(|t| t.id == a.tenant)
+                            .map_or_else(|| a.tenant.to_string(), |t| one_line(&t.name));
+                        let state = match (a.revoked_at, a.state) {
+                            (Some(_), _) => "revoked",
+                            (None, AgentState::Never) => "never connected",
+                            (None, state) => state.as_str(),
+                        };
                         say!(
-                            "{}\t{}\t{:?}\t{}\t{}",
+                            "{}\t{}\t{}\t{}\t{}\t{}",
                             a.id,
-                            one_line(&a.name),
-                            a.state,
+                            tenant,
+                            if a.name.is_empty() {
+                                "-".into()
+                            } else {
+                                one_line(&a.name)
+                            },
+                            state,
                             a.version.as_deref().map_or("-".into(), one_line),
                             a.last_seen.map(fmt_ts).unwrap_or("-".into())
                         );

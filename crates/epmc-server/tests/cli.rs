@@ -128,11 +128,26 @@ fn init_tenant_token_agent_and_devices_commands() {
     let err = refused(&data, issue);
     assert!(err.contains("ca.crt") || err.contains("agent."), "{err}");
     let list = ok(&data, &["agent", "list"]);
-    assert_eq!(list.lines().count(), 1, "{list}");
-    assert!(list.starts_with(id) && list.contains("Never"), "{list}");
+    assert_eq!(
+        list,
+        format!(
+            "id\ttenant\tname\tstate\tversion\tlast seen\n{id}\tacme\t-\tnever connected\t-\t-\n"
+        )
+    );
 
     let revoked = ok(&data, &["agent", "revoke", id]);
     assert!(revoked.contains("revoked 1 certificate(s)"), "{revoked}");
+    // The list says so, and filters by tenant.
+    let list = ok(&data, &["agent", "list", "--tenant", "acme"]);
+    assert!(list.contains(&format!("{id}\tacme\t-\trevoked\t")), "{list}");
+    ok(&data, &["tenant", "add", "other"]);
+    assert_eq!(
+        ok(&data, &["agent", "list", "--tenant", "other"]).lines().count(),
+        1,
+        "the header only"
+    );
+    let err = refused(&data, &["agent", "list", "--tenant", "nope"]);
+    assert!(err.contains("--tenant \"nope\""), "{err}");
     let err = refused(&data, &["agent", "revoke", "not-an-id"]);
     assert!(err.contains("\"not-an-id\""), "{err}");
 
