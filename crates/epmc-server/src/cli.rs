@@ -874,6 +874,10 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                                 "observed_at": at,
                                 "status": s,
                             })),
+                            "unreachable": d.unreachable.as_ref().map(|u| serde_json::json!({
+                                "since": u.since,
+                                "reason": u.reason,
+                            })),
                         })
                     })
                     .collect();
@@ -885,7 +889,15 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 say!("id\tkey\tname\taddress\tpower\tsource\tA/V mute\tstate\tlast contact");
                 for d in devices {
                     let status = d.status.as_ref().map(|(_, s)| s);
-                    let cells = StatusCells::of(status);
+                    let mut cells = StatusCells::of(status);
+                    if let Some(u) = &d.unreachable {
+                        // Its status is from before: the agent cannot reach it now.
+                        cells.state = format!(
+                            "unreachable since {}: {}",
+                            fmt_ts(u.since),
+                            one_line(&u.reason)
+                        );
+                    }
                     say!(
                         "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                         d.id,

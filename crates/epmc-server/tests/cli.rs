@@ -139,10 +139,15 @@ fn init_tenant_token_agent_and_devices_commands() {
     assert!(revoked.contains("revoked 1 certificate(s)"), "{revoked}");
     // The list says so, and filters by tenant.
     let list = ok(&data, &["agent", "list", "--tenant", "acme"]);
-    assert!(list.contains(&format!("{id}\tacme\t-\trevoked\t")), "{list}");
+    assert!(
+        list.contains(&format!("{id}\tacme\t-\trevoked\t")),
+        "{list}"
+    );
     ok(&data, &["tenant", "add", "other"]);
     assert_eq!(
-        ok(&data, &["agent", "list", "--tenant", "other"]).lines().count(),
+        ok(&data, &["agent", "list", "--tenant", "other"])
+            .lines()
+            .count(),
         1,
         "the header only"
     );
@@ -305,5 +310,51 @@ async fn source_change_takes_an_input_by_the_name_the_device_lists() {
     assert!(
         String::from_utf8_lossy(&out.stdout).starts_with("order "),
         "{out:?}"
+    );
+
+    // The agent says it cannot reach the second device: `devices` says so instead of "ok".
+    let store = Store::open_data_dir(&data, StoreOptions::default())
+        .await
+        .expect("store");
+    let event = Message::Event(epmc_proto::model::DeviceEvent {
+        device_id: "X8JK0000002".try_into().expect("id"),
+        at: epmc_proto::bounded::Timestamp::now(),
+        event: epmc_proto::model::DeviceEventKind::Unreachable {
+            reason: "connection refused".try_into().expect("reason"),
+        },
+    });
+    store
+        .ingest()
+        .ingest_batch(&[IngestItem::new(
+            agent,
+            Channel::Events,
+            Envelope::new(event).to_json().expect("json"),
+        )])
+        .await
+        .expect("ingest");
+    store.close().await;
+    let table = ok(&data, &["devices"]);
+    let row = table
+        .lines()
+        .find(|l| l.contains("X8JK0000002"))
+        .expect("row");
+    assert!(
+        row.contains("\tunreachable since ") && row.contains(": connection refused\t"),
+        "{row}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&data, &["devices", "--json"])).expect("json");
+    let reasons: Vec<&serde_json::Value> = json
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|d| &d["unreachable"]["reason"])
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            &serde_json::Value::Null,
+            &serde_json::json!("connection refused")
+        ]
     );
 }

@@ -18,8 +18,8 @@ use epmc_proto::topic::{AgentId, Channel};
 use epmc_proto::{Envelope, Message};
 use epmc_server::ca::{CaFingerprint, EnrollmentToken};
 use epmc_server::store::{
-    AgentAccess, AgentState, Backend, IngestItem, IngestOutcome, OrderState, OrderTarget,
-    RejectReason, SqlitePragma, Store, StoreError, TenantId,
+    AgentAccess, AgentState, Backend, DeviceSummary, IngestItem, IngestOutcome, OrderState,
+    OrderTarget, RejectReason, SqlitePragma, Store, StoreError, TenantId,
 };
 use sqlx::Connection;
 
@@ -91,6 +91,7 @@ both!(
     ingest_outlives_the_runtime_that_first_committed,
     latest_status_pages_leave_room_for_updates_in_place,
     snapshots_rewrite_an_agent_row_only_to_advance_its_last_seen,
+    device_reachability_follows_the_agents_latest_word,
 );
 
 fn t(unix: i64) -> Timestamp {
@@ -132,6 +133,19 @@ fn event(device: &str, at: i64) -> Message {
         at: t(at),
         event: DeviceEventKind::Warning {
             warning: Warning::AirFilter,
+        },
+    })
+}
+
+fn reach(device: &str, at: i64, unreachable: Option<&str>) -> Message {
+    Message::Event(DeviceEvent {
+        device_id: device.try_into().expect("device id"),
+        at: t(at),
+        event: match unreachable {
+            Some(reason) => DeviceEventKind::Unreachable {
+                reason: reason.try_into().expect("reason"),
+            },
+            None => DeviceEventKind::Reachable,
         },
     })
 }
@@ -2514,4 +2528,82 @@ async fn snapshots_rewrite_an_agent_row_only_to_advance_its_last_seen(db: Db) {
     );
     let last = seen().await.expect("last seen");
     assert!(last >= now().unix() - 60 && last <= now().unix(), "{last}");
+}
+
+/// A device is unreachable while the agent's latest word on it (by the time it happened, not
+/// of arrival) is `unreachable` and no status was observed after that; an address row merged
+/// into its serial's row brings its newer word along.
+async fn device_reachability_follows_the_agents_latest_word(db: Db) {
+    let s = &db.store;
+    let (tenant, agent) = tenant_with_agent(s, "acme").await;
+    let base = 1_800_000_000;
+    let apply = |messages: Vec<Message>| async move {
+        let items: Vec<IngestItem> = messages
+            .into_iter()
+            .map(|m| {
+                let channel = match m {
+                    Message::Event(_) => Channel::Events,
+                    _ => Channel::Telemetry,
+                };
+                item(agent, channel, json(m))
+            })
+            .collect();
+        let out = s.ingest().ingest_batch(&items).await.expect("batch");
+        assert!(out.iter().all(|o| *o == IngestOutcome::Stored), "{out:?}");
+        s.tenant(tenant).devices().await.expect("devices")
+    };
+    let unreachable = |devices: &[DeviceSummary], key: &str| {
+        devices
+            .iter()
+            .find(|d| d.key == key)
+            .expect("device")
+            .unreachable
+            .clone()
+            .map(|u| (u.since.unix() - base, u.reason))
+    };
+    let d = apply(vec![snapshot("X5", base, PowerState::On)]).await;
+    assert_eq!(unreachable(&d, "X5"), None);
+    let d = apply(vec![reach("X5", base + 100, Some("connection refused"))]).await;
+    assert_eq!(
+        unreachable(&d, "X5"),
+        Some((100, "connection refused".to_owned()))
+    );
+    // Older words, arriving late: a reachable and a status from before it changed nothing.
+    let d = apply(vec![
+        reach("X5", base + 50, None),
+        snapshot("X5", base + 90, PowerState::On),
+    ])
+    .await;
+    assert_eq!(
+        unreachable(&d, "X5"),
+        Some((100, "connection refused".to_owned()))
+    );
+    // A status observed after it: it answers again.
+    let d = apply(vec![snapshot("X5", base + 150, PowerState::On)]).await;
+    assert_eq!(unreachable(&d, "X5"), None);
+    let d = apply(vec![reach("X5", base + 200, Some("timed out"))]).await;
+    assert_eq!(unreachable(&d, "X5"), Some((200, "timed out".to_owned())));
+    let d = apply(vec![reach("X5", base + 300, None)]).await;
+    assert_eq!(unreachable(&d, "X5"), None);
+
+    // The serial's row and an address row, merged by a collection: the address row's newer
+    // unreachable comes along.
+    apply(vec![
+        snapshot("X6", base + 10, PowerState::On),
+        reach("ip:10.0.0.9", base + 400, Some("no route to host")),
+    ])
+    .await;
+    let d = apply(vec![collection(
+        "X6",
+        base + 20,
+        Some("X6"),
+        Some("10.0.0.9"),
+        History::default(),
+    )])
+    .await;
+    assert!(d.iter().all(|x| x.key != "ip:10.0.0.9"), "merged");
+    assert_eq!(
+        unreachable(&d, "X6"),
+        Some((400, "no route to host".to_owned()))
+    );
 }

@@ -6,7 +6,9 @@ use epmc_proto::topic::AgentId;
 use sqlx::{AnyConnection, Row};
 
 use super::types::{agent_id, tenant_id, ts};
-use super::{DeviceDetails, DeviceSummary, EventRecord, HistoryRecord, StoreError, TenantId};
+use super::{
+    DeviceDetails, DeviceSummary, EventRecord, HistoryRecord, StoreError, TenantId, Unreachable,
+};
 
 /// A device's last contact, for `devices d LEFT JOIN device_status s`: the later of
 /// `devices.last_contact` and its latest status's time. The ingest of status snapshots writes
@@ -175,6 +177,26 @@ async fn merge_into_serial(
     Ok(id)
 }
 
+/// Records what an agent said about reaching device `id` at `at` (`unreachable`: why not;
+/// `None`: it answers), unless it already said something later.
+pub(super) async fn record_reach(
+    conn: &mut AnyConnection,
+    id: i64,
+    at: i64,
+    unreachable: Option<&str>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE devices SET reach_at = $2, unreachable_reason = $3 \
+         WHERE id = $1 AND COALESCE(reach_at, -1) <= $2",
+    )
+    .bind(id)
+    .bind(at)
+    .bind(unreachable)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// Moves everything of device row `from` to row `into` and deletes `from`.
 async fn merge_rows(conn: &mut AnyConnection, from: i64, into: i64) -> Result<(), StoreError> {
     for sql in [
@@ -199,6 +221,11 @@ async fn merge_rows(conn: &mut AnyConnection, from: i64, into: i64) -> Result<()
             first_seen = CASE WHEN first_seen > (SELECT d.first_seen FROM devices d WHERE d.id = $1) \
                 THEN (SELECT d.first_seen FROM devices d WHERE d.id = $1) ELSE first_seen END \
          WHERE id = $2",
+        // The newer word on reachability wins.
+        "UPDATE devices SET \
+            reach_at = (SELECT d.reach_at FROM devices d WHERE d.id = $1), \
+            unreachable_reason = (SELECT d.unreachable_reason FROM devices d WHERE d.id = $1) \
+         WHERE id = $2 AND (SELECT d.reach_at FROM devices d WHERE d.id = $1) > COALESCE(reach_at, -1)",
     ] {
         sqlx::query(sql)
             .bind(from)
@@ -258,7 +285,7 @@ const SUMMARY_SELECT: &str = concat!(
     "SELECT d.id, d.serial, d.ip_key, d.tenant_id, d.agent_id, d.name, \
     d.address, d.first_seen, ",
     last_contact!(),
-    ", s.observed_at, s.status \
+    ", s.observed_at, s.status, d.reach_at, d.unreachable_reason \
     FROM devices d LEFT JOIN device_status s ON s.device_id = d.id"
 );
 
@@ -320,6 +347,24 @@ fn summary(r: &sqlx::any::AnyRow) -> Result<DeviceSummary, StoreError> {
         )),
         _ => None,
     };
+    // Unreachable when the latest reachability event said so and no status was observed
+    // after it.
+    let unreachable = match (
+        r.try_get::<Option<i64>, _>(11)?,
+        r.try_get::<Option<String>, _>(12)?,
+    ) {
+        (Some(at), Some(reason))
+            if status
+                .as_ref()
+                .is_none_or(|(observed, _)| observed.unix() <= at) =>
+        {
+            Some(Unreachable {
+                since: ts(at)?,
+                reason,
+            })
+        }
+        _ => None,
+    };
     Ok(DeviceSummary {
         id: r.try_get(0)?,
         key,
@@ -331,6 +376,7 @@ fn summary(r: &sqlx::any::AnyRow) -> Result<DeviceSummary, StoreError> {
         first_seen: ts(r.try_get(7)?)?,
         last_contact: ts(r.try_get(8)?)?,
         status,
+        unreachable,
     })
 }
 

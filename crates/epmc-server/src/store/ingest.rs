@@ -1182,6 +1182,13 @@ async fn event(
     .bind(json(&e.event)?)
     .execute(&mut *conn)
     .await?;
+    match &e.event {
+        DeviceEventKind::Reachable => devices::record_reach(conn, id, at, None).await?,
+        DeviceEventKind::Unreachable { reason } => {
+            devices::record_reach(conn, id, at, Some(reason.as_str())).await?;
+        }
+        _ => {}
+    }
     if let DeviceEventKind::StatusChange {
         power,
         warnings,

@@ -52,10 +52,16 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../../migrations/sqlite/0006_prune_exception_logs.sql"),
         postgres: include_str!("../../migrations/postgres/0006_prune_exception_logs.sql"),
     },
+    Migration {
+        version: 7,
+        description: "device reachability from the agents' events",
+        sqlite: include_str!("../../migrations/sqlite/0007_device_reachability.sql"),
+        postgres: include_str!("../../migrations/postgres/0007_device_reachability.sql"),
+    },
 ];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS epmc_schema_version (
     version BIGINT PRIMARY KEY,

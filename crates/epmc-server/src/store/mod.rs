@@ -56,7 +56,7 @@ pub use tenant::TenantHandle;
 pub use types::{
     AgentAccess, AgentRecord, AgentState, DeviceDetails, DeviceSummary, EventRecord,
     ExceptionRecord, HistoryRecord, OrderRecord, OrderState, OrderTarget, PruneReport,
-    RejectedMessage, SecurityEvent, Tenant, TenantId,
+    RejectedMessage, SecurityEvent, Tenant, TenantId, Unreachable,
 };
 
 /// Which database a [`Store`] runs on.

@@ -136,6 +136,18 @@ pub struct DeviceSummary {
     pub last_contact: Timestamp,
     /// Latest status and when it was observed.
     pub status: Option<(Timestamp, DeviceStatus)>,
+    /// Set while its agent cannot reach it: the agent's latest word on it was `unreachable`
+    /// and no status was observed after that.
+    pub unreachable: Option<Unreachable>,
+}
+
+/// A device its agent cannot reach, as the agent said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unreachable {
+    /// When the agent found it unreachable.
+    pub since: Timestamp,
+    /// Why, as the agent saw it (e.g. "connection refused").
+    pub reason: String,
 }
 
 /// Everything stored about one device: what [`DeviceSummary`] has plus the latest
