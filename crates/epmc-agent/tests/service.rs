@@ -480,14 +480,16 @@ async fn an_unanswering_projector_is_retried_with_back_off_not_in_a_loop() {
     let agent_dir = env.issue("backoff-agent").await;
     let config = env.config(&agent_dir, "bidirectional", &[(addr, "Broken", "poll")]);
     let service = Service::start(config, options(&agent_dir)).await.unwrap();
-    // Reported unreachable under its address id.
-    eventually("unreachable event", async || {
+    // Reported unreachable under its address id, and the server lists it so.
+    let device = eventually("unreachable event", async || {
         env.devices()
             .await
             .into_iter()
             .find(|d| d.key == format!("ip:{}", addr.ip()))
     })
     .await;
+    let why = device.unreachable.expect("listed as unreachable").reason;
+    assert!(why.contains("dropped") || why.contains("closed"), "{why}");
     tokio::time::sleep(Duration::from_secs(4)).await;
     // Status interval 0.7 s, doubling per failure: 0.7 + 1.4 + 2.8 s, so about four
     // attempts in four seconds (without back-off it would be hundreds).
