@@ -890,17 +890,7 @@ pub fn write_status(
             Reach::Failed(why) => problems.push(why.clone()),
         }
         if let Some(st) = st {
-            if let Some(code) = st.error_code
-                && code.get() != 0
-            {
-                problems.push(format!("error {:02X}", code.get()));
-            }
-            for w in st.warnings.iter().flat_map(|w| w.as_slice()) {
-                problems.push(wire_name(w));
-            }
-            for a in st.alarms.iter().flat_map(|a| a.as_slice()) {
-                problems.push(format!("ALARM {}", wire_name(a)));
-            }
+            problems.extend(st.problems());
         }
         let state = if problems.is_empty() {
             "ok".to_owned()

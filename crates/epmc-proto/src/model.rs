@@ -305,6 +305,26 @@ pub struct DeviceStatus {
     pub alarms: Option<BoundedVec<Alarm, 16>>,
 }
 
+impl DeviceStatus {
+    /// What is wrong with the device, in words for people: its error code unless `00`, its
+    /// warnings, its alarms (`ALARM …`), by their wire names; empty when nothing is.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(code) = self.error_code
+            && code.get() != 0
+        {
+            problems.push(format!("error {:02X}", code.get()));
+        }
+        for w in self.warnings.iter().flat_map(|w| w.as_slice()) {
+            problems.push(crate::wire_name(w));
+        }
+        for a in self.alarms.iter().flat_map(|a| a.as_slice()) {
+            problems.push(format!("ALARM {}", crate::wire_name(a)));
+        }
+        problems
+    }
+}
+
 /// A series of regular samples: `values[i]` was measured at `start + i × interval_seconds`;
 /// `null` where no sample was taken. Compact on purpose: 30 days of hourly values are 720
 /// numbers, not 720 objects.

@@ -387,18 +387,7 @@ impl StatusCells {
                 state: none(),
             };
         };
-        let mut problems = Vec::new();
-        if let Some(code) = s.error_code
-            && code.get() != 0
-        {
-            problems.push(format!("error {:02X}", code.get()));
-        }
-        for w in s.warnings.iter().flat_map(|w| w.as_slice()) {
-            problems.push(wire_name(w));
-        }
-        for a in s.alarms.iter().flat_map(|a| a.as_slice()) {
-            problems.push(format!("ALARM {}", wire_name(a)));
-        }
+        let problems = s.problems();
         StatusCells {
             power: s.power.as_ref().map_or("-".into(), wire_name),
             source: s.source.as_ref().map_or("-".into(), |src| {

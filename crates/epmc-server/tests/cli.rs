@@ -233,21 +233,31 @@ async fn source_change_takes_an_input_by_the_name_the_device_lists() {
     };
     let (with_inputs, without) = (id_of("X8JK0000001"), id_of("X8JK0000002"));
     store.close().await;
+    // `order send --device DEVICE source_change VALUE`, waiting a second for a result that
+    // cannot come (no agent runs).
+    let source_change = |device: &str, value: &str| {
+        epmc(
+            &data,
+            &[
+                "order",
+                "send",
+                "--device",
+                device,
+                "source_change",
+                value,
+                "--wait",
+                "1s",
+            ],
+        )
+    };
+    let refused_with = |device: &str, value: &str| {
+        let out = source_change(device, value);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
 
     // By name, in any case: queued with the listed code (no agent runs, so no result).
-    let out = epmc(
-        &data,
-        &[
-            "order",
-            "send",
-            "--device",
-            &with_inputs,
-            "source_change",
-            "hdmi2",
-            "--wait",
-            "1s",
-        ],
-    );
+    let out = source_change(&with_inputs, "hdmi2");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let order: uuid::Uuid = stdout
         .strip_prefix("order ")
@@ -266,47 +276,15 @@ async fn source_change_takes_an_input_by_the_name_the_device_lists() {
     assert_eq!(record.state, OrderState::Queued);
 
     // A name the device does not list: refused, with what it has.
-    let err = refused(
-        &data,
-        &[
-            "order",
-            "send",
-            "--device",
-            &with_inputs,
-            "source_change",
-            "HDMI9",
-        ],
-    );
+    let err = refused_with(&with_inputs, "HDMI9");
     assert!(
         err.contains("\"HDMI9\"") && err.contains("HDMI1 (30), HDMI2 (A0), LAN (53)"),
         "{err}"
     );
     // A device that listed no inputs: the code is needed, and it still works.
-    let err = refused(
-        &data,
-        &[
-            "order",
-            "send",
-            "--device",
-            &without,
-            "source_change",
-            "HDMI2",
-        ],
-    );
+    let err = refused_with(&without, "HDMI2");
     assert!(err.contains("has not listed its inputs"), "{err}");
-    let out = epmc(
-        &data,
-        &[
-            "order",
-            "send",
-            "--device",
-            &without,
-            "source_change",
-            "A0",
-            "--wait",
-            "1s",
-        ],
-    );
+    let out = source_change(&without, "A0");
     assert!(
         String::from_utf8_lossy(&out.stdout).starts_with("order "),
         "{out:?}"
