@@ -10,7 +10,8 @@ use crate::ca::{CertSerial, EnrollmentToken, RevokedCert};
 use crate::datadir::{self, InitOutcome};
 use crate::server::{ServeConfig, Server};
 use crate::store::{
-    AccountRole, AgentState, OrderState, OrderTarget, Store, StoreError, StoreOptions, TenantId,
+    AccountRole, AgentRecord, AgentState, OrderState, OrderTarget, Store, StoreError, StoreOptions,
+    TenantId,
 };
 use clap::{Parser, Subcommand};
 use epmc_proto::bounded::Timestamp;
@@ -837,14 +838,29 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Devices { tenant, json } => {
             let store = open_store(&cli).await?;
-            let devices = match tenant {
-                Some(name) => {
-                    let t = tenant_by_name(&store, name).await?;
-                    store.tenant(t).devices().await
-                }
+            let only = match tenant {
+                Some(name) => Some(tenant_by_name(&store, name).await?),
+                None => None,
+            };
+            let devices = match only {
+                Some(t) => store.tenant(t).devices().await,
                 None => store.admin().devices().await,
             }
             .map_err(|e| e.to_string())?;
+            // What is known of a device is only as fresh as its agent's connection.
+            let agents: std::collections::HashMap<AgentId, AgentRecord> = store
+                .admin()
+                .agents(only)
+                .await
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|a| (a.id, a))
+                .collect();
+            let agent_word = |agent: &AgentId| match agents.get(agent) {
+                Some(a) if a.revoked_at.is_some() => "revoked",
+                Some(a) => a.state.as_str(),
+                None => "unknown",
+            };
             if *json {
                 let list: Vec<serde_json::Value> = devices
                     .iter()
@@ -855,6 +871,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                             "serial": d.serial,
                             "tenant": d.tenant.to_string(),
                             "agent": d.agent.to_string(),
+                            "agent_state": agent_word(&d.agent),
                             "name": d.name,
                             "address": d.address,
                             "first_seen": d.first_seen,
@@ -879,7 +896,19 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 for d in devices {
                     let status = d.status.as_ref().map(|(_, s)| s);
                     let mut cells = StatusCells::of(status);
-                    if let Some(u) = &d.unreachable {
+                    let agent = agents.get(&d.agent);
+                    if let Some(a) = agent.filter(|a| a.revoked_at.is_some()) {
+                        cells.state = format!(
+                            "agent revoked {}",
+                            a.revoked_at.map(fmt_ts).unwrap_or_default()
+                        );
+                    } else if let Some(a) = agent.filter(|a| a.state == AgentState::Offline) {
+                        // Nothing newer can come until it reconnects.
+                        cells.state = format!(
+                            "agent offline since {}",
+                            a.last_seen.map(fmt_ts).unwrap_or("-".into())
+                        );
+                    } else if let Some(u) = &d.unreachable {
                         // Its status is from before: the agent cannot reach it now.
                         cells.state = format!(
                             "unreachable since {}: {}",

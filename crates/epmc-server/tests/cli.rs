@@ -335,4 +335,28 @@ async fn source_change_takes_an_input_by_the_name_the_device_lists() {
             &serde_json::json!("connection refused")
         ]
     );
+
+    // Its agent gone: nothing newer can come, and every row says so first.
+    let store = Store::open_data_dir(&data, StoreOptions::default())
+        .await
+        .expect("store");
+    let at = epmc_proto::bounded::Timestamp::now();
+    store
+        .ingest()
+        .set_offline(agent, at)
+        .await
+        .expect("offline");
+    store.close().await;
+    let table = ok(&data, &["devices"]);
+    assert_eq!(
+        table.matches("\tagent offline since ").count(),
+        2,
+        "{table}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&data, &["devices", "--json"])).expect("json");
+    assert_eq!(json[0]["agent_state"], "offline");
+    ok(&data, &["agent", "revoke", &agent.to_string()]);
+    let table = ok(&data, &["devices", "--tenant", "acme"]);
+    assert_eq!(table.matches("\tagent revoked ").count(), 2, "{table}");
 }
