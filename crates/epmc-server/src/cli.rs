@@ -155,6 +155,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// One device: what `devices` shows, then its information (inputs included), settings,
+    /// logs and latest events, as its agent last reported them.
+    Device {
+        /// The device (its number in `devices`).
+        id: i64,
+        /// How many of its latest events to show.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=1000))]
+        events: u32,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Orders.
     Order {
         #[command(subcommand)]
@@ -366,6 +378,132 @@ fn parse_action(action: &str, value: Option<&str>) -> Result<OrderAction, String
         _ => return Err(format!("{action:?}: not an action; one of {ACTIONS}")),
     };
     serde_json::from_value(json).map_err(|e| format!("{action} {}: {e}", value.unwrap_or("")))
+}
+
+/// `device ID`: the device's row, then each part of its details as `key  value` lines (every
+/// field its agent reported, by its wire name), then its latest events.
+async fn show_device(store: &Store, id: i64, events: u32, json: bool) -> Result<(), String> {
+    let details = store
+        .admin()
+        .device_details(id)
+        .await
+        .map_err(|e| format!("device {id}: {e}"))?;
+    let d = &details.summary;
+    let recent = store
+        .tenant(d.tenant)
+        .events(id, events)
+        .await
+        .map_err(|e| e.to_string())?;
+    let agent = store
+        .admin()
+        .agents(Some(d.tenant))
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|a| a.id == d.agent);
+    let agent_state = match &agent {
+        Some(a) if a.revoked_at.is_some() => "revoked",
+        Some(a) => a.state.as_str(),
+        None => "unknown",
+    };
+    if json {
+        let doc = serde_json::json!({
+            "id": d.id,
+            "key": d.key,
+            "serial": d.serial,
+            "tenant": d.tenant.to_string(),
+            "agent": d.agent.to_string(),
+            "agent_state": agent_state,
+            "name": d.name,
+            "address": d.address,
+            "group": details.group_name,
+            "comment": details.comment,
+            "first_seen": d.first_seen,
+            "last_contact": d.last_contact,
+            "status": d.status.as_ref().map(|(at, s)| serde_json::json!({
+                "observed_at": at,
+                "status": s,
+            })),
+            "unreachable": d.unreachable.as_ref().map(|u| serde_json::json!({
+                "since": u.since,
+                "reason": u.reason,
+            })),
+            "info": value(&details.info),
+            "settings": value(&details.settings),
+            "logs": value(&details.logs),
+            "events": recent.iter().map(|e| serde_json::json!({
+                "at": e.at,
+                "event": e.event,
+            })).collect::<Vec<_>>(),
+        });
+        say!(
+            "{}",
+            serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    let opt = |v: Option<&str>| v.map_or("-".into(), one_line);
+    say!("device {}  {}  {}", d.id, d.key, opt(d.name.as_deref()));
+    let mut rows: Vec<(&str, String)> = vec![
+        ("agent", format!("{} ({agent_state})", d.agent)),
+        ("address", opt(d.address.as_deref())),
+        ("group", opt(details.group_name.as_deref())),
+        ("comment", opt(details.comment.as_deref())),
+        ("first seen", fmt_ts(d.first_seen)),
+        ("last contact", fmt_ts(d.last_contact)),
+    ];
+    if let Some(u) = &d.unreachable {
+        rows.push((
+            "unreachable",
+            format!("since {}: {}", fmt_ts(u.since), one_line(&u.reason)),
+        ));
+    }
+    for (k, v) in rows {
+        say!("  {k:<34} {v}");
+    }
+    let parts: [(String, serde_json::Value); 4] = [
+        (
+            match &d.status {
+                Some((at, _)) => format!("status (observed {})", fmt_ts(*at)),
+                None => "status".into(),
+            },
+            value(&d.status.as_ref().map(|(_, s)| s)),
+        ),
+        ("information".into(), value(&details.info)),
+        ("settings".into(), value(&details.settings)),
+        ("logs".into(), value(&details.logs)),
+    ];
+    for (title, part) in parts {
+        say!("{title}");
+        match part {
+            serde_json::Value::Object(fields) if !fields.is_empty() => {
+                for (k, v) in fields {
+                    say!("  {k:<34} {}", cell(&v));
+                }
+            }
+            _ => say!("  (not reported)"),
+        }
+    }
+    say!("events (latest {})", recent.len());
+    for e in &recent {
+        let event = serde_json::to_value(&e.event).unwrap_or_default();
+        say!("  {}  {}", fmt_ts(e.at), cell(&event));
+    }
+    Ok(())
+}
+
+/// A JSON value on one line for a table: a string as itself, anything else as compact JSON;
+/// control characters escaped either way.
+fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => one_line(s),
+        other => one_line(&other.to_string()),
+    }
+}
+
+/// A value as JSON (`null` if it cannot be: none of the store's types).
+fn value<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_default()
 }
 
 /// A device's latest status as the `devices` table shows it: the wire's names (as in
@@ -932,6 +1070,12 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             }
             store.close().await;
             Ok(())
+        }
+        Command::Device { id, events, json } => {
+            let store = open_store(&cli).await?;
+            let shown = show_device(&store, *id, *events, *json).await;
+            store.close().await;
+            shown
         }
         Command::SecurityEvents { limit, json } => {
             let store = open_store(&cli).await?;

@@ -359,4 +359,38 @@ async fn source_change_takes_an_input_by_the_name_the_device_lists() {
     ok(&data, &["agent", "revoke", &agent.to_string()]);
     let table = ok(&data, &["devices", "--tenant", "acme"]);
     assert_eq!(table.matches("\tagent revoked ").count(), 2, "{table}");
+
+    // One device in full: every part its agent reported, by wire name.
+    let shown = ok(&data, &["device", &with_inputs]);
+    assert!(
+        shown.starts_with(&format!("device {with_inputs}  X8JK0000001  ")),
+        "{shown}"
+    );
+    for line in [
+        &format!("  agent {:<28} {agent} (revoked)\n", ""),
+        "\ninformation\n",
+        "  model                              EB-PU2220B\n",
+        "  lens_type                          ELPLM15\n",
+        "\nsettings\n",
+        "\nlogs\n",
+        "  error_count                        3\n",
+        "\nevents (latest 0)\n",
+    ] {
+        assert!(shown.contains(line), "{line:?} missing from\n{shown}");
+    }
+    assert!(shown.contains("\"HDMI2\""), "the inputs: {shown}");
+    let shown = ok(&data, &["device", &without]);
+    assert!(
+        shown.contains("\ninformation\n  (not reported)\n")
+            && shown.contains("unreachable ")
+            && !shown.contains("Unreachable"),
+        "{shown}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&data, &["device", &with_inputs, "--json"])).expect("json");
+    assert_eq!(json["info"]["model"], "EB-PU2220B");
+    assert_eq!(json["info"]["sources"][1]["name"], "HDMI2");
+    assert_eq!(json["agent_state"], "revoked");
+    let err = refused(&data, &["device", "999"]);
+    assert!(err.contains("device 999"), "{err}");
 }
