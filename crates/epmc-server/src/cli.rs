@@ -10,8 +10,8 @@ use crate::ca::{CertSerial, EnrollmentToken, RevokedCert};
 use crate::datadir::{self, InitOutcome};
 use crate::server::{ServeConfig, Server};
 use crate::store::{
-    AccountRole, AgentRecord, AgentState, OrderState, OrderTarget, Store, StoreError, StoreOptions,
-    TenantId,
+    AccountRole, AgentRecord, AgentState, DeviceSummary, OrderState, OrderTarget, Store,
+    StoreError, StoreOptions, TenantId,
 };
 use clap::{Parser, Subcommand};
 use epmc_proto::bounded::Timestamp;
@@ -401,41 +401,25 @@ async fn show_device(store: &Store, id: i64, events: u32, json: bool) -> Result<
         .map_err(|e| e.to_string())?
         .into_iter()
         .find(|a| a.id == d.agent);
-    let agent_state = match &agent {
-        Some(a) if a.revoked_at.is_some() => "revoked",
-        Some(a) => a.state.as_str(),
-        None => "unknown",
-    };
+    let agent_state = agent_word(agent.as_ref());
     if json {
-        let doc = serde_json::json!({
-            "id": d.id,
-            "key": d.key,
-            "serial": d.serial,
-            "tenant": d.tenant.to_string(),
-            "agent": d.agent.to_string(),
-            "agent_state": agent_state,
-            "name": d.name,
-            "address": d.address,
-            "group": details.group_name,
-            "comment": details.comment,
-            "first_seen": d.first_seen,
-            "last_contact": d.last_contact,
-            "status": d.status.as_ref().map(|(at, s)| serde_json::json!({
-                "observed_at": at,
-                "status": s,
-            })),
-            "unreachable": d.unreachable.as_ref().map(|u| serde_json::json!({
-                "since": u.since,
-                "reason": u.reason,
-            })),
-            "info": value(&details.info),
-            "settings": value(&details.settings),
-            "logs": value(&details.logs),
-            "events": recent.iter().map(|e| serde_json::json!({
-                "at": e.at,
-                "event": e.event,
-            })).collect::<Vec<_>>(),
-        });
+        let mut doc = device_json(d, agent_state);
+        if let Some(fields) = doc.as_object_mut() {
+            fields.extend([
+                ("group".to_owned(), value(&details.group_name)),
+                ("comment".to_owned(), value(&details.comment)),
+                ("info".to_owned(), value(&details.info)),
+                ("settings".to_owned(), value(&details.settings)),
+                ("logs".to_owned(), value(&details.logs)),
+                (
+                    "events".to_owned(),
+                    recent
+                        .iter()
+                        .map(|e| serde_json::json!({ "at": e.at, "event": e.event }))
+                        .collect(),
+                ),
+            ]);
+        }
         say!(
             "{}",
             serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?
@@ -490,6 +474,39 @@ async fn show_device(store: &Store, id: i64, events: u32, json: bool) -> Result<
         say!("  {}  {}", fmt_ts(e.at), cell(&event));
     }
     Ok(())
+}
+
+/// How a device's agent stands: `online`, `offline`, `never`, `revoked` (`unknown` if absent).
+fn agent_word(agent: Option<&AgentRecord>) -> &'static str {
+    match agent {
+        Some(a) if a.revoked_at.is_some() => "revoked",
+        Some(a) => a.state.as_str(),
+        None => "unknown",
+    }
+}
+
+/// A device as `devices --json` lists it (and `device --json` begins it).
+fn device_json(d: &DeviceSummary, agent_state: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": d.id,
+        "key": d.key,
+        "serial": d.serial,
+        "tenant": d.tenant.to_string(),
+        "agent": d.agent.to_string(),
+        "agent_state": agent_state,
+        "name": d.name,
+        "address": d.address,
+        "first_seen": d.first_seen,
+        "last_contact": d.last_contact,
+        "status": d.status.as_ref().map(|(at, s)| serde_json::json!({
+            "observed_at": at,
+            "status": s,
+        })),
+        "unreachable": d.unreachable.as_ref().map(|u| serde_json::json!({
+            "since": u.since,
+            "reason": u.reason,
+        })),
+    })
 }
 
 /// A JSON value on one line for a table: a string as itself, anything else as compact JSON;
@@ -994,36 +1011,10 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 .into_iter()
                 .map(|a| (a.id, a))
                 .collect();
-            let agent_word = |agent: &AgentId| match agents.get(agent) {
-                Some(a) if a.revoked_at.is_some() => "revoked",
-                Some(a) => a.state.as_str(),
-                None => "unknown",
-            };
             if *json {
                 let list: Vec<serde_json::Value> = devices
                     .iter()
-                    .map(|d| {
-                        serde_json::json!({
-                            "id": d.id,
-                            "key": d.key,
-                            "serial": d.serial,
-                            "tenant": d.tenant.to_string(),
-                            "agent": d.agent.to_string(),
-                            "agent_state": agent_word(&d.agent),
-                            "name": d.name,
-                            "address": d.address,
-                            "first_seen": d.first_seen,
-                            "last_contact": d.last_contact,
-                            "status": d.status.as_ref().map(|(at, s)| serde_json::json!({
-                                "observed_at": at,
-                                "status": s,
-                            })),
-                            "unreachable": d.unreachable.as_ref().map(|u| serde_json::json!({
-                                "since": u.since,
-                                "reason": u.reason,
-                            })),
-                        })
-                    })
+                    .map(|d| device_json(d, agent_word(agents.get(&d.agent))))
                     .collect();
                 say!(
                     "{}",
