@@ -447,22 +447,13 @@ fn write_human(out: &mut impl Write, c: &Collected) -> std::io::Result<()> {
                 .zip(st.power_code)
                 .map(|(p, c)| format!("{} ({:02X})", wire_name(&p), c.get()))),
         ),
-        (
-            "source",
-            opt(st.source.as_ref().map(|s| match &s.name {
-                Some(n) => format!("{n} ({:02X})", s.code.get()),
-                None => format!("{:02X}", s.code.get()),
-            })),
-        ),
+        ("source", opt(st.source.as_ref().map(ToString::to_string))),
         (
             "inputs",
             opt(col.info.sources.as_ref().map(|list| {
                 list.as_slice()
                     .iter()
-                    .map(|s| match &s.name {
-                        Some(n) => format!("{n} ({:02X})", s.code.get()),
-                        None => format!("{:02X}", s.code.get()),
-                    })
+                    .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join(", ")
             })),

@@ -199,6 +199,16 @@ pub struct SourceRef {
     pub name: Option<Name>,
 }
 
+/// For people: `HDMI1 (30)`, or `30` without a name.
+impl std::fmt::Display for SourceRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.name {
+            Some(n) => write!(f, "{n} ({:02X})", self.code.get()),
+            None => write!(f, "{:02X}", self.code.get()),
+        }
+    }
+}
+
 /// Input signal state (`SIGNAL?`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]

@@ -599,13 +599,7 @@ async fn source_change_by_name(
              collection with SOURCELIST?); give the SOURCE code, two hex digits"
         ));
     }
-    let inputs: Vec<String> = listed
-        .iter()
-        .map(|s| match &s.name {
-            Some(n) => format!("{} ({:02X})", one_line(n.as_str()), s.code.get()),
-            None => format!("{:02X}", s.code.get()),
-        })
-        .collect();
+    let inputs: Vec<String> = listed.iter().map(|s| one_line(&s.to_string())).collect();
     Err(format!(
         "source_change {name:?}: not an input of device {device}; it has {}",
         inputs.join(", ")
@@ -903,10 +897,9 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                             .iter()
                             .find(|t| t.id == a.tenant)
                             .map_or_else(|| a.tenant.to_string(), |t| one_line(&t.name));
-                        let state = match (a.revoked_at, a.state) {
-                            (Some(_), _) => "revoked",
-                            (None, AgentState::Never) => "never connected",
-                            (None, state) => state.as_str(),
+                        let state = match agent_word(Some(&a)) {
+                            "never" => "never connected",
+                            word => word,
                         };
                         say!(
                             "{}\t{}\t{}\t{}\t{}\t{}",
