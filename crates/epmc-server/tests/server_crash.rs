@@ -4,10 +4,14 @@
 //! it committed was acknowledged before its connection closed (its last commits finish and
 //! are answered). On SQLite in the data directory, and on PostgreSQL when
 //! `EPMC_TEST_POSTGRES_URL` is set (with `CI=true` it must be: `scripts/test` starts one).
+//! And on a full disk (SQLite on a small file system the test fills): nothing is acknowledged
+//! that was not stored, nothing is kept as rejected, and everything is stored once space is
+//! back, with the server running throughout.
 
 mod pg;
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Lines};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -46,33 +50,42 @@ enum Stop {
 /// A running `epmc-server serve`; its standard output stays open (it prints on stop).
 struct ServerProcess {
     child: Child,
+    /// The server's process id: the child's, unless a wrapper runs the server.
+    pid: u32,
     stdout: Lines<BufReader<ChildStdout>>,
+}
+
+/// The arguments of `epmc-server … serve` on loopback, for `data` (and `database`).
+fn serve_args(data: &Path, database: Option<&str>, mqtt: SocketAddr) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["--data".into(), data.into()];
+    if let Some(url) = database {
+        args.extend(["--database".into(), url.into()]);
+    }
+    let mqtt = mqtt.to_string();
+    args.extend(["serve", "--mqtt", &mqtt, "--https", "127.0.0.1:0"].map(OsString::from));
+    args
 }
 
 /// Starts `epmc-server serve` and waits for its "listening" line.
 fn spawn_server(data: &Path, database: Option<&str>, mqtt: SocketAddr) -> ServerProcess {
     let mut command = Command::new(env!("CARGO_BIN_EXE_epmc-server"));
-    command.arg("--data").arg(data);
-    if let Some(url) = database {
-        command.arg("--database").arg(url);
-    }
+    command.args(serve_args(data, database, mqtt));
+    start(command, Stdio::inherit())
+}
+
+/// Runs `command`, which must end in `epmc-server serve`, and waits for its "listening" line.
+fn start(mut command: Command, stderr: Stdio) -> ServerProcess {
     let mut child = command
-        .args([
-            "serve",
-            "--mqtt",
-            &mqtt.to_string(),
-            "--https",
-            "127.0.0.1:0",
-        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("the epmc-server binary starts");
     let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
     let line = stdout.next().expect("a first line").unwrap();
     assert!(line.starts_with("listening"), "server said {line:?}");
-    ServerProcess { child, stdout }
+    let pid = child.id();
+    ServerProcess { child, pid, stdout }
 }
 
 impl ServerProcess {
@@ -86,7 +99,7 @@ impl ServerProcess {
         }
         let sent = Command::new("kill")
             .arg("-TERM")
-            .arg(self.child.id().to_string())
+            .arg(self.pid.to_string())
             .status()
             .unwrap();
         assert!(sent.success());
@@ -149,6 +162,36 @@ async fn open_store(data: &Path, database: Option<&str>) -> Store {
             .await
             .unwrap(),
     }
+}
+
+/// The device's events are messages `0..total`, each exactly once (`acked` says how often
+/// each was acknowledged, for the failure message).
+async fn assert_each_stored_once(
+    store: &Store,
+    tenant: epmc_server::store::TenantId,
+    total: u64,
+    acked: &BTreeMap<u64, u32>,
+) {
+    let devices = store.admin().devices().await.unwrap();
+    assert_eq!(devices.len(), 1);
+    let stored = store
+        .tenant(tenant)
+        .events(devices[0].id, 100_000)
+        .await
+        .unwrap();
+    let mut count: BTreeMap<i64, u32> = BTreeMap::new();
+    for e in &stored {
+        *count.entry(e.at.unix() - BASE).or_default() += 1;
+    }
+    for n in 0..total {
+        assert_eq!(
+            count.get(&(n as i64)).copied(),
+            Some(1),
+            "message {n} (acknowledged {:?} times) must be stored once",
+            acked.get(&n)
+        );
+    }
+    assert_eq!(stored.len(), total as usize, "nothing else stored");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,25 +354,276 @@ async fn crash_run(database: Option<&str>, stop: Stop) {
 
     // Every acknowledged message is stored exactly once.
     let store = open_store(&data, database).await;
-    let devices = store.admin().devices().await.unwrap();
-    assert_eq!(devices.len(), 1);
-    let stored = store
-        .tenant(tenant)
-        .events(devices[0].id, 100_000)
+    assert_each_stored_once(&store, tenant, TOTAL, &acked).await;
+    store.close().await;
+}
+
+/// An agent's connection as its outbox uses it: (re)connected when needed.
+struct Publisher {
+    options: MqttOptions,
+    tls: TlsIdentity,
+    client: Option<MqttClient>,
+    topic: String,
+    /// Windows that ended with a lost connection or a missing PUBACK.
+    failures: u32,
+}
+
+impl Publisher {
+    /// Publishes `payloads[n]` for each `n` below `upto` not in `acked`, oldest first,
+    /// [`WINDOW`] at a time, reconnecting after a failure, until `done(acked, failures)`
+    /// holds; panics after `limit` or when nothing is left to send and `done` still does not
+    /// hold.
+    async fn publish_until(
+        &mut self,
+        payloads: &[bytes::Bytes],
+        upto: u64,
+        acked: &mut BTreeMap<u64, u32>,
+        mut done: impl FnMut(&BTreeMap<u64, u32>, u32) -> bool,
+        limit: Duration,
+        what: &str,
+    ) {
+        let deadline = Instant::now() + limit;
+        while !done(acked, self.failures) {
+            assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+            let client = match &mut self.client {
+                Some(c) => c,
+                None => match MqttClient::connect(&self.options, &self.tls).await {
+                    Ok((c, _, _orders)) => self.client.insert(c),
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let todo: Vec<u64> = (0..upto)
+                .filter(|n| !acked.contains_key(n))
+                .take(WINDOW)
+                .collect();
+            assert!(!todo.is_empty(), "{what}: every message is acknowledged");
+            let mut pending = Vec::new();
+            let mut failed = false;
+            for n in todo {
+                let payload = payloads[n as usize].clone();
+                match client
+                    .send_publish(&self.topic, payload, QoS::AtLeastOnce, false)
+                    .await
+                {
+                    Ok(p) => pending.push((n, p)),
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            for (n, p) in pending {
+                match tokio::time::timeout(Duration::from_secs(15), p.acked()).await {
+                    Ok(Ok(())) => *acked.entry(n).or_default() += 1,
+                    _ => failed = true,
+                }
+            }
+            if failed {
+                self.client = None;
+                self.failures += 1;
+            }
+        }
+    }
+}
+
+/// SQLite on a full disk. The database lives on a small file system (a tmpfs in a mount
+/// namespace of the server's own, made with `unshare`), which the test fills while an agent
+/// publishes, so that commits fail with SQLITE_FULL. The server must acknowledge nothing it
+/// could not store, keep none of it as rejected (the disk is at fault, not the data), stay
+/// up, and store everything once the space is back: each message exactly once.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_acknowledges_nothing_unstored_and_resumes_when_space_returns() {
+    const FIRST: u64 = 50;
+    const ALL: u64 = 3_000;
+    let probe = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "true"])
+        .status();
+    assert!(
+        matches!(probe, Ok(s) if s.success()),
+        "this test mounts a small file system of its own: it needs unshare(1) (util-linux) \
+         and user namespaces: {probe:?}"
+    );
+    epmc_server::ca::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    datadir::init(&data, &[]).unwrap();
+    let pki = datadir::load(&data).unwrap();
+    let store = open_store(&data, None).await;
+    let tenant = store.admin().add_tenant("acme").await.unwrap();
+    let agent: AgentId = store.admin().create_agent(tenant, "full").await.unwrap();
+    let bundle = pki
+        .ca
+        .issue_agent_with_key(agent.uuid(), OffsetDateTime::now_utc())
+        .unwrap();
+    store.close().await;
+    let database = data.join(datadir::DATABASE);
+    assert!(
+        !Path::new(&format!("{}-wal", database.display())).exists(),
+        "the closed database has no WAL left to copy"
+    );
+
+    // The server, in a mount namespace of its own, on a copy of the database on an 8 MiB
+    // tmpfs mounted over `small`. A shell stays in the namespace to copy the database out
+    // once the server has stopped (the tmpfs ends with the namespace; SQLite resolves the
+    // `/proc/PID/root` link, so it cannot open the file there from outside).
+    let small = dir.path().join("small");
+    let out = dir.path().join("out");
+    std::fs::create_dir(&small).unwrap();
+    std::fs::create_dir(&out).unwrap();
+    let url = format!("sqlite://{}", small.join("epmc.db").display());
+    let mqtt = free_port();
+    let mut command = Command::new("unshare");
+    command
+        .args([
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            r#"set -e
+mount -t tmpfs -o size=8m epmc-full "$1"
+cp "$2" "$1/epmc.db"
+small=$1 out=$3
+shift 3
+"$@" &
+echo $! > "$out/pid.new"
+mv "$out/pid.new" "$out/pid"
+set +e
+wait $!
+status=$?
+cp "$small"/epmc.db* "$out/"
+exit $status"#,
+            "sh",
+        ])
+        .arg(&small)
+        .arg(&database)
+        .arg(&out)
+        .arg(env!("CARGO_BIN_EXE_epmc-server"))
+        .args(serve_args(&data, Some(&url), mqtt));
+    let mut server = start(command, Stdio::piped());
+    server.pid = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(pid) = std::fs::read_to_string(out.join("pid")) {
+                break pid.trim().parse().unwrap();
+            }
+            assert!(Instant::now() < deadline, "the wrapper wrote no pid");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stderr = server.child.stderr.take().unwrap();
+    let lines = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("server: {line}");
+            lines.lock().unwrap().push(line);
+        }
+    });
+    // The server's view of `small`, from outside its namespace.
+    let there = Path::new("/proc")
+        .join(server.pid.to_string())
+        .join("root")
+        .join(small.strip_prefix("/").unwrap());
+    let full_logged = || {
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("commit failed") && l.contains("full"))
+    };
+
+    let mut options = MqttOptions::new(mqtt, "localhost", &agent.to_string());
+    options.keep_alive = Duration::from_secs(5);
+    let mut publisher = Publisher {
+        options,
+        tls: TlsIdentity::from_pem(
+            bundle.ca_pem.as_bytes(),
+            bundle.certificate.pem.as_bytes(),
+            bundle.key_pem.as_bytes(),
+        )
+        .unwrap(),
+        client: None,
+        topic: topic::topic(&agent, Channel::Events),
+        failures: 0,
+    };
+    let payloads: Vec<bytes::Bytes> = (0..ALL).map(event).collect();
+    let mut acked: BTreeMap<u64, u32> = BTreeMap::new();
+    let bound = Duration::from_secs(60);
+
+    // With space: the first messages are stored.
+    publisher
+        .publish_until(
+            &payloads,
+            FIRST,
+            &mut acked,
+            |a, _| a.len() == FIRST as usize,
+            bound,
+            "publishing with space",
+        )
+        .await;
+
+    // The disk fills up (by another file, as a log or a backup would fill it).
+    let mut filler = std::fs::File::create(there.join("filler")).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    let error = loop {
+        if let Err(e) = std::io::Write::write_all(&mut filler, &chunk) {
+            break e;
+        }
+    };
+    assert_eq!(error.raw_os_error(), Some(28), "ENOSPC: {error}");
+    let before = publisher.failures;
+    publisher
+        .publish_until(
+            &payloads,
+            ALL,
+            &mut acked,
+            |_, failures| failures > before && full_logged(),
+            bound,
+            "a commit failing for want of space",
+        )
+        .await;
+    let acked_while_full = acked.len() as u64 - FIRST;
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the server is still running on a full disk"
+    );
+
+    // Space is back: every message is stored, those refused included.
+    drop(filler);
+    std::fs::remove_file(there.join("filler")).unwrap();
+    publisher
+        .publish_until(
+            &payloads,
+            ALL,
+            &mut acked,
+            |a, _| a.len() == ALL as usize,
+            bound,
+            "publishing once space is back",
+        )
+        .await;
+    eprintln!(
+        "full disk: {acked_while_full} acknowledged while full, {} windows failed",
+        publisher.failures
+    );
+    publisher.client = None;
+
+    // The server stops cleanly; its database, copied out, holds every message once and none
+    // as rejected.
+    server.stop(Stop::Term);
+    let store = Store::open(&format!("sqlite://{}", out.join("epmc.db").display()))
         .await
         .unwrap();
-    let mut count: BTreeMap<i64, u32> = BTreeMap::new();
-    for e in &stored {
-        *count.entry(e.at.unix() - BASE).or_default() += 1;
-    }
-    for n in 0..TOTAL {
-        assert_eq!(
-            count.get(&(n as i64)).copied(),
-            Some(1),
-            "message {n} (acknowledged {:?} times) must be stored once",
-            acked.get(&n)
-        );
-    }
-    assert_eq!(stored.len(), TOTAL as usize, "nothing else stored");
+    assert_eq!(
+        store.admin().rejected_count().await.unwrap(),
+        0,
+        "a full disk is no reason to reject a message"
+    );
+    assert_each_stored_once(&store, tenant, ALL, &acked).await;
     store.close().await;
 }

@@ -1266,3 +1266,80 @@ async fn order_result(
     tracing::debug!(order = %r.order_id, from = current.as_str(), to = target.as_str(), "stale order result ignored");
     Ok(IngestOutcome::Stored)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database error with only a code, as the driver reports one.
+    #[derive(Debug)]
+    struct Coded(&'static str);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "code {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn data(backend: Backend, code: &'static str) -> bool {
+        is_data_error(backend, &Coded(code))
+    }
+
+    /// Only errors that blame the message reject it; the server's own trouble (a full disk, an
+    /// I/O error, a lock, a missing table, a lost connection) fails the batch, so nothing is
+    /// acknowledged that was not stored.
+    #[test]
+    fn only_the_datas_errors_reject_a_message() {
+        use Backend::{Postgres, Sqlite};
+        // TOOBIG, CONSTRAINT (NOT NULL 1299, UNIQUE 2067, FOREIGN KEY 787), MISMATCH, RANGE.
+        for code in ["18", "19", "1299", "2067", "787", "20", "25"] {
+            assert!(data(Sqlite, code), "SQLite {code} blames the data");
+        }
+        // ERROR, BUSY, LOCKED, READONLY, IOERR (and IOERR_FSYNC 1034), CORRUPT, FULL, CANTOPEN,
+        // SCHEMA, MISUSE, NOTADB, a code this build does not know, and no number at all.
+        for code in [
+            "1", "5", "6", "8", "10", "1034", "11", "13", "14", "17", "21", "26", "99", "x",
+        ] {
+            assert!(!data(Sqlite, code), "SQLite {code} is the server's trouble");
+        }
+        // Data exceptions, integrity violations, a value too large for a limit.
+        for code in ["22001", "22003", "22P02", "23505", "23503", "54000"] {
+            assert!(data(Postgres, code), "PostgreSQL {code} blames the data");
+        }
+        // Disk full, out of memory, too many connections, syntax or privilege, connection
+        // lost, serialization failure, admin shutdown, system I/O error, internal error, a
+        // program limit other than a value's size.
+        for code in [
+            "53100", "53200", "53300", "42601", "42501", "08006", "40001", "57P01", "58030",
+            "XX000", "54001", "22", "2300",
+        ] {
+            assert!(
+                !data(Postgres, code),
+                "PostgreSQL {code} is the server's trouble"
+            );
+        }
+    }
+}

@@ -250,6 +250,7 @@ impl Store {
                 // A SQLite connection is a thread of this process, not a socket that can
                 // drop: no ping before each use (one round trip less per commit).
                 .test_before_acquire(backend == Backend::Postgres)
+                .after_release(|conn, _meta| Box::pin(release_check(conn)))
         };
         let (pool, writer, ingest) = match backend {
             Backend::Sqlite => {
@@ -465,6 +466,28 @@ async fn checkpoint_loop(inner: std::sync::Weak<Inner>) {
             }
         }
     }
+}
+
+/// Whether a connection given back to the pool may be used again: not if it still counts a
+/// transaction as open once the rollback its dropped transaction asked for has run.
+///
+/// SQLite ends a transaction itself on some errors (SQLITE_FULL, an I/O error): the ROLLBACK
+/// that sqlx then sends fails ("no transaction is active"), and sqlx, still counting the
+/// transaction as open, would refuse every later `BEGIN` on that connection ("non-zero
+/// transaction depth"). The writer's pool has one connection, so one full disk would stop
+/// every write for good, even after space came back. Such a connection is closed instead; the
+/// pool opens a fresh one. A transaction that committed costs nothing here.
+async fn release_check(conn: &mut sqlx::AnyConnection) -> Result<bool, sqlx::Error> {
+    if !conn.is_in_transaction() {
+        return Ok(true);
+    }
+    // Answered after the rollback queued before it.
+    conn.ping().await?;
+    let reusable = !conn.is_in_transaction();
+    if !reusable {
+        tracing::warn!("a connection left in a transaction its database ended is closed");
+    }
+    Ok(reusable)
 }
 
 /// What every SQLite connection is set to (after `journal_mode = WAL` on the file).
