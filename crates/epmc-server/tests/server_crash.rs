@@ -6,7 +6,8 @@
 //! `EPMC_TEST_POSTGRES_URL` is set (with `CI=true` it must be: `scripts/test` starts one).
 //! And on a full disk (SQLite on a small file system the test fills): nothing is acknowledged
 //! that was not stored, nothing is kept as rejected, and everything is stored once space is
-//! back, with the server running throughout.
+//! back, with the server running throughout; the same when PostgreSQL connections are lost
+//! mid-stream.
 
 mod pg;
 
@@ -14,8 +15,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Lines};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use epmc_proto::bounded::Timestamp;
@@ -23,7 +25,7 @@ use epmc_proto::model::{DeviceEvent, DeviceEventKind, PowerState};
 use epmc_proto::topic::{self, AgentId, Channel};
 use epmc_proto::{Envelope, Kind, Message, sample};
 use epmc_server::datadir;
-use epmc_server::store::{Store, StoreOptions};
+use epmc_server::store::{Store, StoreOptions, TenantId};
 use epmc_transport::client::{MqttClient, MqttOptions, PendingAck, TlsIdentity};
 use epmc_transport::mqtt::QoS;
 use time::OffsetDateTime;
@@ -53,6 +55,14 @@ struct ServerProcess {
     /// The server's process id: the child's, unless a wrapper runs the server.
     pid: u32,
     stdout: Lines<BufReader<ChildStdout>>,
+}
+
+/// Whether a line of `log` contains every one of `words`.
+fn logged(log: &Mutex<Vec<String>>, words: &[&str]) -> bool {
+    log.lock()
+        .unwrap()
+        .iter()
+        .any(|l| words.iter().all(|w| l.contains(w)))
 }
 
 /// The arguments of `epmc-server … serve` on loopback, for `data` (and `database`).
@@ -89,6 +99,21 @@ fn start(mut command: Command, stderr: Stdio) -> ServerProcess {
 }
 
 impl ServerProcess {
+    /// The lines of its standard error (which must be piped) from now on, also echoed to this
+    /// test's.
+    fn capture_stderr(&mut self) -> Arc<Mutex<Vec<String>>> {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = self.child.stderr.take().expect("standard error piped");
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("server: {line}");
+                lines.lock().unwrap().push(line);
+            }
+        });
+        log
+    }
+
     /// Stops it the way `stop` says. With SIGTERM it must exit successfully within 30 s;
     /// returns how many messages it said it committed.
     fn stop(mut self, stop: Stop) -> Option<u64> {
@@ -164,11 +189,50 @@ async fn open_store(data: &Path, database: Option<&str>) -> Store {
     }
 }
 
+/// A data directory with a tenant and one agent, as `agent issue` makes it (its identity from
+/// the server's CA).
+struct Setup {
+    dir: tempfile::TempDir,
+    data: PathBuf,
+    tenant: TenantId,
+    agent: AgentId,
+    tls: TlsIdentity,
+}
+
+async fn setup(database: Option<&str>) -> Setup {
+    epmc_server::ca::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    datadir::init(&data, &[]).unwrap();
+    let pki = datadir::load(&data).unwrap();
+    let store = open_store(&data, database).await;
+    let tenant = store.admin().add_tenant("acme").await.unwrap();
+    let agent: AgentId = store.admin().create_agent(tenant, "agent").await.unwrap();
+    let bundle = pki
+        .ca
+        .issue_agent_with_key(agent.uuid(), OffsetDateTime::now_utc())
+        .unwrap();
+    store.close().await;
+    let tls = TlsIdentity::from_pem(
+        bundle.ca_pem.as_bytes(),
+        bundle.certificate.pem.as_bytes(),
+        bundle.key_pem.as_bytes(),
+    )
+    .unwrap();
+    Setup {
+        dir,
+        data,
+        tenant,
+        agent,
+        tls,
+    }
+}
+
 /// The device's events are messages `0..total`, each exactly once (`acked` says how often
 /// each was acknowledged, for the failure message).
 async fn assert_each_stored_once(
     store: &Store,
-    tenant: epmc_server::store::TenantId,
+    tenant: TenantId,
     total: u64,
     acked: &BTreeMap<u64, u32>,
 ) {
@@ -219,26 +283,13 @@ async fn sigterm_mid_stream_acknowledges_every_commit_and_exits_cleanly_postgres
 }
 
 async fn crash_run(database: Option<&str>, stop: Stop) {
-    epmc_server::ca::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    datadir::init(&data, &[]).unwrap();
-    // An agent with a certificate from the server's CA, as `agent issue` makes it.
-    let pki = datadir::load(&data).unwrap();
-    let store = open_store(&data, database).await;
-    let tenant = store.admin().add_tenant("acme").await.unwrap();
-    let agent: AgentId = store.admin().create_agent(tenant, "crash").await.unwrap();
-    let bundle = pki
-        .ca
-        .issue_agent_with_key(agent.uuid(), OffsetDateTime::now_utc())
-        .unwrap();
-    store.close().await;
-    let tls = TlsIdentity::from_pem(
-        bundle.ca_pem.as_bytes(),
-        bundle.certificate.pem.as_bytes(),
-        bundle.key_pem.as_bytes(),
-    )
-    .unwrap();
+    let Setup {
+        dir: _dir,
+        data,
+        tenant,
+        agent,
+        tls,
+    } = setup(database).await;
     let mqtt = free_port();
     let mut options = MqttOptions::new(mqtt, "localhost", &agent.to_string());
     options.keep_alive = Duration::from_secs(5);
@@ -447,19 +498,13 @@ async fn a_full_disk_acknowledges_nothing_unstored_and_resumes_when_space_return
         "this test mounts a small file system of its own: it needs unshare(1) (util-linux) \
          and user namespaces: {probe:?}"
     );
-    epmc_server::ca::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    datadir::init(&data, &[]).unwrap();
-    let pki = datadir::load(&data).unwrap();
-    let store = open_store(&data, None).await;
-    let tenant = store.admin().add_tenant("acme").await.unwrap();
-    let agent: AgentId = store.admin().create_agent(tenant, "full").await.unwrap();
-    let bundle = pki
-        .ca
-        .issue_agent_with_key(agent.uuid(), OffsetDateTime::now_utc())
-        .unwrap();
-    store.close().await;
+    let Setup {
+        dir,
+        data,
+        tenant,
+        agent,
+        tls,
+    } = setup(None).await;
     let database = data.join(datadir::DATABASE);
     assert!(
         !Path::new(&format!("{}-wal", database.display())).exists(),
@@ -517,37 +562,19 @@ exit $status"#,
             std::thread::sleep(Duration::from_millis(10));
         }
     };
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let stderr = server.child.stderr.take().unwrap();
-    let lines = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("server: {line}");
-            lines.lock().unwrap().push(line);
-        }
-    });
+    let log = server.capture_stderr();
     // The server's view of `small`, from outside its namespace.
     let there = Path::new("/proc")
         .join(server.pid.to_string())
         .join("root")
         .join(small.strip_prefix("/").unwrap());
-    let full_logged = || {
-        log.lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("commit failed") && l.contains("full"))
-    };
+    let full_logged = || logged(&log, &["commit failed", "full"]);
 
     let mut options = MqttOptions::new(mqtt, "localhost", &agent.to_string());
     options.keep_alive = Duration::from_secs(5);
     let mut publisher = Publisher {
         options,
-        tls: TlsIdentity::from_pem(
-            bundle.ca_pem.as_bytes(),
-            bundle.certificate.pem.as_bytes(),
-            bundle.key_pem.as_bytes(),
-        )
-        .unwrap(),
+        tls,
         client: None,
         topic: topic::topic(&agent, Channel::Events),
         failures: 0,
@@ -623,6 +650,128 @@ exit $status"#,
         store.admin().rejected_count().await.unwrap(),
         0,
         "a full disk is no reason to reject a message"
+    );
+    assert_each_stored_once(&store, tenant, ALL, &acked).await;
+    store.close().await;
+}
+
+/// PostgreSQL connections lost while an agent publishes: the server's backends are
+/// terminated again and again (as a database restart or a fail-over ends them). Commits fail;
+/// the server must acknowledge nothing it could not store, reject nothing, keep running, and
+/// store everything once the connections stay up: each message exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_database_connections_acknowledge_nothing_unstored_and_recover_postgres() {
+    const FIRST: u64 = 50;
+    const ALL: u64 = 3_000;
+    let Some(url) = pg::schema_url().await else {
+        return;
+    };
+    // The server's connections, told apart from every other test's by their name.
+    let name = format!("epmc_lost_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("{url}&application_name={name}");
+    let Setup {
+        dir: _dir,
+        data,
+        tenant,
+        agent,
+        tls,
+    } = setup(Some(&url)).await;
+    let mqtt = free_port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_epmc-server"));
+    command.args(serve_args(&data, Some(&url), mqtt));
+    let mut server = start(command, Stdio::piped());
+    let log = server.capture_stderr();
+
+    let mut options = MqttOptions::new(mqtt, "localhost", &agent.to_string());
+    options.keep_alive = Duration::from_secs(5);
+    let mut publisher = Publisher {
+        options,
+        tls,
+        client: None,
+        topic: topic::topic(&agent, Channel::Events),
+        failures: 0,
+    };
+    let payloads: Vec<bytes::Bytes> = (0..ALL).map(event).collect();
+    let mut acked: BTreeMap<u64, u32> = BTreeMap::new();
+    let bound = Duration::from_secs(60);
+    publisher
+        .publish_until(
+            &payloads,
+            FIRST,
+            &mut acked,
+            |a, _| a.len() == FIRST as usize,
+            bound,
+            "publishing with the database up",
+        )
+        .await;
+
+    // Every 20 ms, every connection of the server is terminated.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let terminator = {
+        let base = std::env::var("EPMC_TEST_POSTGRES_URL").unwrap();
+        let (stop, name) = (stop.clone(), name.clone());
+        tokio::spawn(async move {
+            use sqlx::Connection;
+            let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
+            let mut terminated = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE application_name = $1",
+                )
+                .bind(&name)
+                .fetch_one(&mut admin)
+                .await
+                .unwrap();
+                terminated += n;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            terminated
+        })
+    };
+    let before = publisher.failures;
+    publisher
+        .publish_until(
+            &payloads,
+            ALL,
+            &mut acked,
+            |_, failures| failures > before && logged(&log, &["commit failed"]),
+            bound,
+            "a commit failing on a lost connection",
+        )
+        .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let terminated = terminator.await.unwrap();
+    let acked_meanwhile = acked.len() as u64 - FIRST;
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the server is still running"
+    );
+
+    // The connections stay up again: everything is stored.
+    publisher
+        .publish_until(
+            &payloads,
+            ALL,
+            &mut acked,
+            |a, _| a.len() == ALL as usize,
+            bound,
+            "publishing once the connections stay up",
+        )
+        .await;
+    eprintln!(
+        "lost connections: {terminated} terminated, {acked_meanwhile} acknowledged meanwhile, \
+         {} windows failed",
+        publisher.failures
+    );
+    publisher.client = None;
+    server.stop(Stop::Term);
+
+    let store = open_store(&data, Some(&url)).await;
+    assert_eq!(
+        store.admin().rejected_count().await.unwrap(),
+        0,
+        "a lost connection is no reason to reject a message"
     );
     assert_each_stored_once(&store, tenant, ALL, &acked).await;
     store.close().await;
