@@ -3,6 +3,9 @@
 //! agent records it (and the broker sees it acknowledged) but cannot run it yet; the agent is
 //! killed, the projector comes up, the agent restarts and runs the order from its journal. A
 //! further kill and restart after the order finished does not run it again.
+//!
+//! And the agent binary on a full disk (its state directory on a small tmpfs the test fills):
+//! it keeps running, says what it could not queue, and reports again once space is back.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,12 +13,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use epmc_proto::bounded::Timestamp;
+use epmc_proto::model::DeviceEventKind;
 use epmc_proto::order::OrderAction;
 use epmc_server::datadir;
 use epmc_server::server::{ServeConfig, Server};
 use epmc_server::store::{OrderState, OrderTarget};
 use escvp::client::{Client, ClientConfig};
 use escvp::emulator::{Fleet, ProjectorConfig};
+use escvp::event::Warnings;
 use escvp::value::{PowerCode, PowerCommand};
 
 const BOUND: Duration = Duration::from_secs(40);
@@ -68,14 +73,22 @@ fn free_port() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-fn setup_agent(dir: &Path, server: &Server, bundle_dir: &Path, projector: SocketAddr) -> PathBuf {
+/// Writes `agent.toml` in `bundle_dir`: the server's endpoint, one projector, kept in
+/// `session` mode (`poll` or `hold`).
+fn setup_agent(
+    dir: &Path,
+    server: &Server,
+    bundle_dir: &Path,
+    projector: SocketAddr,
+    session: &str,
+) -> PathBuf {
     let agent_dir = bundle_dir.to_owned();
     std::fs::write(
         agent_dir.join("agent.toml"),
         format!(
             "[server]\nurl = \"mqtts://localhost:{}\"\nca_cert = \"ca.crt\"\nclient_cert = \"agent.crt\"\nclient_key = \"agent.key\"\n\
              [schedule]\nstatus_interval_seconds = 10\n\
-             [[target]]\naddress = \"{projector}\"\ndisplay_name = \"Aula\"\n",
+             [[target]]\naddress = \"{projector}\"\ndisplay_name = \"Aula\"\nsession = \"{session}\"\n",
             server.mqtt_addr().expect("embedded endpoint").port()
         ),
     )
@@ -108,7 +121,7 @@ async fn an_order_recorded_before_a_sigkill_runs_once_after_the_restart() {
 
     // The projector's address, with nothing listening yet.
     let projector = free_port();
-    let agent_dir = setup_agent(dir.path(), &server, &agent_dir, projector);
+    let agent_dir = setup_agent(dir.path(), &server, &agent_dir, projector, "poll");
     let first = Agent::start(&agent_dir);
 
     // The agent reports the projector unreachable under its address id.
@@ -197,5 +210,188 @@ async fn an_order_recorded_before_a_sigkill_runs_once_after_the_restart() {
     let r = server.store().orders().get(order).await.unwrap();
     assert_eq!(r.state, OrderState::Done);
     third.kill();
+    server.shutdown().await;
+}
+
+/// The agent's state directory on a full disk. It is a small tmpfs in a mount namespace of
+/// the agent's own (made with `unshare`), which the test fills while the agent runs; the
+/// projector is then switched on, so the agent has news it cannot queue. The agent must keep
+/// running and say what it could not queue; once the space is back its outbox recovers and
+/// the server learns the projector's new state, without a restart.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_on_a_full_disk_keeps_running_and_reports_again_once_space_is_back() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::{Arc, Mutex};
+
+    let probe = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "true"])
+        .status();
+    assert!(
+        matches!(probe, Ok(s) if s.success()),
+        "this test mounts a small file system of its own: it needs unshare(1) (util-linux) \
+         and user namespaces: {probe:?}"
+    );
+    epmc_server::ca::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    datadir::init(&data, &[]).unwrap();
+    let mut config = ServeConfig::new(&data);
+    config.mqtt = "127.0.0.1:0".parse().unwrap();
+    config.https = "127.0.0.1:0".parse().unwrap();
+    config.poll = Duration::from_millis(100);
+    let server = Server::start(config).await.unwrap();
+    let admin = server.store().admin();
+    let tenant = admin.add_tenant("acme").await.unwrap();
+    let agent = admin.create_agent(tenant, "full").await.unwrap();
+    let bundle = datadir::load(&data)
+        .unwrap()
+        .ca
+        .issue_agent_with_key(agent.uuid(), time::OffsetDateTime::now_utc())
+        .unwrap();
+    let agent_dir = dir.path().join("agent");
+    datadir::write_agent_bundle(&agent_dir, &bundle).unwrap();
+    let fleet = Fleet::spawn([(
+        free_port(),
+        ProjectorConfig {
+            warm_up: Duration::from_millis(300),
+            cool_down: Duration::from_millis(300),
+            ..ProjectorConfig::default()
+        },
+    )])
+    .await
+    .unwrap();
+    let p = &fleet.projectors()[0];
+    let projector = p.tcp_addr();
+    // A held session: the projector's changes arrive at once, as notifications.
+    let agent_dir = setup_agent(dir.path(), &server, &agent_dir, projector, "hold");
+    let state = agent_dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+
+    // The agent, its state directory a 2 MiB tmpfs.
+    let mut child = Command::new("unshare")
+        .args([
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            r#"mount -t tmpfs -o size=2m epmc-full "$1" && shift && exec "$@""#,
+            "sh",
+        ])
+        .arg(&state)
+        .arg(env!("CARGO_BIN_EXE_epmc-agent"))
+        .args(["run", "--dir"])
+        .arg(&agent_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("epmc-agent starts");
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    {
+        let stderr = child.stderr.take().unwrap();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("agent: {line}");
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+    let agent_process = Agent(child);
+    // The agent's view of its state directory, from outside its namespace.
+    let there = Path::new("/proc")
+        .join(agent_process.0.id().to_string())
+        .join("root")
+        .join(state.strip_prefix("/").unwrap());
+    // The number of warnings in each status-change event the server stored, oldest first.
+    let warnings_events = async || -> Vec<usize> {
+        let devices = admin.devices().await.unwrap();
+        let Some(d) = devices.iter().find(|d| d.serial.is_some()) else {
+            return Vec::new();
+        };
+        let events = server
+            .store()
+            .tenant(tenant)
+            .events(d.id, 10_000)
+            .await
+            .unwrap();
+        events
+            .iter()
+            .rev()
+            .filter_map(|e| match &e.event {
+                DeviceEventKind::StatusChange { warnings, .. } => Some(warnings.len()),
+                _ => None,
+            })
+            .collect()
+    };
+
+    // With space: the projector is reported, then a change reaches the server.
+    eventually("the projector reported", async || {
+        let devices = admin.devices().await.unwrap();
+        devices
+            .iter()
+            .any(|d| d.serial.is_some() && d.status.is_some())
+            .then_some(())
+    })
+    .await;
+    p.set_warnings(Warnings::AIR_FILTER);
+    eventually("a change reported", async || {
+        warnings_events().await.contains(&1).then_some(())
+    })
+    .await;
+    eventually("the outbox emptied", async || {
+        let s = epmc_agent::service::status::read(&there).ok()?;
+        (s.server_connected && s.outbox_messages == 0).then_some(())
+    })
+    .await;
+
+    // The disk fills up; the projector keeps changing (the outbox file's last page may hold a
+    // few more records) until the agent cannot queue a change.
+    let mut filler = std::fs::File::create(there.join("filler")).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    let error = loop {
+        if let Err(e) = std::io::Write::write_all(&mut filler, &chunk) {
+            break e;
+        }
+    };
+    assert_eq!(error.raw_os_error(), Some(28), "ENOSPC: {error}");
+    let mut toggle = false;
+    eventually("the agent saying what it could not queue", async || {
+        toggle = !toggle;
+        p.set_warnings(if toggle {
+            Warnings::NONE
+        } else {
+            Warnings::AIR_FILTER
+        });
+        let log = log.lock().unwrap();
+        log.iter()
+            .any(|l| l.contains("not queued") && l.contains("No space left"))
+            .then_some(())
+    })
+    .await;
+    let mut child = agent_process;
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "the agent is still running on a full disk"
+    );
+
+    // Space is back: the next change reaches the server, and the outbox empties.
+    drop(filler);
+    std::fs::remove_file(there.join("filler")).unwrap();
+    p.set_warnings(Warnings::AIR_FILTER.union(Warnings::HIGH_TEMPERATURE));
+    eventually("a change after the space came back", async || {
+        warnings_events().await.contains(&2).then_some(())
+    })
+    .await;
+    eventually("the outbox emptied again", async || {
+        let s = epmc_agent::service::status::read(&there).ok()?;
+        (s.server_connected && s.outbox_messages == 0).then_some(())
+    })
+    .await;
+    child.kill();
     server.shutdown().await;
 }

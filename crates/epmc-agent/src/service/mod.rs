@@ -1050,12 +1050,25 @@ fn snapshot(ctx: &Ctx, session: &MqttSession) -> AgentStatus {
 
 async fn write_status(ctx: Arc<Ctx>, session: Arc<MqttSession>, dir: PathBuf, every: Duration) {
     let mut tick = tokio::time::interval(every);
+    // The error of the last write, if it failed: a failure is logged when it starts or
+    // changes, not at every tick (a full disk would repeat it every few seconds).
+    let mut failing: Option<String> = None;
     loop {
         tick.tick().await;
         let s = snapshot(&ctx, &session);
         let dir = dir.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || status::write(&dir, &s)).await {
-            tracing::warn!(error = %e, "status file not written");
+        match tokio::task::spawn_blocking(move || status::write(&dir, &s)).await {
+            Ok(Err(e)) => {
+                let e = e.to_string();
+                if failing.as_ref() != Some(&e) {
+                    tracing::warn!(error = %e, "status file not written (logged again when the error changes)");
+                }
+                failing = Some(e);
+            }
+            Ok(Ok(())) if failing.take().is_some() => {
+                tracing::info!("status file written again");
+            }
+            _ => {}
         }
     }
 }
