@@ -5,7 +5,8 @@
 //! further kill and restart after the order finished does not run it again.
 //!
 //! And the agent binary on a full disk (its state directory on a small tmpfs the test fills):
-//! it keeps running, says what it could not queue, and reports again once space is back.
+//! it keeps running, says what it could not queue, and reports again once space is back; an
+//! order that arrived meanwhile runs then, without a restart.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -378,6 +379,34 @@ async fn an_agent_on_a_full_disk_keeps_running_and_reports_again_once_space_is_b
         child.0.try_wait().unwrap().is_none(),
         "the agent is still running on a full disk"
     );
+    // An order arrives meanwhile: the agent cannot record it, or cannot queue its result.
+    let device = admin
+        .devices()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.serial.is_some())
+        .unwrap();
+    let expires = Timestamp::from_unix(Timestamp::now().unix() + 600).unwrap();
+    let order = server
+        .store()
+        .orders()
+        .create(
+            OrderTarget::Device(device.id),
+            &OrderAction::PowerOn,
+            "test",
+            expires,
+        )
+        .await
+        .unwrap();
+    server.notify_orders();
+    eventually("the order stuck on the full disk", async || {
+        let log = log.lock().unwrap();
+        log.iter()
+            .any(|l| l.contains("order not recorded") || l.contains("order result not queued"))
+            .then_some(())
+    })
+    .await;
 
     // Space is back: the next change reaches the server, and the outbox empties.
     drop(filler);
@@ -387,6 +416,14 @@ async fn an_agent_on_a_full_disk_keeps_running_and_reports_again_once_space_is_b
         warnings_events().await.contains(&2).then_some(())
     })
     .await;
+    // The order runs (or its result goes out) without a restart.
+    let done = eventually("the order done once space is back", async || {
+        let r = server.store().orders().get(order).await.unwrap();
+        matches!(r.state, OrderState::Done | OrderState::Failed).then_some(r)
+    })
+    .await;
+    assert_eq!(done.state, OrderState::Done, "{:?}", done.result);
+    assert_eq!(p.power_code(), PowerCode::ON);
     eventually("the outbox emptied again", async || {
         let s = epmc_agent::service::status::read(&there).ok()?;
         (s.server_connected && s.outbox_messages == 0).then_some(())

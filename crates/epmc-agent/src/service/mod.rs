@@ -337,10 +337,23 @@ impl Ctx {
         }
     }
 
-    /// Sends an order's final result, then marks the order finished in the journal. If the
-    /// result cannot be queued the order stays in the journal and runs again after a restart.
+    /// Sends an order's final result, then marks the order finished in the journal. While the
+    /// result cannot be queued (a full disk, an outbox full of results) it is tried again with
+    /// back-off and the order stays in the journal (so it runs again after a restart); the
+    /// device's next orders wait behind it.
     async fn complete(&self, order: &Order, result: OrderResult) {
-        if let Err(e) = self.publisher.publish(Message::OrderResult(result)).await {
+        let queued = self
+            .publisher
+            .publish_persistently(Message::OrderResult(result), |e| {
+                tracing::error!(order = %order.order_id, error = %e, "order result not queued; trying again");
+                self.exceptions.record(
+                    Severity::Error,
+                    "orders",
+                    &format!("result of order {} not queued (trying again): {e}", order.order_id),
+                );
+            })
+            .await;
+        if let Err(e) = queued {
             tracing::error!(order = %order.order_id, error = %e, "order result not queued");
             self.exceptions.record(
                 Severity::Error,
@@ -918,38 +931,58 @@ async fn intake(ctx: Arc<Ctx>, session: Arc<MqttSession>, restart: Vec<Order>) {
                 continue;
             }
         };
+        if record(&ctx, &order, &received.message.payload).await == Recorded::Duplicate {
+            received.ack();
+            tracing::debug!(order = %order.order_id, "repeated order acknowledged, not run again");
+            continue;
+        }
+        received.ack();
+        dispatch(&ctx, order).await;
+    }
+}
+
+/// Records an order in the journal (synced). While that fails (a full disk) it is tried again
+/// with back-off, the order unacknowledged meanwhile: once recorded it is acknowledged and
+/// runs, without waiting for a reconnection to bring it again. Orders behind it wait.
+async fn record(ctx: &Ctx, order: &Order, payload: &bytes::Bytes) -> Recorded {
+    let mut delay = outbound::RETRY_FIRST;
+    let mut failed = false;
+    loop {
         let journal = ctx.journal.clone();
-        let payload = received.message.payload.clone();
-        let o = order.clone();
+        let (o, p) = (order.clone(), payload.clone());
         let recorded = tokio::task::spawn_blocking(move || {
             journal
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .record(&o, payload)
+                .record(&o, p)
         })
         .await;
         tracing::debug!(order = %order.order_id, ?recorded, "journal");
         match recorded {
             Ok(Ok(r)) => {
-                received.ack();
-                if r == Recorded::Duplicate {
-                    tracing::debug!(order = %order.order_id, "repeated order acknowledged, not run again");
-                    continue;
+                if failed {
+                    tracing::info!(order = %order.order_id, "order recorded after all");
                 }
+                return r;
             }
-            other => {
-                // Not acknowledged: the broker delivers it again after a reconnection.
-                tracing::error!(order = %order.order_id, ?other, "order not recorded");
+            other if !failed => {
+                tracing::error!(order = %order.order_id, ?other, "order not recorded; trying again");
                 ctx.exceptions.record(
                     Severity::Error,
                     "orders",
-                    &format!("order {} could not be recorded", order.order_id),
+                    &format!(
+                        "order {} could not be recorded (trying again)",
+                        order.order_id
+                    ),
                 );
-                drop(received);
-                continue;
+                failed = true;
+            }
+            other => {
+                tracing::debug!(order = %order.order_id, ?other, "order still not recorded");
             }
         }
-        dispatch(&ctx, order).await;
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(outbound::RETRY_MAX);
     }
 }
 

@@ -4,6 +4,7 @@
 //! `publish` returns, so once it returns the message survives a crash or a server outage.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use epmc_proto::topic::{self, AgentId, Channel};
@@ -11,6 +12,12 @@ use epmc_proto::{Envelope, Kind, Message, ProtoError};
 use epmc_transport::outbox::{Outbox, OutboxError};
 use epmc_transport::{MessageId, OutboundMessage, Priority};
 use tokio::sync::Notify;
+
+/// The first wait before pushing again, in [`Publisher::publish_persistently`] and for
+/// orders that could not be recorded.
+pub const RETRY_FIRST: Duration = Duration::from_millis(250);
+/// The longest wait between two tries.
+pub const RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Why a message could not be queued.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +68,48 @@ impl Publisher {
 
     /// Wraps, stores durably and queues one message; returns its envelope id.
     pub async fn publish(&self, message: Message) -> Result<uuid::Uuid, PublishError> {
+        let (id, outbound) = self.outbound(message)?;
+        self.push(outbound).await?;
+        Ok(id)
+    }
+
+    /// [`Publisher::publish`] for a message that must not be lost while the agent runs (an
+    /// order's result): while the outbox fails (a full disk) or is full, the same envelope is
+    /// pushed again with back-off (every 250 ms, doubling up to every 10 s), so a push that
+    /// failed but was kept is not stored twice. `failed` is told of the first failure. An
+    /// envelope that does not encode is returned as an error at once.
+    pub async fn publish_persistently(
+        &self,
+        message: Message,
+        mut failed: impl FnMut(&PublishError),
+    ) -> Result<uuid::Uuid, PublishError> {
+        let (id, outbound) = self.outbound(message)?;
+        let mut delay = RETRY_FIRST;
+        let mut first = true;
+        loop {
+            match self.push(outbound.clone()).await {
+                Ok(()) => {
+                    if !first {
+                        tracing::info!(id = %id, "message queued after all");
+                    }
+                    return Ok(id);
+                }
+                Err(e) => {
+                    if first {
+                        failed(&e);
+                        first = false;
+                    } else {
+                        tracing::debug!(id = %id, error = %e, "message still not queued");
+                    }
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// The envelope of `message`, on the topic its kind belongs to.
+    fn outbound(&self, message: Message) -> Result<(uuid::Uuid, OutboundMessage), PublishError> {
         let priority = priority(message.kind()).ok_or(PublishError::NotSendable)?;
         let envelope = Envelope::new(message);
         let payload = envelope.to_json()?;
@@ -71,6 +120,11 @@ impl Publisher {
             payload: Bytes::from(payload),
             priority,
         };
+        Ok((envelope.id, outbound))
+    }
+
+    /// Stores one message durably and wakes the forwarder.
+    async fn push(&self, outbound: OutboundMessage) -> Result<(), PublishError> {
         let outbox = self.outbox.clone();
         // The push syncs to disk: keep it off the async worker threads.
         tokio::task::spawn_blocking(move || {
@@ -82,7 +136,7 @@ impl Publisher {
         .await
         .map_err(|e| OutboxError::Io(std::io::Error::other(e.to_string())))??;
         self.wake.notify_one();
-        Ok(envelope.id)
+        Ok(())
     }
 
     /// Messages waiting for the server.
@@ -92,5 +146,42 @@ impl Publisher {
             .unwrap_or_else(|e| e.into_inner())
             .stats()
             .messages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use epmc_proto::sample;
+    use epmc_transport::outbox::Limits;
+    use epmc_transport::storage::sim::{Fault, SimStorage};
+
+    /// While the outbox's syncs fail, an order's result is pushed again until it is taken, and
+    /// it is stored once: the same envelope every time, although the failed pushes wrote it.
+    #[tokio::test]
+    async fn a_result_is_pushed_again_until_the_outbox_takes_it_and_stored_once() {
+        let sim = Arc::new(SimStorage::new());
+        let outbox = Outbox::open_in(sim.clone(), "/state/outbox", Limits::default()).unwrap();
+        let outbox = Arc::new(Mutex::new(outbox));
+        let agent = AgentId::new(uuid::Uuid::new_v4());
+        let publisher = Publisher::new(agent, outbox.clone(), Arc::new(Notify::new()));
+        for _ in 0..3 {
+            sim.inject(Fault::Sync);
+        }
+        let result = sample::sample(Kind::OrderResult).message;
+        let mut failures = 0;
+        let id = publisher
+            .publish_persistently(result, |_| failures += 1)
+            .await
+            .expect("queued after all");
+        assert_eq!(sim.pending_faults(), 0, "every injected failure was met");
+        assert_eq!(failures, 1, "told of the first failure only");
+        let outbox = outbox.lock().unwrap();
+        let pending: Vec<_> = outbox.pending().map(|h| h.message.id).collect();
+        assert_eq!(
+            pending,
+            vec![MessageId::from_bytes(id.into_bytes())],
+            "the result, once"
+        );
     }
 }
