@@ -931,20 +931,26 @@ async fn intake(ctx: Arc<Ctx>, session: Arc<MqttSession>, restart: Vec<Order>) {
                 continue;
             }
         };
-        if record(&ctx, &order, &received.message.payload).await == Recorded::Duplicate {
-            received.ack();
-            tracing::debug!(order = %order.order_id, "repeated order acknowledged, not run again");
-            continue;
+        match record(&ctx, &order, &received.message.payload).await {
+            Some(Recorded::New) => received.ack(),
+            Some(Recorded::Duplicate) => {
+                received.ack();
+                tracing::debug!(order = %order.order_id, "repeated order acknowledged, not run again");
+                continue;
+            }
+            // Not acknowledged: the broker delivers it again after a reconnection.
+            None => continue,
         }
-        received.ack();
         dispatch(&ctx, order).await;
     }
 }
 
-/// Records an order in the journal (synced). While that fails (a full disk) it is tried again
-/// with back-off, the order unacknowledged meanwhile: once recorded it is acknowledged and
-/// runs, without waiting for a reconnection to bring it again. Orders behind it wait.
-async fn record(ctx: &Ctx, order: &Order, payload: &bytes::Bytes) -> Recorded {
+/// Records an order in the journal (synced). While that fails for a reason that may pass (a
+/// full disk, a journal full of orders in progress) it is tried again with back-off, the order
+/// unacknowledged meanwhile: once recorded it is acknowledged and runs, without waiting for a
+/// reconnection to bring it again. Orders behind it wait. `None` for an order the journal can
+/// never take (larger than its limits): left unacknowledged.
+async fn record(ctx: &Ctx, order: &Order, payload: &bytes::Bytes) -> Option<Recorded> {
     let mut delay = outbound::RETRY_FIRST;
     let mut failed = false;
     loop {
@@ -963,7 +969,16 @@ async fn record(ctx: &Ctx, order: &Order, payload: &bytes::Bytes) -> Recorded {
                 if failed {
                     tracing::info!(order = %order.order_id, "order recorded after all");
                 }
-                return r;
+                return Some(r);
+            }
+            Ok(Err(e)) if !outbound::passing(&e) => {
+                tracing::error!(order = %order.order_id, error = %e, "order not recorded");
+                ctx.exceptions.record(
+                    Severity::Error,
+                    "orders",
+                    &format!("order {} could not be recorded", order.order_id),
+                );
+                return None;
             }
             other if !failed => {
                 tracing::error!(order = %order.order_id, ?other, "order not recorded; trying again");

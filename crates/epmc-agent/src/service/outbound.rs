@@ -19,6 +19,13 @@ pub const RETRY_FIRST: Duration = Duration::from_millis(250);
 /// The longest wait between two tries.
 pub const RETRY_MAX: Duration = Duration::from_secs(10);
 
+/// Whether an outbox error may pass: the disk failed or is full, or the outbox is full of
+/// messages it may not drop (room comes as the server acknowledges them). Not an error of the
+/// message itself, which trying again cannot cure.
+pub fn passing(e: &OutboxError) -> bool {
+    matches!(e, OutboxError::Io(_) | OutboxError::Full { .. })
+}
+
 /// Why a message could not be queued.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -77,7 +84,8 @@ impl Publisher {
     /// order's result): while the outbox fails (a full disk) or is full, the same envelope is
     /// pushed again with back-off (every 250 ms, doubling up to every 10 s), so a push that
     /// failed but was kept is not stored twice. `failed` is told of the first failure. An
-    /// envelope that does not encode is returned as an error at once.
+    /// error that trying again cannot cure (the envelope does not encode, or can never fit) is
+    /// returned at once.
     pub async fn publish_persistently(
         &self,
         message: Message,
@@ -94,6 +102,7 @@ impl Publisher {
                     }
                     return Ok(id);
                 }
+                Err(e) if !matches!(&e, PublishError::Outbox(o) if passing(o)) => return Err(e),
                 Err(e) => {
                     if first {
                         failed(&e);
@@ -183,5 +192,32 @@ mod tests {
             vec![MessageId::from_bytes(id.into_bytes())],
             "the result, once"
         );
+    }
+
+    /// A message the outbox can never take is not tried again.
+    #[tokio::test]
+    async fn a_message_that_can_never_fit_is_refused_at_once() {
+        let sim = Arc::new(SimStorage::new());
+        let limits = Limits {
+            max_bytes: 64,
+            max_messages: 10,
+        };
+        let outbox = Outbox::open_in(sim, "/state/outbox", limits).unwrap();
+        let agent = AgentId::new(uuid::Uuid::new_v4());
+        let publisher =
+            Publisher::new(agent, Arc::new(Mutex::new(outbox)), Arc::new(Notify::new()));
+        let mut failures = 0;
+        let queued = tokio::time::timeout(
+            Duration::from_secs(5),
+            publisher
+                .publish_persistently(sample::sample(Kind::OrderResult).message, |_| failures += 1),
+        )
+        .await
+        .expect("returned at once");
+        assert!(
+            matches!(queued, Err(PublishError::Outbox(OutboxError::TooLarge(_)))),
+            "{queued:?}"
+        );
+        assert_eq!(failures, 0);
     }
 }
