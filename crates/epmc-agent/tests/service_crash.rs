@@ -18,7 +18,7 @@ use epmc_proto::model::DeviceEventKind;
 use epmc_proto::order::OrderAction;
 use epmc_server::datadir;
 use epmc_server::server::{ServeConfig, Server};
-use epmc_server::store::{OrderState, OrderTarget};
+use epmc_server::store::{OrderState, OrderTarget, TenantId};
 use escvp::client::{Client, ClientConfig};
 use escvp::emulator::{Fleet, ProjectorConfig};
 use escvp::event::Warnings;
@@ -98,11 +98,11 @@ fn setup_agent(
     agent_dir
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_order_recorded_before_a_sigkill_runs_once_after_the_restart() {
+/// The server (embedded endpoint, SQLite) in `dir/server`, with a tenant and one agent whose
+/// certificate, key and the CA are in `dir/agent`: the server, the tenant, that directory.
+async fn server_and_agent(dir: &Path) -> (Server, TenantId, PathBuf) {
     epmc_server::ca::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("server");
+    let data = dir.join("server");
     datadir::init(&data, &[]).unwrap();
     let mut config = ServeConfig::new(&data);
     config.mqtt = "127.0.0.1:0".parse().unwrap();
@@ -111,14 +111,49 @@ async fn an_order_recorded_before_a_sigkill_runs_once_after_the_restart() {
     let server = Server::start(config).await.unwrap();
     let admin = server.store().admin();
     let tenant = admin.add_tenant("acme").await.unwrap();
-    let agent = admin.create_agent(tenant, "crash").await.unwrap();
+    let agent = admin.create_agent(tenant, "agent").await.unwrap();
     let bundle = datadir::load(&data)
         .unwrap()
         .ca
         .issue_agent_with_key(agent.uuid(), time::OffsetDateTime::now_utc())
         .unwrap();
-    let agent_dir = dir.path().join("agent");
+    let agent_dir = dir.join("agent");
     datadir::write_agent_bundle(&agent_dir, &bundle).unwrap();
+    (server, tenant, agent_dir)
+}
+
+/// Queues a power-on order for `device`, valid for ten minutes, and tells the dispatcher.
+async fn power_on(server: &Server, device: i64) -> uuid::Uuid {
+    let expires = Timestamp::from_unix(Timestamp::now().unix() + 600).unwrap();
+    let order = server
+        .store()
+        .orders()
+        .create(
+            OrderTarget::Device(device),
+            &OrderAction::PowerOn,
+            "test",
+            expires,
+        )
+        .await
+        .unwrap();
+    server.notify_orders();
+    order
+}
+
+/// An emulated projector that warms up and cools down in 300 ms.
+fn quick_projector() -> ProjectorConfig {
+    ProjectorConfig {
+        warm_up: Duration::from_millis(300),
+        cool_down: Duration::from_millis(300),
+        ..ProjectorConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_recorded_before_a_sigkill_runs_once_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _tenant, agent_dir) = server_and_agent(dir.path()).await;
+    let admin = server.store().admin();
 
     // The projector's address, with nothing listening yet.
     let projector = free_port();
@@ -135,19 +170,7 @@ async fn an_order_recorded_before_a_sigkill_runs_once_after_the_restart() {
             .find(|d| d.key == format!("ip:{}", projector.ip()))
     })
     .await;
-    let expires = Timestamp::from_unix(Timestamp::now().unix() + 600).unwrap();
-    let order = server
-        .store()
-        .orders()
-        .create(
-            OrderTarget::Device(device.id),
-            &OrderAction::PowerOn,
-            "test",
-            expires,
-        )
-        .await
-        .unwrap();
-    server.notify_orders();
+    let order = power_on(&server, device.id).await;
     // Recorded and acknowledged by the agent, not run (the projector is down).
     eventually("order accepted", async || {
         let r = server.store().orders().get(order).await.unwrap();
@@ -157,16 +180,9 @@ async fn an_order_recorded_before_a_sigkill_runs_once_after_the_restart() {
     first.kill();
 
     // The projector comes up; the agent restarts and runs the order from its journal.
-    let fleet = Fleet::spawn([(
-        projector,
-        ProjectorConfig {
-            warm_up: Duration::from_millis(300),
-            cool_down: Duration::from_millis(300),
-            ..ProjectorConfig::default()
-        },
-    )])
-    .await
-    .unwrap();
+    let fleet = Fleet::spawn([(projector, quick_projector())])
+        .await
+        .unwrap();
     let p = &fleet.projectors()[0];
     assert_eq!(p.power_code(), PowerCode::STANDBY_NETWORK_ON);
     let second = Agent::start(&agent_dir);
@@ -233,35 +249,12 @@ async fn an_agent_on_a_full_disk_keeps_running_and_reports_again_once_space_is_b
         "this test mounts a small file system of its own: it needs unshare(1) (util-linux) \
          and user namespaces: {probe:?}"
     );
-    epmc_server::ca::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("server");
-    datadir::init(&data, &[]).unwrap();
-    let mut config = ServeConfig::new(&data);
-    config.mqtt = "127.0.0.1:0".parse().unwrap();
-    config.https = "127.0.0.1:0".parse().unwrap();
-    config.poll = Duration::from_millis(100);
-    let server = Server::start(config).await.unwrap();
+    let (server, tenant, agent_dir) = server_and_agent(dir.path()).await;
     let admin = server.store().admin();
-    let tenant = admin.add_tenant("acme").await.unwrap();
-    let agent = admin.create_agent(tenant, "full").await.unwrap();
-    let bundle = datadir::load(&data)
-        .unwrap()
-        .ca
-        .issue_agent_with_key(agent.uuid(), time::OffsetDateTime::now_utc())
+    let fleet = Fleet::spawn([(free_port(), quick_projector())])
+        .await
         .unwrap();
-    let agent_dir = dir.path().join("agent");
-    datadir::write_agent_bundle(&agent_dir, &bundle).unwrap();
-    let fleet = Fleet::spawn([(
-        free_port(),
-        ProjectorConfig {
-            warm_up: Duration::from_millis(300),
-            cool_down: Duration::from_millis(300),
-            ..ProjectorConfig::default()
-        },
-    )])
-    .await
-    .unwrap();
     let p = &fleet.projectors()[0];
     let projector = p.tcp_addr();
     // A held session: the projector's changes arrive at once, as notifications.
@@ -387,19 +380,7 @@ async fn an_agent_on_a_full_disk_keeps_running_and_reports_again_once_space_is_b
         .into_iter()
         .find(|d| d.serial.is_some())
         .unwrap();
-    let expires = Timestamp::from_unix(Timestamp::now().unix() + 600).unwrap();
-    let order = server
-        .store()
-        .orders()
-        .create(
-            OrderTarget::Device(device.id),
-            &OrderAction::PowerOn,
-            "test",
-            expires,
-        )
-        .await
-        .unwrap();
-    server.notify_orders();
+    let order = power_on(&server, device.id).await;
     eventually("the order stuck on the full disk", async || {
         let log = log.lock().unwrap();
         log.iter()
