@@ -41,7 +41,7 @@ use epmc_proto::{Envelope, Message};
 use epmc_transport::client::{MqttOptions, TlsIdentity};
 use epmc_transport::forward::{Forwarder, Running};
 use epmc_transport::mqtt::{QoS, TopicName, Will};
-use epmc_transport::outbox::{Limits, Outbox};
+use epmc_transport::outbox::{Limits, Outbox, OutboxError};
 use epmc_transport::session::MqttSession;
 use epmc_transport::{OrderSource, Uplink};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -951,53 +951,47 @@ async fn intake(ctx: Arc<Ctx>, session: Arc<MqttSession>, restart: Vec<Order>) {
 /// reconnection to bring it again. Orders behind it wait. `None` for an order the journal can
 /// never take (larger than its limits): left unacknowledged.
 async fn record(ctx: &Ctx, order: &Order, payload: &bytes::Bytes) -> Option<Recorded> {
-    let mut delay = outbound::RETRY_FIRST;
-    let mut failed = false;
-    loop {
-        let journal = ctx.journal.clone();
-        let (o, p) = (order.clone(), payload.clone());
-        let recorded = tokio::task::spawn_blocking(move || {
-            journal
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .record(&o, p)
-        })
-        .await;
-        tracing::debug!(order = %order.order_id, ?recorded, "journal");
-        match recorded {
-            Ok(Ok(r)) => {
-                if failed {
-                    tracing::info!(order = %order.order_id, "order recorded after all");
-                }
-                return Some(r);
+    let recorded = outbound::until_done(
+        &format!("order {}", order.order_id),
+        || {
+            let journal = ctx.journal.clone();
+            let (o, p) = (order.clone(), payload.clone());
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    journal
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .record(&o, p)
+                })
+                .await
+                .map_err(|e| OutboxError::Io(std::io::Error::other(e.to_string())))?
             }
-            Ok(Err(e)) if !outbound::passing(&e) => {
-                tracing::error!(order = %order.order_id, error = %e, "order not recorded");
-                ctx.exceptions.record(
-                    Severity::Error,
-                    "orders",
-                    &format!("order {} could not be recorded", order.order_id),
-                );
-                return None;
-            }
-            other if !failed => {
-                tracing::error!(order = %order.order_id, ?other, "order not recorded; trying again");
-                ctx.exceptions.record(
-                    Severity::Error,
-                    "orders",
-                    &format!(
-                        "order {} could not be recorded (trying again)",
-                        order.order_id
-                    ),
-                );
-                failed = true;
-            }
-            other => {
-                tracing::debug!(order = %order.order_id, ?other, "order still not recorded");
-            }
+        },
+        outbound::passing,
+        |e| {
+            tracing::error!(order = %order.order_id, error = %e, "order not recorded; trying again");
+            ctx.exceptions.record(
+                Severity::Error,
+                "orders",
+                &format!(
+                    "order {} could not be recorded (trying again): {e}",
+                    order.order_id
+                ),
+            );
+        },
+    )
+    .await;
+    match recorded {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!(order = %order.order_id, error = %e, "order not recorded");
+            ctx.exceptions.record(
+                Severity::Error,
+                "orders",
+                &format!("order {} could not be recorded: {e}", order.order_id),
+            );
+            None
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(outbound::RETRY_MAX);
     }
 }
 

@@ -13,8 +13,7 @@ use epmc_transport::outbox::{Outbox, OutboxError};
 use epmc_transport::{MessageId, OutboundMessage, Priority};
 use tokio::sync::Notify;
 
-/// The first wait before pushing again, in [`Publisher::publish_persistently`] and for
-/// orders that could not be recorded.
+/// The first wait before trying again ([`until_done`]).
 pub const RETRY_FIRST: Duration = Duration::from_millis(250);
 /// The longest wait between two tries.
 pub const RETRY_MAX: Duration = Duration::from_secs(10);
@@ -24,6 +23,38 @@ pub const RETRY_MAX: Duration = Duration::from_secs(10);
 /// message itself, which trying again cannot cure.
 pub fn passing(e: &OutboxError) -> bool {
     matches!(e, OutboxError::Io(_) | OutboxError::Full { .. })
+}
+
+/// Runs `attempt` until it succeeds, or fails with an error that `passing` says may not pass
+/// (returned at once). Between tries it waits [`RETRY_FIRST`], doubling up to [`RETRY_MAX`].
+/// `failed` is told of the first failure; later ones are logged at debug level, and a success
+/// after failures at info level, naming `what`.
+pub async fn until_done<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    what: &str,
+    mut attempt: impl FnMut() -> F,
+    passing: impl Fn(&E) -> bool,
+    mut failed: impl FnMut(&E),
+) -> Result<T, E> {
+    let mut delay = RETRY_FIRST;
+    let mut first = true;
+    loop {
+        match attempt().await {
+            Ok(v) => {
+                if !first {
+                    tracing::info!(what, "done after all");
+                }
+                return Ok(v);
+            }
+            Err(e) if !passing(&e) => return Err(e),
+            Err(e) if first => {
+                failed(&e);
+                first = false;
+            }
+            Err(e) => tracing::debug!(what, error = %e, "not done yet; trying again"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(RETRY_MAX);
+    }
 }
 
 /// Why a message could not be queued.
@@ -92,29 +123,14 @@ impl Publisher {
         mut failed: impl FnMut(&PublishError),
     ) -> Result<uuid::Uuid, PublishError> {
         let (id, outbound) = self.outbound(message)?;
-        let mut delay = RETRY_FIRST;
-        let mut first = true;
-        loop {
-            match self.push(outbound.clone()).await {
-                Ok(()) => {
-                    if !first {
-                        tracing::info!(id = %id, "message queued after all");
-                    }
-                    return Ok(id);
-                }
-                Err(e) if !matches!(&e, PublishError::Outbox(o) if passing(o)) => return Err(e),
-                Err(e) => {
-                    if first {
-                        failed(&e);
-                        first = false;
-                    } else {
-                        tracing::debug!(id = %id, error = %e, "message still not queued");
-                    }
-                }
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(RETRY_MAX);
-        }
+        until_done(
+            &format!("message {id}"),
+            || self.push(outbound.clone()),
+            |e| matches!(e, PublishError::Outbox(o) if passing(o)),
+            &mut failed,
+        )
+        .await?;
+        Ok(id)
     }
 
     /// The envelope of `message`, on the topic its kind belongs to.
