@@ -140,6 +140,16 @@ async fn power_on(server: &Server, device: i64) -> uuid::Uuid {
     order
 }
 
+/// Waits until `order` is finished (`what` names the wait) and checks that it is done.
+async fn assert_done(server: &Server, order: uuid::Uuid, what: &str) {
+    let done = eventually(what, async || {
+        let r = server.store().orders().get(order).await.unwrap();
+        matches!(r.state, OrderState::Done | OrderState::Failed).then_some(r)
+    })
+    .await;
+    assert_eq!(done.state, OrderState::Done, "{:?}", done.result);
+}
+
 /// An emulated projector that warms up and cools down in 300 ms.
 fn quick_projector() -> ProjectorConfig {
     ProjectorConfig {
@@ -186,12 +196,7 @@ async fn an_order_recorded_before_a_sigkill_runs_once_after_the_restart() {
     let p = &fleet.projectors()[0];
     assert_eq!(p.power_code(), PowerCode::STANDBY_NETWORK_ON);
     let second = Agent::start(&agent_dir);
-    let done = eventually("order done after the restart", async || {
-        let r = server.store().orders().get(order).await.unwrap();
-        matches!(r.state, OrderState::Done | OrderState::Failed).then_some(r)
-    })
-    .await;
-    assert_eq!(done.state, OrderState::Done, "{:?}", done.result);
+    assert_done(&server, order, "order done after the restart").await;
     assert_eq!(p.power_code(), PowerCode::ON);
 
     // Once finished, the order is not run again: switch the projector off behind the
@@ -398,12 +403,7 @@ async fn an_agent_on_a_full_disk_keeps_running_and_reports_again_once_space_is_b
     })
     .await;
     // The order runs (or its result goes out) without a restart.
-    let done = eventually("the order done once space is back", async || {
-        let r = server.store().orders().get(order).await.unwrap();
-        matches!(r.state, OrderState::Done | OrderState::Failed).then_some(r)
-    })
-    .await;
-    assert_eq!(done.state, OrderState::Done, "{:?}", done.result);
+    assert_done(&server, order, "the order done once space is back").await;
     assert_eq!(p.power_code(), PowerCode::ON);
     eventually("the outbox emptied again", async || {
         let s = epmc_agent::service::status::read(&there).ok()?;
