@@ -3,7 +3,7 @@
 //! Most tests run the CLI in-process; one runs the built binary to check the wiring.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -12,7 +12,7 @@ use clap::Parser;
 use epmc_agent::cli::{Cli, run};
 use epmc_proto::model::PowerState;
 use epmc_proto::{Envelope, Kind, Message};
-use escvp::emulator::{Fleet, ProjectorConfig, ProjectorHandle};
+use escvp::emulator::{ClosedPort, Fleet, ProjectorConfig, ProjectorHandle};
 
 const BOUND: Duration = Duration::from_secs(30);
 
@@ -59,9 +59,9 @@ async fn emulators(n: usize) -> (Fleet, Vec<ProjectorHandle>) {
     (fleet, handles)
 }
 
-fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
+/// Refuses connections, and stays ours until dropped.
+fn closed_port() -> ClosedPort {
+    ClosedPort::on(Ipv4Addr::LOCALHOST.into()).expect("reserve a port")
 }
 
 fn temp_file(name: &str, text: &str) -> PathBuf {
@@ -148,7 +148,8 @@ async fn collect_once_prints_text() {
 #[tokio::test]
 async fn collect_once_json_prints_envelopes_and_fails_for_a_dead_target() {
     let (_fleet, p) = emulators(2).await;
-    let dead = closed_port().to_string();
+    let closed = closed_port();
+    let dead = closed.addr().to_string();
     let a = p[0].tcp_addr().to_string();
     let b = p[1].tcp_addr().to_string();
     let (code, out, err) = run_cli(&[
@@ -198,7 +199,8 @@ async fn collect_once_json_prints_envelopes_and_fails_for_a_dead_target() {
 #[tokio::test]
 async fn discover_reports_the_projectors_and_fails_when_none_answer() {
     let (_fleet, p) = emulators(2).await;
-    let dead = closed_port().to_string();
+    let closed = closed_port();
+    let dead = closed.addr().to_string();
     let a = p[0].tcp_addr().to_string();
     let b = p[1].tcp_addr().to_string();
     let (code, out, _) = run_cli(&["discover", "--range", &a, &dead, &b, "--all"]).await;
@@ -279,7 +281,8 @@ fn the_binary_exits_non_zero_on_failure() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--target"), "{stderr}");
 
-    let dead = closed_port().to_string();
+    let closed = closed_port();
+    let dead = closed.addr().to_string();
     let out = Command::new(exe)
         .args(["collect", "--once", "--target", &dead])
         .output()
@@ -362,7 +365,8 @@ fn assert_progress_only(progress: &str, first: &str) {
 #[tokio::test]
 async fn progress_goes_to_stderr_only_when_asked_and_changes_no_output() {
     let (_fleet, p) = emulators(2).await;
-    let dead = closed_port().to_string();
+    let closed = closed_port();
+    let dead = closed.addr().to_string();
     let a = p[0].tcp_addr().to_string();
     let b = p[1].tcp_addr().to_string();
 

@@ -14,7 +14,7 @@ use epmc_proto::bounded::BoundedVec;
 use epmc_proto::model::{Alarm, DeviceEventKind, PowerState, SignalState as ProtoSignal, Warning};
 use epmc_proto::{Envelope, Message};
 use escvp::client::{Client, ClientConfig};
-use escvp::emulator::{Faults, Fleet, ProjectorConfig, ProjectorHandle};
+use escvp::emulator::{ClosedPort, Faults, Fleet, ProjectorConfig, ProjectorHandle};
 use escvp::event::{Alarms, Warnings};
 use escvp::net::Password;
 use escvp::value::{
@@ -578,10 +578,8 @@ async fn dropped_connection_is_dropped() {
 #[tokio::test]
 async fn closed_port_is_refused() {
     bounded(async {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        drop(listener);
-        let err = collect_once(&Endpoint::new(addr), &quick())
+        let closed = ClosedPort::on([127, 0, 0, 1].into()).expect("reserve a port");
+        let err = collect_once(&Endpoint::new(closed.addr()), &quick())
             .await
             .unwrap_err();
         assert_eq!(err, CollectError::Refused);

@@ -13,7 +13,7 @@ use epmc_agent::collect::{CollectError, CollectOptions, Stage, collect_all};
 use epmc_agent::config::{Endpoint, TargetSpec};
 use epmc_agent::discover::{ProbeOutcome, discover};
 use epmc_proto::model::PowerState;
-use escvp::emulator::{Fleet, ProjectorConfig, fleet_plan};
+use escvp::emulator::{ClosedPort, Fleet, ProjectorConfig, fleet_plan};
 use escvp::net::Password;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -59,9 +59,9 @@ fn role(i: usize) -> Role {
     }
 }
 
-fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
+/// Refuses connections, and stays ours until dropped.
+fn closed_port() -> ClosedPort {
+    ClosedPort::on(Ipv4Addr::LOCALHOST.into()).expect("reserve a port")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,8 +103,8 @@ async fn fleet_of_fifty_with_faulty_ones() {
             .map(|p| Endpoint::new(p.tcp_addr()))
             .collect();
         let nothing = [closed_port(), closed_port()];
-        endpoints.insert(7, Endpoint::new(nothing[0]));
-        endpoints.push(Endpoint::new(nothing[1]));
+        endpoints.insert(7, Endpoint::new(nothing[0].addr()));
+        endpoints.push(Endpoint::new(nothing[1].addr()));
         let index_of = |addr: SocketAddr| projectors.iter().position(|p| p.tcp_addr() == addr);
 
         // Discovery.
@@ -216,7 +216,8 @@ async fn fleet_of_fifty_with_faulty_ones() {
 async fn fleet_on_addresses(hosts: &[u8]) -> (Fleet, u16) {
     let mut last = None;
     for _ in 0..8 {
-        let port = closed_port().port();
+        // A free port (released at once, so that the fleet can take it on each address).
+        let port = closed_port().addr().port();
         let plan = hosts.iter().map(|h| {
             let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, *h)), port);
             let config = ProjectorConfig {

@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -638,7 +638,7 @@ async fn start(
     config: ProjectorConfig,
     tasks: &mut JoinSet<()>,
 ) -> std::io::Result<ProjectorHandle> {
-    let (tcp, udp) = bind_pair(addr).await?;
+    let (tcp, udp) = bind_pair(addr, config.tcp != TcpService::Closed).await?;
     let tcp_addr = tcp.local_addr()?;
     let udp_addr = udp.local_addr()?;
     let http = match &config.http {
@@ -696,16 +696,21 @@ async fn start(
         kick,
     });
     let tcp_service = shared.lock().config.tcp;
-    match tcp_service {
-        TcpService::Open | TcpService::Protected => {
-            tasks.spawn(serve_tcp(tcp, shared.clone()));
-        }
-        TcpService::AcceptAndClose => {
+    match (tcp, tcp_service) {
+        (TcpPort::Listening(tcp), TcpService::AcceptAndClose) => {
             tasks.spawn(accept_and_close(tcp));
         }
-        // The listener only reserved the port number for UDP; closing it refuses
-        // connections.
-        TcpService::Closed => drop(tcp),
+        (TcpPort::Listening(tcp), _) => {
+            tasks.spawn(serve_tcp(tcp, shared.clone()));
+        }
+        // Bound, not listening: connections are refused, and the port stays the projector's
+        // for as long as its other tasks run.
+        (TcpPort::Reserved(port), _) => {
+            tasks.spawn(async move {
+                let _kept = port;
+                std::future::pending::<()>().await;
+            });
+        }
     }
     if let Some(listener) = http {
         tasks.spawn(http_side::serve_http(listener, shared.clone()));
@@ -723,11 +728,84 @@ async fn start(
     })
 }
 
+/// A TCP port on which nothing listens and which no other socket on this machine can take
+/// while this value lives: connections to it are refused. An emulated projector with
+/// [`TcpService::Closed`] holds one, and tests of unreachable targets may use one too. (A port
+/// found by binding a listener and closing it is free for the next listener, so a connection
+/// meant to be refused may reach someone else instead.)
+#[derive(Debug)]
+pub struct ClosedPort {
+    /// Never read: holding it is the reservation.
+    _socket: TcpSocket,
+    addr: SocketAddr,
+}
+
+impl ClosedPort {
+    /// Reserves a free port on `ip`.
+    pub fn on(ip: IpAddr) -> std::io::Result<ClosedPort> {
+        ClosedPort::at(SocketAddr::new(ip, 0))
+    }
+
+    /// Reserves `addr` (port 0 picks a free one).
+    pub fn at(addr: SocketAddr) -> std::io::Result<ClosedPort> {
+        let socket = tcp_socket(addr)?;
+        // Without SO_REUSEADDR, so that no other socket may share the port.
+        socket.bind(addr)?;
+        let addr = socket.local_addr()?;
+        Ok(ClosedPort {
+            _socket: socket,
+            addr,
+        })
+    }
+
+    /// The reserved address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+fn tcp_socket(addr: SocketAddr) -> std::io::Result<TcpSocket> {
+    if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+}
+
+/// The TCP side of a projector's port: a listener, or, for [`TcpService::Closed`], a
+/// [`ClosedPort`] that keeps the port number for the projector's UDP side.
+enum TcpPort {
+    Listening(TcpListener),
+    Reserved(ClosedPort),
+}
+
+impl TcpPort {
+    fn bind(addr: SocketAddr, listen: bool) -> std::io::Result<TcpPort> {
+        if !listen {
+            return ClosedPort::at(addr).map(TcpPort::Reserved);
+        }
+        let socket = tcp_socket(addr)?;
+        // As `TcpListener::bind` does: a restarted emulator may take its port back while
+        // old connections linger in TIME_WAIT.
+        #[cfg(not(windows))]
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        Ok(TcpPort::Listening(socket.listen(1024)?))
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            TcpPort::Listening(l) => l.local_addr(),
+            TcpPort::Reserved(c) => Ok(c.addr()),
+        }
+    }
+}
+
 /// Binds TCP and UDP on the same port; with port 0, retries until a port is free for both.
-async fn bind_pair(addr: SocketAddr) -> std::io::Result<(TcpListener, UdpSocket)> {
+async fn bind_pair(addr: SocketAddr, listen: bool) -> std::io::Result<(TcpPort, UdpSocket)> {
     let mut last_err = None;
     for _ in 0..32 {
-        let tcp = TcpListener::bind(addr).await?;
+        let tcp = TcpPort::bind(addr, listen)?;
         let mut udp_addr = addr;
         udp_addr.set_port(tcp.local_addr()?.port());
         match UdpSocket::bind(udp_addr).await {

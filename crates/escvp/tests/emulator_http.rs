@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use escvp::client::{Client, ClientConfig};
 use escvp::emulator::{
-    DigestAlgorithm, Faults, Fleet, HttpConfig, ProjectorConfig, ProjectorHandle, TcpService,
+    ClosedPort, DigestAlgorithm, Faults, Fleet, HttpConfig, ProjectorConfig, ProjectorHandle,
+    TcpService,
 };
 use escvp::http::{Authorization, Challenge, DIGEST_USER, JsonQueryReply};
 use escvp::net::Password;
@@ -387,6 +388,15 @@ async fn http_faults() {
     );
 }
 
+async fn assert_reserved(addr: SocketAddr) {
+    let taken = tokio::net::TcpListener::bind(addr).await;
+    assert_eq!(
+        taken.map(|_| ()).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::AddrInUse),
+        "the closed port {addr} was free for another listener"
+    );
+}
+
 #[tokio::test]
 async fn closed_escvp_port() {
     let (_f, p) = start(
@@ -401,6 +411,16 @@ async fn closed_escvp_port() {
         json(&get(p.http_addr().unwrap(), &q("PWR"), None).await).reply(),
         "04"
     );
+    // The closed port stays the projector's: no other listener (another projector's HTTP
+    // side, say) can take it, so connecting there can never reach someone else. A plain
+    // `bind` sets SO_REUSEADDR, as every tokio listener does.
+    assert_reserved(p.tcp_addr()).await;
+
+    // The same reservation, for tests of unreachable targets.
+    let closed = ClosedPort::on("127.0.0.1".parse().unwrap()).unwrap();
+    let err = TcpStream::connect(closed.addr()).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert_reserved(closed.addr()).await;
 
     // Protected: ESC/VP.net 1.0 CONNECT refused with 0x45, then closed.
     let (_f, p) = start(ProjectorConfig::default().with_tcp(TcpService::Protected)).await;
