@@ -293,6 +293,19 @@ fn the_binary_exits_non_zero_on_failure() {
         String::from_utf8_lossy(&out.stderr),
         format!("{dead}: connection refused (refused)\n")
     );
+
+    // Nor colour codes in its log lines (a journal or a log file would keep them).
+    let out = Command::new(exe)
+        .args(["collect", "--once", "--target", &dead])
+        .env("RUST_LOG", "debug")
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ESC/VP.net unavailable"), "{stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a pipe: {stderr:?}"
+    );
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! `epmc-server`: the operator's commands. Wiring only; the logic is in [`epmc_server::cli`].
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -21,6 +22,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: not into a pipe, a file or the journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     ca::install_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {

@@ -167,6 +167,21 @@ fn init_tenant_token_agent_and_devices_commands() {
     let out = epmc(&data, &["tenant", "list"]);
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    // Asked for its log, it writes it without colour codes into a pipe (a journal or a log
+    // file would keep them).
+    let out = Command::new(env!("CARGO_BIN_EXE_epmc-server"))
+        .arg("--data")
+        .arg(&data)
+        .args(["tenant", "list"])
+        .env("RUST_LOG", "debug")
+        .output()
+        .expect("run epmc-server");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("DEBUG"), "{stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a pipe: {stderr:?}"
+    );
 
     // Its reader gone (`| head`): it ends quietly, without a panic.
     let mut child = Command::new(env!("CARGO_BIN_EXE_epmc-server"))

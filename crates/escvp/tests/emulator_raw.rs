@@ -186,9 +186,13 @@ async fn udp_hello_and_refusals() {
 
 #[test]
 fn binary_prints_one_line_per_projector_and_serves() {
+    // With its log at info level: the log goes to standard error, without colour codes
+    // into a pipe, and standard output stays the projectors' list.
     let mut child = Process::new(env!("CARGO_BIN_EXE_escvp-emulator"))
         .args(["--listen", "127.0.0.1:0", "--count", "3"])
+        .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("binary starts");
     let stdout = child.stdout.take().unwrap();
@@ -215,5 +219,8 @@ fn binary_prints_one_line_per_projector_and_serves() {
         });
     }
     child.kill().unwrap();
-    child.wait().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("emulated projector listening"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a pipe: {log:?}");
 }

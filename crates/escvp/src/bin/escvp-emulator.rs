@@ -10,6 +10,7 @@
 //! escvp-emulator --listen 127.0.0.1:0 --http-port 0 --tcp-closed   # reachable over HTTP only
 //! ```
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -82,6 +83,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
+        // The log goes to standard error: standard output is the projectors' list.
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: not into a pipe, a file or the journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = Args::parse();
     if args.count == 0 || args.count > 1000 {
