@@ -841,7 +841,7 @@ pub fn write_status(
     )?;
     writeln!(
         out,
-        "server: {}; {} message(s) waiting; {} order(s) in progress; updated {}",
+        "server: {}; {} message(s) waiting{}; {} order(s) in progress; updated {}",
         if s.server_connected {
             "connected".to_owned()
         } else {
@@ -851,6 +851,14 @@ pub fn write_status(
             )
         },
         s.outbox_messages,
+        if s.held_messages > 0 {
+            format!(
+                " ({} more held in memory: the outbox cannot take them)",
+                s.held_messages
+            )
+        } else {
+            String::new()
+        },
         s.orders_in_progress,
         ago(now, Some(s.written_at)),
     )?;

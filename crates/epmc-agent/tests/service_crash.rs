@@ -358,19 +358,33 @@ async fn an_agent_on_a_full_disk_keeps_running_and_reports_again_once_space_is_b
         }
     };
     assert_eq!(error.raw_os_error(), Some(28), "ENOSPC: {error}");
-    let mut toggle = false;
-    eventually("the agent saying what it could not queue", async || {
-        toggle = !toggle;
-        p.set_warnings(if toggle {
-            Warnings::NONE
-        } else {
-            Warnings::AIR_FILTER
-        });
+    // The ids of the status-change events the agent had to hold in memory.
+    let held_events = || -> Vec<String> {
         let log = log.lock().unwrap();
         log.iter()
-            .any(|l| l.contains("not queued") && l.contains("No space left"))
-            .then_some(())
-    })
+            .filter(|l| l.contains("message held in memory") && l.contains("kind=Event"))
+            .filter_map(|l| l.split(" id=").nth(1)?.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut toggle = false;
+    eventually(
+        "the agent holding an event it could not queue",
+        async || {
+            toggle = !toggle;
+            p.set_warnings(if toggle {
+                Warnings::NONE
+            } else {
+                Warnings::AIR_FILTER
+            });
+            let full = log
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("message held in memory") && l.contains("No space left"));
+            (full && !held_events().is_empty()).then_some(())
+        },
+    )
     .await;
     let mut child = agent_process;
     assert!(
@@ -405,11 +419,29 @@ async fn an_agent_on_a_full_disk_keeps_running_and_reports_again_once_space_is_b
     // The order runs (or its result goes out) without a restart.
     assert_done(&server, order, "the order done once space is back").await;
     assert_eq!(p.power_code(), PowerCode::ON);
-    eventually("the outbox emptied again", async || {
+    eventually("the outbox emptied again, nothing held", async || {
         let s = epmc_agent::service::status::read(&there).ok()?;
-        (s.server_connected && s.outbox_messages == 0).then_some(())
+        (s.server_connected && s.outbox_messages == 0 && s.held_messages == 0).then_some(())
     })
     .await;
+    // Every event the agent held while the disk was full reached the server.
+    let held = held_events();
+    let stored: Vec<String> = server
+        .store()
+        .tenant(tenant)
+        .events(device.id, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.message_id.to_string())
+        .collect();
+    for id in &held {
+        assert!(
+            stored.contains(id),
+            "event {id}, held while the disk was full, is not stored ({} held)",
+            held.len()
+        );
+    }
     child.kill();
     server.shutdown().await;
 }

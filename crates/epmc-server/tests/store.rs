@@ -257,7 +257,7 @@ async fn same_message_id_is_stored_once(db: Db) {
     assert_eq!(out, vec![IngestOutcome::Stored, IngestOutcome::Duplicate]);
     let out = s
         .ingest()
-        .ingest_batch(&[item(agent, Channel::Events, ev)])
+        .ingest_batch(&[item(agent, Channel::Events, ev.clone())])
         .await
         .expect("batch");
     assert_eq!(out, vec![IngestOutcome::Duplicate]);
@@ -269,6 +269,8 @@ async fn same_message_id_is_stored_once(db: Db) {
         .await
         .expect("events");
     assert_eq!(events.len(), 1, "the event is stored once");
+    let sent = Envelope::from_json(&ev).expect("envelope");
+    assert_eq!(events[0].message_id, sent.id, "an event names its message");
     assert_eq!(s.admin().rejected_count().await.expect("count"), 0);
 }
 

@@ -52,7 +52,7 @@ use crate::config::{AgentConfig, Mode, Schedule};
 use crate::identity;
 use device::{DeviceTask, Work};
 use orders::{Journal, Recorded};
-use outbound::Publisher;
+use outbound::{PublishError, Publisher};
 use status::{AgentStatus, Reach, StatusTable, TargetStatus};
 
 /// Settings of the service that are not in the configuration file.
@@ -323,17 +323,32 @@ impl Ctx {
         f.await
     }
 
-    /// Queues a message; a failure is logged and kept in the exception log (the outbox only
-    /// refuses when it is full of more important messages, or its disk fails).
+    /// Queues a message. While the outbox cannot take it (its disk full or failing, or it is
+    /// full of more important messages), it is held in memory and queued later (see
+    /// [`Publisher`]); the first hold of a spell is kept in the exception log. Any other
+    /// failure is logged and kept in the exception log.
     async fn publish(&self, message: Message) {
         let kind = message.kind();
-        if let Err(e) = self.publisher.publish(message).await {
-            tracing::error!(?kind, error = %e, "message not queued");
-            self.exceptions.record(
-                Severity::Error,
-                "outbox",
-                &format!("{kind:?} not queued: {e}"),
-            );
+        match self.publisher.publish(message).await {
+            Ok(_) => {}
+            Err(PublishError::Held { id, reason }) => {
+                tracing::warn!(?kind, %id, %reason, "message held in memory until the outbox takes it");
+                if self.publisher.held() == 1 {
+                    self.exceptions.record(
+                        Severity::Warning,
+                        "outbox",
+                        &format!("{kind:?} held in memory, the outbox cannot take it: {reason}"),
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::error!(?kind, error = %e, "message not queued");
+                self.exceptions.record(
+                    Severity::Error,
+                    "outbox",
+                    &format!("{kind:?} not queued: {e}"),
+                );
+            }
         }
     }
 
@@ -863,6 +878,13 @@ impl Service {
         if let Some(f) = self.forwarder.take() {
             f.stop().await;
         }
+        let held = self.ctx.publisher.held();
+        if held > 0 {
+            tracing::error!(
+                messages = held,
+                "messages held in memory (the outbox could not take them) are lost at this stop"
+            );
+        }
         let _ = status::write(&self.state_dir, &snapshot(&self.ctx, &self.session));
     }
 }
@@ -1081,6 +1103,7 @@ fn snapshot(ctx: &Ctx, session: &MqttSession) -> AgentStatus {
         server_connected: session.is_connected(),
         server_error: session.stats().last_error,
         outbox_messages: ctx.publisher.pending(),
+        held_messages: ctx.publisher.held(),
         orders_in_progress: ctx
             .journal
             .lock()

@@ -2,8 +2,16 @@
 //! envelope, put on the topic its kind belongs to (built from the agent's own id), written
 //! durably to the outbox, and the forwarder is woken. The push is synced to disk before
 //! `publish` returns, so once it returns the message survives a crash or a server outage.
+//!
+//! While the outbox cannot take a message for a reason that may pass (its disk is full or
+//! failing, or it is full of messages it may not drop), the message is **held** in memory, in
+//! order, and a task pushes what is held with back-off until the outbox takes it; later
+//! messages queue behind it, so they reach the server in the order they were made. What is
+//! held is bounded ([`HELD_MAX_MESSAGES`], [`HELD_MAX_BYTES`]): past that, the oldest of the
+//! least important kind is dropped and logged. Held messages do not survive a restart.
 
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -57,9 +65,23 @@ pub async fn until_done<T, E: std::fmt::Display, F: Future<Output = Result<T, E>
     }
 }
 
+/// At most this many messages are held in memory while the outbox cannot take them.
+pub const HELD_MAX_MESSAGES: usize = 1_000;
+/// At most this many bytes of payload are held in memory.
+pub const HELD_MAX_BYTES: usize = 4 << 20;
+
 /// Why a message could not be queued.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
+    /// Not queued yet: the outbox could not take the message (or others are held before it),
+    /// so it is held in memory and queued once the outbox takes it.
+    #[error("message {id} held in memory until the outbox takes it ({reason})")]
+    Held {
+        /// The envelope id.
+        id: uuid::Uuid,
+        /// Why the outbox did not take it.
+        reason: String,
+    },
     /// The message does not encode (a bug: bounded types should prevent it).
     #[error("cannot encode the message: {0}")]
     Encode(#[from] ProtoError),
@@ -87,6 +109,53 @@ pub struct Publisher {
     agent: AgentId,
     outbox: Arc<Mutex<Outbox>>,
     wake: Arc<Notify>,
+    held: Arc<Mutex<Held>>,
+}
+
+fn uuid(id: MessageId) -> uuid::Uuid {
+    uuid::Uuid::from_bytes(*id.as_bytes())
+}
+
+/// Messages the outbox could not take yet, oldest first.
+#[derive(Debug, Default)]
+struct Held {
+    queue: VecDeque<OutboundMessage>,
+    bytes: usize,
+    /// Whether a task is pushing them.
+    flushing: bool,
+    /// Messages dropped to keep within the bounds, since the start.
+    dropped: u64,
+}
+
+impl Held {
+    /// Adds `message` behind the others; past the bounds drops the oldest of the least
+    /// important kind (which may be `message` itself) and returns what it dropped.
+    fn hold(&mut self, message: OutboundMessage) -> Vec<OutboundMessage> {
+        self.bytes += message.payload.len();
+        self.queue.push_back(message);
+        let mut dropped = Vec::new();
+        while self.queue.len() > HELD_MAX_MESSAGES || self.bytes > HELD_MAX_BYTES {
+            let least = self.queue.iter().map(|m| m.priority).min();
+            let Some(i) = self.queue.iter().position(|m| Some(m.priority) == least) else {
+                break;
+            };
+            if let Some(m) = self.queue.remove(i) {
+                self.bytes -= m.payload.len();
+                self.dropped += 1;
+                dropped.push(m);
+            }
+        }
+        dropped
+    }
+
+    /// Removes the front message once it was pushed, unless the bounds dropped it meanwhile.
+    fn pushed(&mut self, id: MessageId) {
+        if self.queue.front().is_some_and(|m| m.id == id)
+            && let Some(m) = self.queue.pop_front()
+        {
+            self.bytes -= m.payload.len();
+        }
+    }
 }
 
 impl Publisher {
@@ -96,6 +165,7 @@ impl Publisher {
             agent,
             outbox,
             wake,
+            held: Arc::default(),
         }
     }
 
@@ -104,11 +174,90 @@ impl Publisher {
         &self.agent
     }
 
-    /// Wraps, stores durably and queues one message; returns its envelope id.
+    /// Wraps, stores durably and queues one message; returns its envelope id. While the
+    /// outbox cannot take it for a reason that may pass, or while other messages are held,
+    /// the message is held in memory and [`PublishError::Held`] says so; it is queued later.
+    /// Must be called within a Tokio runtime (holding starts a task).
     pub async fn publish(&self, message: Message) -> Result<uuid::Uuid, PublishError> {
         let (id, outbound) = self.outbound(message)?;
-        self.push(outbound).await?;
-        Ok(id)
+        if !self.lock_held().queue.is_empty() {
+            self.hold(outbound);
+            return Err(PublishError::Held {
+                id,
+                reason: "others are held before it".to_owned(),
+            });
+        }
+        match self.push(outbound.clone()).await {
+            Ok(()) => Ok(id),
+            Err(PublishError::Outbox(e)) if passing(&e) => {
+                self.hold(outbound);
+                Err(PublishError::Held {
+                    id,
+                    reason: e.to_string(),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Messages held in memory, not queued yet.
+    pub fn held(&self) -> usize {
+        self.lock_held().queue.len()
+    }
+
+    /// Messages dropped from what was held, to keep within its bounds, since the start.
+    pub fn held_dropped(&self) -> u64 {
+        self.lock_held().dropped
+    }
+
+    fn lock_held(&self) -> MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn hold(&self, message: OutboundMessage) {
+        let start = {
+            let mut held = self.lock_held();
+            for m in held.hold(message) {
+                tracing::warn!(id = %uuid(m.id), topic = %m.topic, priority = ?m.priority,
+                    "held message dropped: too many held while the outbox cannot take them");
+            }
+            !std::mem::replace(&mut held.flushing, true)
+        };
+        if start {
+            tokio::spawn(self.clone().flush());
+        }
+    }
+
+    /// Pushes what is held, oldest first, each with back-off until the outbox takes it.
+    async fn flush(self) {
+        let mut sent = 0usize;
+        loop {
+            let front = {
+                let mut held = self.lock_held();
+                match held.queue.front() {
+                    Some(m) => m.clone(),
+                    None => {
+                        held.flushing = false;
+                        break;
+                    }
+                }
+            };
+            let id = front.id;
+            let pushed = until_done(
+                "held messages",
+                || self.push(front.clone()),
+                |e| matches!(e, PublishError::Outbox(o) if passing(o)),
+                |_| {},
+            )
+            .await;
+            if let Err(e) = pushed {
+                tracing::error!(id = %uuid(id), error = %e, "held message dropped: the outbox refuses it");
+            } else {
+                sent += 1;
+            }
+            self.lock_held().pushed(id);
+        }
+        tracing::info!(messages = sent, "held messages queued");
     }
 
     /// [`Publisher::publish`] for a message that must not be lost while the agent runs (an
@@ -208,6 +357,117 @@ mod tests {
             vec![MessageId::from_bytes(id.into_bytes())],
             "the result, once"
         );
+    }
+
+    /// While the outbox fails, messages are held in memory; once it works again they are
+    /// queued in the order they were made (those made meanwhile behind the first, although
+    /// the outbox could have taken them), each once.
+    #[tokio::test]
+    async fn messages_the_outbox_cannot_take_are_held_then_queued_in_order_once() {
+        let sim = Arc::new(SimStorage::new());
+        let outbox = Outbox::open_in(sim.clone(), "/state/outbox", Limits::default()).unwrap();
+        let outbox = Arc::new(Mutex::new(outbox));
+        let agent = AgentId::new(uuid::Uuid::new_v4());
+        let publisher = Publisher::new(agent, outbox.clone(), Arc::new(Notify::new()));
+        let mut made = Vec::new();
+        // One failed sync, then three in a row (the held messages are pushed again with
+        // back-off until the outbox takes them).
+        for (faults, kinds) in [
+            (1, &[Kind::Event, Kind::Snapshot, Kind::Event][..]),
+            (3, &[Kind::ExceptionLog, Kind::Event][..]),
+        ] {
+            for _ in 0..faults {
+                sim.inject(Fault::Sync);
+            }
+            for &kind in kinds {
+                match publisher.publish(sample::sample(kind).message).await {
+                    Err(PublishError::Held { id, .. }) => made.push(id),
+                    other => panic!("{kind:?}: held expected, got {other:?}"),
+                }
+            }
+            assert_eq!(publisher.held(), kinds.len());
+            tokio::time::timeout(Duration::from_secs(30), async {
+                while publisher.held() > 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .expect("the held messages queued once the outbox works");
+            assert_eq!(sim.pending_faults(), 0, "every injected failure was met");
+        }
+        // Later messages go straight to the outbox again.
+        let after = publisher
+            .publish(sample::sample(Kind::Event).message)
+            .await
+            .expect("queued at once");
+        made.push(after);
+        let queued: Vec<_> = outbox
+            .lock()
+            .unwrap()
+            .pending()
+            .map(|h| uuid(h.message.id))
+            .collect();
+        assert_eq!(queued, made, "each once, in the order made");
+        assert_eq!(publisher.held_dropped(), 0);
+    }
+
+    /// What is held is bounded: past the bounds the oldest of the least important kind goes
+    /// (a snapshot before any event), and an order's result is never the one dropped.
+    #[test]
+    fn what_is_held_is_bounded_dropping_the_oldest_of_the_least_important_first() {
+        let message = |n: usize, priority: Priority, size: usize| OutboundMessage {
+            id: MessageId::from_bytes((n as u128).to_be_bytes()),
+            topic: String::new(),
+            payload: Bytes::from(vec![0u8; size]),
+            priority,
+        };
+        let ids = |h: &Held| h.queue.iter().map(|m| m.id).collect::<Vec<_>>();
+        let mut held = Held::default();
+        assert!(held.hold(message(0, Priority::Event, 10)).is_empty());
+        assert!(held.hold(message(1, Priority::Routine, 10)).is_empty());
+        for n in 2..HELD_MAX_MESSAGES {
+            assert!(held.hold(message(n, Priority::Event, 10)).is_empty());
+        }
+        assert_eq!(held.queue.len(), HELD_MAX_MESSAGES);
+        // One more: the snapshot goes, although it is not the oldest.
+        let dropped = held.hold(message(HELD_MAX_MESSAGES, Priority::Critical, 10));
+        assert_eq!(
+            dropped.iter().map(|m| m.id).collect::<Vec<_>>(),
+            [message(1, Priority::Routine, 0).id]
+        );
+        // Only events and a result left: the oldest event goes.
+        let dropped = held.hold(message(HELD_MAX_MESSAGES + 1, Priority::Event, 10));
+        assert_eq!(dropped[0].id, message(0, Priority::Event, 0).id);
+        assert_eq!(held.queue.len(), HELD_MAX_MESSAGES);
+        assert_eq!(held.dropped, 2);
+        assert_eq!(held.bytes, 10 * HELD_MAX_MESSAGES);
+        // A snapshot arriving now is itself the one to go.
+        let dropped = held.hold(message(HELD_MAX_MESSAGES + 2, Priority::Routine, 10));
+        assert_eq!(
+            dropped[0].id,
+            message(HELD_MAX_MESSAGES + 2, Priority::Routine, 0).id
+        );
+        assert!(ids(&held).contains(&message(HELD_MAX_MESSAGES, Priority::Critical, 0).id));
+        // Bytes bound the queue too.
+        let mut held = Held::default();
+        held.hold(message(0, Priority::Event, HELD_MAX_BYTES / 2));
+        held.hold(message(1, Priority::Event, HELD_MAX_BYTES / 2));
+        let dropped = held.hold(message(2, Priority::Event, 1));
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(
+            ids(&held),
+            [
+                message(1, Priority::Event, 0).id,
+                message(2, Priority::Event, 0).id
+            ]
+        );
+        assert_eq!(held.bytes, HELD_MAX_BYTES / 2 + 1);
+        // A pushed front leaves; an id no longer at the front (dropped meanwhile) changes nothing.
+        held.pushed(message(2, Priority::Event, 0).id);
+        assert_eq!(held.queue.len(), 2);
+        held.pushed(message(1, Priority::Event, 0).id);
+        assert_eq!(ids(&held), [message(2, Priority::Event, 0).id]);
+        assert_eq!(held.bytes, 1);
     }
 
     /// A message the outbox can never take is not tried again.

@@ -73,6 +73,9 @@ pub struct AgentStatus {
     pub server_error: Option<String>,
     /// Messages waiting in the outbox.
     pub outbox_messages: usize,
+    /// Messages held in memory because the outbox could not take them (a full disk).
+    #[serde(default)]
+    pub held_messages: usize,
     /// Orders recorded and not finished.
     pub orders_in_progress: usize,
     /// Every target, by address.

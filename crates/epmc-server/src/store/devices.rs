@@ -388,7 +388,7 @@ pub(super) async fn events(
     limit: u32,
 ) -> Result<Vec<EventRecord>, StoreError> {
     sqlx::query(
-        "SELECT e.at, e.body FROM events e JOIN devices d ON d.id = e.device_id \
+        "SELECT e.at, e.body, e.message_id FROM events e JOIN devices d ON d.id = e.device_id \
          WHERE e.device_id = $1 AND ($2 = '' OR d.tenant_id = $2) ORDER BY e.at DESC, e.id DESC \
          LIMIT $3",
     )
@@ -400,6 +400,10 @@ pub(super) async fn events(
     .iter()
     .map(|r| {
         Ok(EventRecord {
+            message_id: r
+                .try_get::<String, _>(2)?
+                .parse()
+                .map_err(StoreError::corrupt)?,
             at: ts(r.try_get(0)?)?,
             event: serde_json::from_str(&r.try_get::<String, _>(1)?)
                 .map_err(StoreError::corrupt)?,

@@ -340,6 +340,8 @@ pub struct SecurityEvent {
 /// A stored device event.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EventRecord {
+    /// The envelope id of the message that carried it.
+    pub message_id: Uuid,
     /// When the agent saw it.
     pub at: Timestamp,
     /// What happened.
