@@ -348,10 +348,8 @@ async fn forged_used_and_expired_tokens_are_refused_with_the_servers_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_is_named_and_nothing_is_written() {
     let out = tempfile::tempdir().unwrap();
-    let gone = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = escvp::emulator::ClosedPort::on([127, 0, 0, 1].into()).unwrap();
+    let gone = closed.addr();
     let token: Token = format!(
         "epmc1.{}.{}.{}",
         "01".repeat(8),

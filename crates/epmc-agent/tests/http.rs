@@ -22,7 +22,8 @@ use epmc_agent::discover::{
 use epmc_agent::http::{HttpError, HttpProjector, QueryAnswer, collect_http, status_http};
 use epmc_proto::model::PowerState;
 use escvp::emulator::{
-    DigestAlgorithm, Faults, Fleet, HttpConfig, ProjectorConfig, ProjectorHandle, TcpService,
+    ClosedPort, DigestAlgorithm, Faults, Fleet, HttpConfig, ProjectorConfig, ProjectorHandle,
+    TcpService,
 };
 use escvp::event::Warnings;
 use escvp::net::Password;
@@ -437,10 +438,8 @@ async fn a_projector_with_3629_closed_is_collected_over_http() {
                 collect_once(&no_http, &quick()).await.unwrap_err(),
                 expected
             );
-            let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let dead_port = closed.local_addr().expect("addr").port();
-            drop(closed);
-            let dead_http = endpoint(&p, Some("web-pw")).with_http_port(Some(dead_port));
+            let closed = ClosedPort::on([127, 0, 0, 1].into()).expect("reserve a port");
+            let dead_http = endpoint(&p, Some("web-pw")).with_http_port(Some(closed.addr().port()));
             assert_eq!(
                 collect_once(&dead_http, &quick()).await.unwrap_err(),
                 expected

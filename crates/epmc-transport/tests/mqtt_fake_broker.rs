@@ -29,19 +29,24 @@ struct Fake {
     acceptor: tokio_rustls::TlsAcceptor,
 }
 
+/// A socket bound to a free loopback port that does not listen yet: connections to it are
+/// refused, and no other socket can take the port meanwhile (a port found by binding a
+/// listener and closing it is free for anyone until it is bound again).
+fn reserved_port() -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    socket
+}
+
 impl Fake {
     async fn start(versions: &[&'static rustls::SupportedProtocolVersion]) -> Fake {
-        Fake::start_on(
-            versions,
-            "127.0.0.1:0".parse().unwrap(),
-            Ca::new("Fake Broker CA"),
-        )
-        .await
+        Fake::start_on(versions, reserved_port(), Ca::new("Fake Broker CA")).await
     }
 
+    /// Listens on `port`, a socket bound by [`reserved_port`].
     async fn start_on(
         versions: &[&'static rustls::SupportedProtocolVersion],
-        addr: SocketAddr,
+        port: tokio::net::TcpSocket,
         ca: Ca,
     ) -> Fake {
         let (cert, key) = ca.server(&["localhost", "127.0.0.1"]);
@@ -59,7 +64,7 @@ impl Fake {
         config.alpn_protocols = vec![b"mqtt".to_vec()];
         Fake {
             ca,
-            listener: TcpListener::bind(addr).await.unwrap(),
+            listener: port.listen(64).unwrap(),
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
         }
     }
@@ -706,10 +711,9 @@ fn bad_tls_material_is_a_clear_error() {
 async fn the_session_backs_off_then_connects_when_the_broker_appears() {
     use epmc_transport::session::MqttSession;
     use epmc_transport::{MessageId, OutboundMessage, Priority, TransportError, Uplink};
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Nothing listens there yet, and the port stays ours until the broker appears.
+    let port = reserved_port();
+    let addr = port.local_addr().unwrap();
     let ca = Ca::new("Fake Broker CA");
     let session = MqttSession::start(
         MqttOptions::new(addr, "localhost", A),
@@ -733,7 +737,7 @@ async fn the_session_backs_off_then_connects_when_the_broker_appears() {
     assert!((1..=4).contains(&failures), "{:?}", session.stats());
     assert!(!session.is_connected());
 
-    let fake = Fake::start_on(&[&rustls::version::TLS13], addr, ca).await;
+    let fake = Fake::start_on(&[&rustls::version::TLS13], port, ca).await;
     let (mut conn, connect) = tokio::time::timeout(Duration::from_secs(20), fake.accept())
         .await
         .expect("the session retries within its back-off");
