@@ -67,18 +67,32 @@ fn decode_requests(stream: &[u8], chunk: usize) -> usize {
 #[test]
 fn decoding_allocates_nothing() {
     for chunk in [usize::MAX, 1, 3, 7] {
-        let region = Region::new(GLOBAL);
-        let replies = decode_replies(black_box(REPLIES), chunk);
-        let requests = decode_requests(black_box(REQUESTS), chunk);
-        let pwstatus = StatusReport::parse_pwstatus(black_box("01 00000000 00000000 T1 F1"));
-        let stats = region.change();
-        assert_eq!(replies, 10, "chunks of {chunk}");
-        assert_eq!(requests, 6, "chunks of {chunk}");
-        assert!(pwstatus.is_ok());
+        // The counter is process-wide, and the test harness's own thread may allocate while
+        // this one measures (seen on a loaded machine: 4 allocations, none freed). Decoding
+        // that allocates does so on every try; a stray allocation elsewhere does not recur
+        // in the same window, so the fewest of a few tries is decoding's own count.
+        let mut fewest = None;
+        for _ in 0..5 {
+            let region = Region::new(GLOBAL);
+            let replies = decode_replies(black_box(REPLIES), chunk);
+            let requests = decode_requests(black_box(REQUESTS), chunk);
+            let pwstatus = StatusReport::parse_pwstatus(black_box("01 00000000 00000000 T1 F1"));
+            let stats = region.change();
+            assert_eq!(replies, 10, "chunks of {chunk}");
+            assert_eq!(requests, 6, "chunks of {chunk}");
+            assert!(pwstatus.is_ok());
+            let counted = (stats.allocations, stats.reallocations);
+            if fewest.is_none_or(|f| counted < f) {
+                fewest = Some(counted);
+            }
+            if counted == (0, 0) {
+                break;
+            }
+        }
         assert_eq!(
-            (stats.allocations, stats.reallocations),
-            (0, 0),
-            "chunks of {chunk}: {stats:?}"
+            fewest,
+            Some((0, 0)),
+            "chunks of {chunk}: allocations, reallocations"
         );
     }
     // The counter works: an allocation is seen.
