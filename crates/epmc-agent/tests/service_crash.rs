@@ -20,7 +20,7 @@ use epmc_server::datadir;
 use epmc_server::server::{ServeConfig, Server};
 use epmc_server::store::{OrderState, OrderTarget, TenantId};
 use escvp::client::{Client, ClientConfig};
-use escvp::emulator::{Fleet, ProjectorConfig};
+use escvp::emulator::{ClosedPort, Fleet, ProjectorConfig};
 use escvp::event::Warnings;
 use escvp::value::{PowerCode, PowerCommand};
 
@@ -67,11 +67,6 @@ impl Drop for Agent {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 /// Writes `agent.toml` in `bundle_dir`: the server's endpoint, one projector, kept in
@@ -165,8 +160,10 @@ async fn an_order_recorded_before_a_sigkill_runs_once_after_the_restart() {
     let (server, _tenant, agent_dir) = server_and_agent(dir.path()).await;
     let admin = server.store().admin();
 
-    // The projector's address, with nothing listening yet.
-    let projector = free_port();
+    // The projector's address, with nothing listening yet (and the port kept from others
+    // until the projector comes up).
+    let reserved = ClosedPort::on([127, 0, 0, 1].into()).unwrap();
+    let projector = reserved.addr();
     let agent_dir = setup_agent(dir.path(), &server, &agent_dir, projector, "poll");
     let first = Agent::start(&agent_dir);
 
@@ -190,6 +187,7 @@ async fn an_order_recorded_before_a_sigkill_runs_once_after_the_restart() {
     first.kill();
 
     // The projector comes up; the agent restarts and runs the order from its journal.
+    drop(reserved);
     let fleet = Fleet::spawn([(projector, quick_projector())])
         .await
         .unwrap();
@@ -257,7 +255,7 @@ async fn an_agent_on_a_full_disk_keeps_running_and_reports_again_once_space_is_b
     let dir = tempfile::tempdir().unwrap();
     let (server, tenant, agent_dir) = server_and_agent(dir.path()).await;
     let admin = server.store().admin();
-    let fleet = Fleet::spawn([(free_port(), quick_projector())])
+    let fleet = Fleet::spawn([(SocketAddr::from(([127, 0, 0, 1], 0)), quick_projector())])
         .await
         .unwrap();
     let p = &fleet.projectors()[0];

@@ -35,9 +35,10 @@ const KILL_AFTER: usize = 250;
 const WINDOW: usize = 32;
 const BASE: i64 = 1_800_000_000;
 
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+/// For a first start: the server takes a free port and says which (`ServerProcess::mqtt`);
+/// restarts ask for that one again.
+fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
 /// How the server is stopped mid-stream.
@@ -54,6 +55,8 @@ struct ServerProcess {
     child: Child,
     /// The server's process id: the child's, unless a wrapper runs the server.
     pid: u32,
+    /// Where it listens for agents, from its "listening" line.
+    mqtt: SocketAddr,
     stdout: Lines<BufReader<ChildStdout>>,
 }
 
@@ -94,8 +97,17 @@ fn start(mut command: Command, stderr: Stdio) -> ServerProcess {
     let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
     let line = stdout.next().expect("a first line").unwrap();
     assert!(line.starts_with("listening"), "server said {line:?}");
+    let mqtt = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("mqtts://")?.parse().ok())
+        .unwrap_or_else(|| panic!("no agents' address in {line:?}"));
     let pid = child.id();
-    ServerProcess { child, pid, stdout }
+    ServerProcess {
+        child,
+        pid,
+        mqtt,
+        stdout,
+    }
 }
 
 impl ServerProcess {
@@ -296,11 +308,12 @@ async fn crash_run(database: Option<&str>, stop: Stop) {
         agent,
         tls,
     } = setup(database).await;
-    let mqtt = free_port();
+    let first = spawn_server(&data, database, any_port());
+    let mqtt = first.mqtt;
+    let mut server = Some(first);
     let mut options = MqttOptions::new(mqtt, "localhost", &agent.to_string());
     options.keep_alive = Duration::from_secs(5);
 
-    let mut server = Some(spawn_server(&data, database, mqtt));
     let mut client = connect(&options, &tls).await;
     let snapshot = sample::sample(Kind::Snapshot).to_json().unwrap();
     client
@@ -539,7 +552,6 @@ async fn a_full_disk_acknowledges_nothing_unstored_and_resumes_when_space_return
     std::fs::create_dir(&small).unwrap();
     std::fs::create_dir(&out).unwrap();
     let url = format!("sqlite://{}", small.join("epmc.db").display());
-    let mqtt = free_port();
     let mut command = Command::new("unshare");
     command
         .args([
@@ -569,8 +581,9 @@ exit $status"#,
         .arg(&database)
         .arg(&out)
         .arg(env!("CARGO_BIN_EXE_epmc-server"))
-        .args(serve_args(&data, Some(&url), mqtt));
+        .args(serve_args(&data, Some(&url), any_port()));
     let mut server = start(command, Stdio::piped());
+    let mqtt = server.mqtt;
     server.pid = {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -682,10 +695,10 @@ async fn lost_database_connections_acknowledge_nothing_unstored_and_recover_post
         agent,
         tls,
     } = setup(Some(&url)).await;
-    let mqtt = free_port();
     let mut command = Command::new(env!("CARGO_BIN_EXE_epmc-server"));
-    command.args(serve_args(&data, Some(&url), mqtt));
+    command.args(serve_args(&data, Some(&url), any_port()));
     let mut server = start(command, Stdio::piped());
+    let mqtt = server.mqtt;
     let log = server.capture_stderr();
 
     let mut publisher = Publisher::new(mqtt, &agent, tls);
