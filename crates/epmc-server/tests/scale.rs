@@ -100,22 +100,39 @@ impl Broker {
         Broker::start_with(dir, |c| c)
     }
 
-    /// With the rendered configuration changed by `edit`.
-    fn start_with(dir: &Path, edit: impl FnOnce(String) -> String) -> Broker {
-        let port = free_port();
-        let config = dir.join("mosquitto.conf");
-        std::fs::write(&config, edit(render_config(dir, port))).unwrap();
+    /// With the rendered configuration changed by `edit`. The port is found by closing a
+    /// listener (Mosquitto cannot pick one and say which), so another process may take it
+    /// first: then Mosquitto exits, and a new port is tried.
+    fn start_with(dir: &Path, edit: impl Fn(String) -> String) -> Broker {
         std::fs::write(dir.join("acl"), ACL).unwrap();
-        let mut b = Broker {
-            child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            config,
-        };
-        b.launch();
-        b
+        let config = dir.join("mosquitto.conf");
+        for _ in 0..5 {
+            let port = free_port();
+            std::fs::write(&config, edit(render_config(dir, port))).unwrap();
+            let mut b = Broker {
+                child: None,
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                config: config.clone(),
+            };
+            if b.try_launch() {
+                return b;
+            }
+        }
+        panic!("mosquitto found no free port in 5 tries");
     }
 
+    /// Starts Mosquitto again on its port and state.
     fn launch(&mut self) {
+        assert!(
+            self.try_launch(),
+            "mosquitto exited: its port {} was taken",
+            self.addr
+        );
+    }
+
+    /// Starts Mosquitto and waits until it listens; false if it exited instead (its port was
+    /// taken). Something answering on the port while Mosquitto is gone is not taken for it.
+    fn try_launch(&mut self) -> bool {
         let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -134,7 +151,22 @@ impl Broker {
                 .expect("mosquitto starts"),
         );
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(self.addr).is_err() {
+        loop {
+            let child = self.child.as_mut().unwrap();
+            if child.try_wait().unwrap().is_some() {
+                self.child = None;
+                return false;
+            }
+            if TcpStream::connect(self.addr).is_ok() {
+                // Listening, unless the connection reached someone else and Mosquitto is
+                // about to exit for want of the port: look once more.
+                std::thread::sleep(Duration::from_millis(50));
+                if child.try_wait().unwrap().is_none() {
+                    return true;
+                }
+                self.child = None;
+                return false;
+            }
             assert!(Instant::now() < deadline, "mosquitto did not listen");
             std::thread::sleep(Duration::from_millis(20));
         }
