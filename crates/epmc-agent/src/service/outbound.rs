@@ -93,6 +93,14 @@ pub enum PublishError {
     NotSendable,
 }
 
+impl PublishError {
+    /// Whether trying again may succeed: the outbox failed in a way that may pass
+    /// ([`passing`]).
+    fn may_pass(&self) -> bool {
+        matches!(self, PublishError::Outbox(o) if passing(o))
+    }
+}
+
 /// How much a kind of message matters when the outbox is full.
 pub fn priority(kind: Kind) -> Option<Priority> {
     Some(match kind {
@@ -246,7 +254,7 @@ impl Publisher {
             let pushed = until_done(
                 "held messages",
                 || self.push(front.clone()),
-                |e| matches!(e, PublishError::Outbox(o) if passing(o)),
+                PublishError::may_pass,
                 |_| {},
             )
             .await;
@@ -275,7 +283,7 @@ impl Publisher {
         until_done(
             &format!("message {id}"),
             || self.push(outbound.clone()),
-            |e| matches!(e, PublishError::Outbox(o) if passing(o)),
+            PublishError::may_pass,
             &mut failed,
         )
         .await?;
